@@ -75,13 +75,169 @@ class DownloadConfig:
 
 
 @dataclass
+class ProcessConfig:
+    """Ray processing stage: raw shards -> CLIP features, CapFilt decisions, object labels (`<root>/features`)."""
+
+    enabled: bool = True
+    ray_address: str = ""
+    """"" starts Ray in-process (`ray.init(num_cpus=...)`); "auto" or `host:port` joins a cluster."""
+    num_cpus: int = 2
+    """CPUs given to an in-process Ray (ignored when joining a cluster)."""
+    device: str = "auto"
+    """Where models run inside a task: auto (cuda when the task got a GPU), cpu or cuda."""
+    cpus_per_task: float = 1.0
+    """CPUs each shard task asks Ray for."""
+    gpus_per_task: float = 0.0
+    """GPUs each shard task asks Ray for; fractional (0.25) packs several tasks on one GPU."""
+    max_retries: int = 3
+    """Ray retries of a shard task whose worker died; other shards go on meanwhile."""
+    batch_size: int = 64
+    """Images per batched forward pass (CLIP, captioner, ITM)."""
+    clip_model: str = "ViT-B-32"
+    """open_clip model name (a built-in or one registered from clip_config_dir / beside the checkpoint)."""
+    clip_pretrained: str = "laion2b_s34b_b79k"
+    """open_clip pretrained tag, or a local checkpoint file loaded through the same call."""
+    filter: str = "clip"
+    """CapFilt filter: clip (CLIP cosine >= clip_threshold), itm (BLIP ITM prob >= itm_threshold), none."""
+    clip_threshold: float = 0.25
+    """A caption passes the CLIP filter when cos(image, caption) is at least this."""
+    itm_model: str = "Salesforce/blip-itm-base-coco"
+    """BLIP image-text matching model (HF name or local folder) for filter=itm."""
+    itm_threshold: float = 0.5
+    """A caption passes the ITM filter when P(match) is at least this."""
+    captioner: str = ""
+    """BLIP captioning model (HF name or local folder, e.g. Salesforce/blip-image-captioning-base); "" = off."""
+    num_synthetic_captions: int = 3
+    """Synthetic captions sampled per image by the captioner (nucleus sampling)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass for the captioner."""
+    max_caption_tokens: int = 30
+    """Longest synthetic caption, in tokens."""
+    caption_policy: str = "web_and_synthetic"
+    """Which passing captions are kept: web, synthetic, web_and_synthetic, web_else_synthetic."""
+    vocab: str = "coco80"
+    """Object vocabulary: a shipped name (coco80, demo_shapes) or a file, one category per line."""
+    demo_truth: str = ""
+    """Parquet with url_path and is_mismatched: the summary then reports filter precision/recall."""
+    train_demo_clip: bool = False
+    """Before processing, train the small demo CLIP into clip_pretrained if that file is missing."""
+    demo_clip_epochs: int = 30
+    """Epochs of demo CLIP training over the raw shards."""
+    demo_clip_lr: float = 2e-3
+    """AdamW learning rate of demo CLIP training."""
+    demo_clip_batch_size: int = 64
+    """Pairs per contrastive batch in demo CLIP training."""
+
+
+@dataclass
+class ModelConfig:
+    """The mapper (MoE / ClipCap MLP / ClipCap transformer) and the prefix language model."""
+
+    mapper: str = "moe"
+    """Which mapper turns the CLIP embedding into prefix tokens: moe, mlp (ClipCap), transformer (ClipCap)."""
+    prefix_length: int = 10
+    """P: number of prefix tokens (of the LM's width) the mapper produces."""
+    mapper_depth: int = 2
+    """MoE: routed blocks after the input projection. transformer: encoder layers. Unused by mlp."""
+    num_experts: int = 8
+    """E: experts per MoE block; must be divisible by the expert-parallel size."""
+    top_k: int = 1
+    """Experts each sample is routed to (1..E); gates are renormalised over the chosen k when k >= 2."""
+    kernel_sizes: list[int] = field(default_factory=lambda: [3, 5])
+    """Odd kernel sizes of the token-mixing (depthwise, over the prefix axis) branches of every expert."""
+    capacity_factor: float = 1.25
+    """Train-time expert capacity, as a multiple of the even share of samples (DeepSpeed capacity_factor)."""
+    eval_drop_tokens: bool = False
+    """Drop samples beyond capacity at eval too (using eval_capacity_factor); False keeps eval exact."""
+    eval_capacity_factor: float = 2.0
+    """Eval-time capacity factor; only used when eval_drop_tokens is true."""
+    min_capacity: int = 0
+    """Minimum samples per expert regardless of capacity; DeepSpeed asserts batch size >= this."""
+    moe_aux_weight: float = 0.01
+    """Weight of DeepSpeed's load-balancing loss (l_aux, summed over blocks) in the total loss."""
+    transformer_heads: int = 8
+    """Attention heads of the ClipCap transformer mapper (must divide the LM width)."""
+    lm_name: str = "gpt2"
+    """Hugging Face causal LM: a hub name or a local folder saved with save_pretrained."""
+    tokenizer_name: str = ""
+    """Tokenizer name or local folder; empty means the same as lm_name."""
+    freeze_lm: bool = True
+    """Keep the LM frozen and train only the mapper (ClipCap's prefix-only training)."""
+    max_caption_tokens: int = 32
+    """Caption tokens kept per sample, the appended EOS included."""
+
+
+@dataclass
+class TrainConfig:
+    """DeepSpeed training of the mapper: ZeRO, expert parallelism, schedule, checkpoints, logging."""
+
+    output_dir: str = "runs/demo/train"
+    """Run folder: config.yaml, deepspeed_config.json, checkpoints/, tb/, export/, eval.json."""
+    features_dir: str = ""
+    """Feature shards (`NNNNN.tar`); empty means `<root>/features`."""
+    heldout_shards: int = 1
+    """The last N shards (by name) are held out of training for evaluation."""
+    micro_batch_size: int = 32
+    """Samples per rank per forward/backward."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (global batch = micro x accumulation x data-parallel ranks)."""
+    max_steps: int = 200
+    """Optimizer steps of the whole run (the cosine schedule ends here)."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW), reached after the warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr x this ratio at max_steps."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 or 2 (DeepSpeed MoE does not support stage 3)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    ep_size: int = 1
+    """Expert-parallel degree: ranks that share one copy of all experts; must divide the world size."""
+    num_workers: int = 1
+    """Data loader worker processes per rank (0 reads in the training process)."""
+    seed: int = 0
+    """Seeds parameter init, shard order, in-shard shuffling and caption choice."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every N optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """How many of the most recent checkpoints to keep."""
+    resume: bool = True
+    """Resume from the latest valid checkpoint in output_dir/checkpoints when there is one."""
+    log_every: int = 10
+    """Write scalars to TensorBoard and the terminal every N optimizer steps."""
+    caption_log_every: int = 100
+    """Write greedy sample captions to TensorBoard every N optimizer steps (0 disables)."""
+    dist_timeout_s: float = 300.0
+    """torch.distributed timeout: a collective waiting this long on a dead rank fails the job."""
+    max_consecutive_nan_steps: int = 5
+    """Non-finite-loss micro-batches are skipped and counted; this many in a row abort the run."""
+    eval_at_end: bool = True
+    """Evaluate on the held-out shards after training and write eval.json."""
+    eval_max_samples: int = 512
+    """At most this many held-out samples are evaluated."""
+    eval_max_new_tokens: int = 20
+    """Greedy caption length limit at evaluation and for logged sample captions."""
+    export_at_end: bool = True
+    """Write the consolidated fp32 model (all experts, global ids) to output_dir/export."""
+
+
+@dataclass
 class Config:
     """The whole vlpdist configuration tree."""
 
     root: str = "runs/demo"
-    """Dataset root: raw/ (img2dataset shards), features/ (processed), url_list/."""
+    """Dataset root: raw/ (img2dataset shards), features/ (processed), source/ (demo URL list)."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:

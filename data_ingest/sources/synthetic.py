@@ -30,10 +30,12 @@ COLORS = {
 SLOT_NAMES = ("left", "center", "right")
 
 # Broken URL kinds and the failure reason the ingestion summary must file them under.
+# img2dataset reports an HTML page and a cut-off JPEG alike ("Image decoding error"): it never
+# looks at the Content-Type, so both land under decode_error.
 BROKEN_KINDS = {
     "http_404": "http_404",
     "http_500": "http_500",
-    "html": "not_an_image",
+    "html": "decode_error",
     "truncated": "decode_error",
     "empty": "empty_body",
     "slow": "timeout",

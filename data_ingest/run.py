@@ -16,13 +16,14 @@ if __package__ in (None, ""):  # run as a file (`ray submit` copies it): make th
 from vlpdist.config import load_config, save_config  # noqa: E402
 from vlpdist.errors import UserError, exit_on_user_error  # noqa: E402
 
-STAGES = ("download",)
+STAGES = ("download", "process")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="data_ingest.run", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("--stage", default="all", choices=("all", *STAGES), help="which stage to run")
+    parser.add_argument("--stage", default="all", choices=("all", *STAGES),
+                        help="download (img2dataset), process (Ray: CLIP, CapFilt, labels) or all in order")
     parser.add_argument("--retry-failed", action="store_true", help="fetch again only the rows that failed")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     return parser
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
         from data_ingest.download import run_download
 
         results["download"] = run_download(config, retry_failed=args.retry_failed)
+    if args.stage in ("all", "process") and config.process.enabled:
+        from data_ingest.process import run_process
+
+        results["process"] = run_process(config)
     return results
 
 

@@ -136,7 +136,7 @@ def test_retry_failed_fetches_only_failed_rows_and_recovers_the_flaky_ones(first
 
     server.clear_log()
     result = subprocess.run(
-        [sys.executable, "-m", "data_ingest.run", "--config", str(config_file), "--retry-failed"],
+        [sys.executable, "-m", "data_ingest.run", "--config", str(config_file), "--stage", "download", "--retry-failed"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -157,7 +157,7 @@ def test_retry_failed_fetches_only_failed_rows_and_recovers_the_flaky_ones(first
     # A second retry asks only for the rows that still fail.
     server.clear_log()
     again = subprocess.run(
-        [sys.executable, "-m", "data_ingest.run", "--config", str(config_file), "--retry-failed"],
+        [sys.executable, "-m", "data_ingest.run", "--config", str(config_file), "--stage", "download", "--retry-failed"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0, again.stderr[-2000:]

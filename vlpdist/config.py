@@ -127,6 +127,8 @@ class ProcessConfig:
     """AdamW learning rate of demo CLIP training."""
     demo_clip_batch_size: int = 64
     """Pairs per contrastive batch in demo CLIP training."""
+    demo_clip_clean_fraction: float = 0.15
+    """Halfway through demo CLIP training, this fraction of lowest-scoring pairs is dropped (bootstrapping)."""
 
 
 @dataclass
@@ -188,7 +190,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr x this ratio at max_steps."""
     warmup_steps: int = 20
-    """Linear warmup from 0 to lr over this many optimizer steps."""
+    """Linear warmup from 0 to lr over this many optimizer steps (>= 1; DeepSpeed's WarmupCosineLR)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     grad_clip: float = 1.0

@@ -1,0 +1,133 @@
+"""The demo's own CLIP: a small open_clip model trained on the demo's raw shards.
+
+No pretrained CLIP can be downloaded here, so the demo trains one with open_clip's own
+contrastive loss (`open_clip.ClipLoss`) on the image-caption pairs img2dataset fetched (web
+noise included, as a real crawl has it), saves the state dict as a checkpoint file with its model
+config beside it, and the processing stage loads it exactly like any pretrained checkpoint:
+`open_clip.create_model_and_transforms("vlpdist-demo-clip", pretrained=<file>)`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from vlpdist.config import Config
+from vlpdist.errors import UserError
+
+DEMO_CLIP_MODEL = "vlpdist-demo-clip"
+
+
+def _load_pairs(raw_dir: Path, preprocess):
+    """Every decodable (image tensor, caption) pair in the raw shards; broken samples are skipped."""
+    import torch
+    import webdataset as wds
+    from PIL import Image
+
+    shards = sorted(str(p) for p in raw_dir.glob("*.tar"))
+    if not shards:
+        raise UserError(f"no raw shards in {raw_dir}: run the download stage first")
+    images, captions = [], []
+    for sample in wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False):
+        caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+        if "jpg" not in sample or not caption:
+            continue
+        try:
+            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        except OSError:
+            continue
+        images.append(preprocess(image))
+        captions.append(caption)
+    return torch.stack(images), captions
+
+
+def _drop_worst_pairs(model, images_BCHW, tokens_BL, fraction: float):
+    """Indices of the pairs the half-trained model scores above the `fraction` quantile.
+
+    BLIP's bootstrapping in miniature: web noise (mismatched captions) scores lowest once the model
+    has learnt the clean majority, and training on without it stops the model memorising it.
+    """
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        scores = torch.cat([
+            (model.encode_image(images_BCHW[i : i + 256], normalize=True)
+             * model.encode_text(tokens_BL[i : i + 256], normalize=True)).sum(dim=1)
+            for i in range(0, len(tokens_BL), 256)
+        ])  # (N,) cosine of each image with its own caption
+    return torch.nonzero(scores > torch.quantile(scores, fraction)).squeeze(1)
+
+
+def train_demo_clip(config: Config) -> Path:
+    """Train the demo CLIP on `<root>/raw` and save it to `process.clip_pretrained`; returns that path."""
+    import open_clip
+    import torch
+    import torchvision
+    from tqdm import tqdm
+
+    from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR, register_clip_configs
+
+    process = config.process
+    if not process.clip_pretrained:
+        raise UserError("config key 'process.clip_pretrained' must name the demo CLIP checkpoint file to write")
+    checkpoint = Path(process.clip_pretrained)
+    started = time.time()
+    torch.manual_seed(config.demo.seed)
+    register_clip_configs(process.clip_model, "")
+    model, _, preprocess_eval = open_clip.create_model_and_transforms(process.clip_model)
+    tokenizer = open_clip.get_tokenizer(process.clip_model)
+    # Images are already at the model's size; the eval transform (no random crops) keeps the
+    # left/right layout the captions talk about.
+    images_BCHW, captions = _load_pairs(Path(config.root) / "raw", preprocess_eval)
+    tokens_BL = tokenizer(captions)
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=process.demo_clip_lr, weight_decay=0.1)
+    steps_per_epoch = math.ceil(len(captions) / process.demo_clip_batch_size)
+    total_steps = steps_per_epoch * process.demo_clip_epochs
+    warmup = max(1, total_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
+    )
+    # Small shifts only: flips would swap left/right and colour jitter would change colours,
+    # both of which the captions state.
+    shift = torchvision.transforms.RandomAffine(degrees=0, translate=(0.06, 0.06))
+    train_pairs = torch.arange(len(captions))
+    loss = torch.tensor(float("nan"))
+    epochs = tqdm(range(process.demo_clip_epochs), desc="demo CLIP", unit="epoch")
+    for epoch in epochs:
+        if epoch == process.demo_clip_epochs // 2 and process.demo_clip_clean_fraction > 0:
+            train_pairs = _drop_worst_pairs(model, images_BCHW, tokens_BL, process.demo_clip_clean_fraction)
+        model.train()
+        order = train_pairs[torch.randperm(len(train_pairs))]
+        for start in range(0, len(order), process.demo_clip_batch_size):
+            batch = order[start : start + process.demo_clip_batch_size]
+            if len(batch) < 2:
+                continue
+            images = torch.stack([shift(image) for image in images_BCHW[batch]])  # (B, 3, H, W)
+            image_features, text_features, logit_scale = model(images, tokens_BL[batch])
+            loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+        epochs.set_postfix(loss=f"{loss.item():.3f}", pairs=len(train_pairs))
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp.{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    shutil.copyfile(SHIPPED_CLIP_CONFIG_DIR / f"{process.clip_model}.json", checkpoint.parent / f"{process.clip_model}.json")
+    os.replace(tmp, checkpoint)
+    print(
+        f"[demo_clip] trained {process.clip_model} on {len(captions)} pairs ({len(train_pairs)} after cleaning), "
+        f"{process.demo_clip_epochs} epochs, "
+        f"final loss {loss.item():.3f}, {time.time() - started:.0f} s -> {checkpoint}",
+        flush=True,
+    )
+    return checkpoint

@@ -1,0 +1,109 @@
+"""CapFilt (BLIP's caption bootstrapping): a captioner proposes captions, a filter scores them.
+
+Captioner: `BlipForConditionalGeneration`, nucleus sampling, n captions per image.
+Filters: the BLIP ITM head's match probability (`BlipForImageTextRetrieval`) or the CLIP cosine
+score. Models load by Hugging Face name or local folder through `from_pretrained`, so a real
+checkpoint (`Salesforce/blip-image-captioning-base`) and a tiny local test model take one path.
+The policy decides which passing captions a sample keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlpdist.errors import UserError
+
+POLICIES = ("web", "synthetic", "web_and_synthetic", "web_else_synthetic")
+FILTERS = ("clip", "itm", "none")
+
+
+def _from_pretrained(model_class, name_or_path: str, device: str):
+    from pathlib import Path
+
+    from transformers import BlipProcessor
+
+    if name_or_path.startswith((".", "/")) and not Path(name_or_path).is_dir():
+        raise UserError(f"cannot load BLIP model {name_or_path!r}: no such folder")
+    try:
+        processor = BlipProcessor.from_pretrained(name_or_path)
+        model = model_class.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # not on the hub / not a model folder / bad repo id
+        raise UserError(f"cannot load BLIP model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), processor
+
+
+def load_captioner(name_or_path: str, device: str = "cpu"):
+    """(BlipForConditionalGeneration, BlipProcessor) from a HF name or a local folder."""
+    from transformers import BlipForConditionalGeneration
+
+    return _from_pretrained(BlipForConditionalGeneration, name_or_path, device)
+
+
+def load_itm(name_or_path: str, device: str = "cpu"):
+    """(BlipForImageTextRetrieval, BlipProcessor) from a HF name or a local folder."""
+    from transformers import BlipForImageTextRetrieval
+
+    return _from_pretrained(BlipForImageTextRetrieval, name_or_path, device)
+
+
+def generate_captions(
+    model, processor, images: list, num_captions: int, top_p: float, max_new_tokens: int, device: str
+) -> list[list[str]]:
+    """Nucleus-sampled captions: for each of B images, `num_captions` strings (empty ones dropped)."""
+    import torch
+
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, H, W)
+    with torch.no_grad():
+        token_ids = model.generate(
+            pixel_values=pixel_values,
+            do_sample=True,
+            top_p=top_p,
+            top_k=0,
+            num_return_sequences=num_captions,
+            max_new_tokens=max_new_tokens,
+        )  # (B * n, T), the n samples of an image adjacent
+    texts = [text.strip() for text in processor.batch_decode(token_ids, skip_special_tokens=True)]
+    return [texts[i * num_captions : (i + 1) * num_captions] for i in range(len(images))]
+
+
+def itm_probabilities(model, processor, images: list, texts: list[str], device: str) -> list[float]:
+    """P(image i matches text i) from the ITM head, for aligned lists of N images and N texts."""
+    import torch
+
+    if not texts:
+        return []
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True, truncation=True)
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    with torch.no_grad():
+        logits_N2 = model(**inputs, use_itm_head=True).itm_score  # (N, 2): [no match, match]
+    return torch.softmax(logits_N2.float(), dim=-1)[:, 1].cpu().tolist()
+
+
+@dataclass
+class CaptionChoice:
+    """Which captions of one sample survive, and why."""
+
+    kept: list[str]  # web caption first (if kept), then kept synthetic ones in order
+    web_kept: bool
+    kept_synthetic: list[int]  # indices into the sample's synthetic captions
+    decision: str
+
+
+def apply_caption_policy(
+    policy: str, web_caption: str, web_passes: bool, synthetic: list[str], synthetic_passes: list[bool]
+) -> CaptionChoice:
+    """Keep the web caption and/or the passing synthetic ones, as `policy` says."""
+    web_ok = bool(web_caption) and web_passes and policy != "synthetic"
+    passing_synthetic = [i for i, (text, ok) in enumerate(zip(synthetic, synthetic_passes)) if ok and text]
+    if policy == "web" or (policy == "web_else_synthetic" and web_ok):
+        passing_synthetic = []
+    kept = ([web_caption] if web_ok else []) + [synthetic[i] for i in passing_synthetic]
+    if not kept:
+        decision = "drop"
+    elif web_ok and passing_synthetic:
+        decision = "keep_web_and_synthetic"
+    elif web_ok:
+        decision = "keep_web"
+    else:
+        decision = "keep_synthetic"
+    return CaptionChoice(kept=kept, web_kept=web_ok, kept_synthetic=passing_synthetic, decision=decision)

@@ -1,0 +1,125 @@
+"""The feature shard format: the contract between the processing stage and training.
+
+`<root>/features/NNNNN.tar` is a webdataset tar (same shard number as `raw/NNNNN.tar`) beside
+`<root>/features/NNNNN_stats.json`. Only samples with at least one kept caption are written.
+Each sample, keyed by its raw sample key, holds:
+
+- `img.npy`: float16 (D,), the L2-normalised CLIP image embedding;
+- `txt.npy`: float16 (C, D), L2-normalised CLIP text embeddings of the C >= 1 kept captions,
+  in the order of `captions`;
+- `json`: captions, labels (sorted unique int ids, union over kept captions), label_names,
+  scores (every filter score), decision, source_key, url, original_caption.
+
+`.npy` members are plain numpy files (no pickles), readable with `np.load(allow_pickle=False)`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+IMAGE_MEMBER = "img.npy"
+TEXT_MEMBER = "txt.npy"
+META_MEMBER = "json"
+
+
+@dataclass
+class FeatureSample:
+    """One decoded feature sample."""
+
+    key: str
+    image_embedding: np.ndarray  # (D,) float16, unit norm
+    text_embeddings: np.ndarray  # (C, D) float16, unit norm rows, one per kept caption
+    captions: list[str]
+    labels: list[int]
+    label_names: list[str] = field(default_factory=list)
+    scores: dict[str, Any] = field(default_factory=dict)
+    decision: str = ""
+    source_key: str = ""
+    url: str = ""
+    original_caption: str = ""
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_array(value: bytes | np.ndarray) -> np.ndarray:
+    if isinstance(value, np.ndarray):  # a webdataset pipeline with `.decode()` already loaded it
+        return value
+    return np.load(io.BytesIO(value), allow_pickle=False)
+
+
+def encode_feature_sample(
+    key: str,
+    image_embedding: np.ndarray,
+    text_embeddings: np.ndarray,
+    captions: list[str],
+    labels: Iterable[int],
+    label_names: list[str],
+    scores: dict[str, Any],
+    decision: str,
+    url: str,
+    original_caption: str,
+    source_key: str | None = None,
+) -> dict[str, Any]:
+    """A dict ready for `webdataset.TarWriter.write`. Checks shapes and the C >= 1 rule."""
+    image_D = np.asarray(image_embedding, dtype=np.float16)
+    text_CD = np.atleast_2d(np.asarray(text_embeddings, dtype=np.float16))
+    if image_D.ndim != 1:
+        raise ValueError(f"image embedding must be 1-D, got shape {image_D.shape}")
+    if text_CD.ndim != 2 or text_CD.shape[1] != image_D.shape[0]:
+        raise ValueError(f"text embeddings must be (C, {image_D.shape[0]}), got {text_CD.shape}")
+    if len(captions) == 0 or len(captions) != text_CD.shape[0]:
+        raise ValueError(f"need one text embedding per kept caption (>= 1): {len(captions)} vs {text_CD.shape[0]}")
+    meta = {
+        "captions": list(captions),
+        "labels": sorted({int(label) for label in labels}),
+        "label_names": list(label_names),
+        "scores": scores,
+        "decision": decision,
+        "source_key": source_key if source_key is not None else key,
+        "url": url,
+        "original_caption": original_caption,
+    }
+    return {
+        "__key__": key,
+        IMAGE_MEMBER: _npy_bytes(image_D),
+        TEXT_MEMBER: _npy_bytes(text_CD),
+        META_MEMBER: json.dumps(meta).encode("utf-8"),
+    }
+
+
+def decode_feature_sample(sample: dict[str, Any]) -> FeatureSample:
+    """The inverse of `encode_feature_sample`; takes raw webdataset bytes or already-decoded values."""
+    meta = sample[META_MEMBER]
+    if isinstance(meta, (bytes, bytearray, str)):
+        meta = json.loads(meta)
+    return FeatureSample(
+        key=sample["__key__"],
+        image_embedding=_npy_array(sample[IMAGE_MEMBER]),
+        text_embeddings=_npy_array(sample[TEXT_MEMBER]),
+        captions=list(meta["captions"]),
+        labels=[int(label) for label in meta["labels"]],
+        label_names=list(meta.get("label_names", [])),
+        scores=dict(meta.get("scores", {})),
+        decision=meta.get("decision", ""),
+        source_key=meta.get("source_key", sample["__key__"]),
+        url=meta.get("url", ""),
+        original_caption=meta.get("original_caption", ""),
+    )
+
+
+def iterate_feature_shards(urls: str | list[str]) -> Iterator[FeatureSample]:
+    """Stream decoded samples from shards: local paths, brace patterns, `pipe:` commands or URLs."""
+    import webdataset as wds
+
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    for sample in dataset:
+        yield decode_feature_sample(sample)

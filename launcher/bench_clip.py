@@ -1,0 +1,243 @@
+"""CLIP feature throughput: our processing stage vs clip-retrieval's `clip_inference`, side by side.
+
+`python -m launcher.bench_clip [--root /tmp/vlpdist_bench] [--num-samples 2000] [--repeats 3]`
+
+Same raw webdataset shards (made by the demo: img2dataset from the loopback server), same CLIP
+(a small open_clip model built from a config, saved as a checkpoint file, loaded by each tool
+through its own loader: open_clip's `pretrained=<file>` for us, `clip.load(<file>)` for
+clip-retrieval), same batch size, same machine, one run. Both compute image and caption
+embeddings and write them to disk. Each measurement is one whole call (model load included) with
+the library imports done beforehand; runs alternate between the tools and the best of
+`--repeats` is compared. The embeddings of the two tools are checked to agree, which shows that
+the same model and preprocessing were measured.
+
+clip-retrieval runs in a subprocess: its OpenAI `clip` package imports `pkg_resources`, gone from
+setuptools >= 81. If that import fails, put an older setuptools in a folder of its own and pass it:
+`pip install --target /work/bench_venv/pkg_resources_shim 'setuptools<81'` and
+`--clip-retrieval-pythonpath /work/bench_venv/pkg_resources_shim`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_CLIP_MODEL = "vlpdist-bench-clip"
+# A ViT that OpenAI's CLIP loader can rebuild from the state dict alone: 64-wide heads, QuickGELU,
+# the 77-token context and 49408-token vocabulary of its tokenizer.
+BENCH_CLIP_CONFIG = {
+    "embed_dim": 128,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 256, "head_width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2},
+}
+
+
+def make_raw_shards(root: Path, num_samples: int, samples_per_shard: int) -> list[Path]:
+    """Run the demo (generate, serve, download with img2dataset) unless its shards are already there."""
+    from data_ingest.download import finished_shards, raw_dir
+    from launcher import demo
+    from vlpdist.config import load_config
+
+    config = load_config(demo.DEFAULT_CONFIG, [f"root={root}", f"demo.num_samples={num_samples}",
+                                               f"download.samples_per_shard={samples_per_shard}"])
+    if not finished_shards(raw_dir(config)):
+        demo.main([f"root={root}", f"demo.num_samples={num_samples}", f"download.samples_per_shard={samples_per_shard}"])
+    return sorted(raw_dir(config).glob("*.tar"))
+
+
+def make_bench_clip(folder: Path) -> Path:
+    """Build the benchmark CLIP from its config with open_clip and save `<name>.pt` with `<name>.json` beside it."""
+    import open_clip
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / f"{BENCH_CLIP_MODEL}.pt"
+    config_file = folder / f"{BENCH_CLIP_MODEL}.json"
+    if checkpoint.exists() and config_file.exists() and json.loads(config_file.read_text()) == BENCH_CLIP_CONFIG:
+        return checkpoint
+    config_file.write_text(json.dumps(BENCH_CLIP_CONFIG, indent=2))
+    open_clip.add_model_config(config_file)
+    torch.manual_seed(0)
+    model = open_clip.create_model(BENCH_CLIP_MODEL)
+    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, checkpoint)
+    return checkpoint
+
+
+CLIP_RETRIEVAL_RUNNER = r"""
+import json, sys, time
+import numpy as np, pandas as pd
+import clip, sentence_transformers, torch, webdataset  # imported before the clock starts, as ours are
+from clip_retrieval.clip_inference import clip_inference
+args = json.loads(sys.argv[1])
+started = time.perf_counter()
+clip_inference(input_dataset=args["shards"], output_folder=args["output"], input_format="webdataset",
+               batch_size=args["batch_size"], num_prepro_workers=args["workers"], enable_text=True,
+               enable_metadata=False, clip_model=args["checkpoint"], use_jit=False)
+seconds = time.perf_counter() - started
+embeddings = np.concatenate([np.load(p) for p in sorted(__import__("glob").glob(args["output"] + "/img_emb/*.npy"))])
+keys = pd.concat([pd.read_parquet(p) for p in sorted(__import__("glob").glob(args["output"] + "/metadata/*.parquet"))])["image_path"]
+np.save(args["output"] + "/by_key.npy", embeddings)
+pd.Series(list(keys)).to_frame("key").to_parquet(args["output"] + "/by_key.parquet")
+print("RESULT " + json.dumps({"seconds": seconds, "images": int(embeddings.shape[0])}))
+"""
+
+
+def run_clip_retrieval(shards: list[Path], checkpoint: Path, output: Path, batch_size: int, workers: int,
+                       extra_pythonpath: str) -> dict:
+    """One timed `clip_inference` call in a fresh interpreter; returns seconds and images embedded."""
+    shutil.rmtree(output, ignore_errors=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if extra_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_pythonpath, env.get("PYTHONPATH", "")) if p)
+    args = {"shards": [str(s) for s in shards], "output": str(output), "batch_size": batch_size,
+            "workers": workers, "checkpoint": str(checkpoint)}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", CLIP_RETRIEVAL_RUNNER, json.dumps(args)],
+                          env=env, capture_output=True, text=True)
+    result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not result_lines:
+        hint = ""
+        if "pkg_resources" in done.stderr:
+            hint = ("\nclip-anytorch needs pkg_resources: pip install --target <dir> 'setuptools<81' and pass "
+                    "--clip-retrieval-pythonpath <dir>")
+        raise SystemExit(f"clip_inference failed (exit {done.returncode}):\n{done.stderr[-3000:]}{hint}")
+    return json.loads(result_lines[-1][len("RESULT "):])
+
+
+def process_settings(checkpoint: Path, batch_size: int, workers: int):
+    """Our stage's settings for the benchmark: CLIP features of every sample (filter off, no captioner)."""
+    from vlpdist.config import ProcessConfig
+
+    return ProcessConfig(clip_model=BENCH_CLIP_MODEL, clip_pretrained=str(checkpoint), filter="none",
+                         caption_policy="web", captioner="", vocab="demo_shapes", device="cpu",
+                         batch_size=batch_size, num_cpus=workers, cpus_per_task=1.0)
+
+
+def run_process_shard_loop(shards: list[Path], checkpoint: Path, output: Path, batch_size: int) -> dict:
+    """Our per-shard function (what each Ray task runs), called on every shard in this process."""
+    from data_ingest.process import shard as shard_module
+
+    shutil.rmtree(output, ignore_errors=True)
+    shard_module._MODEL_CACHE.clear()  # the model load is part of each measured call, as for clip_inference
+    settings = process_settings(checkpoint, batch_size, workers=1)
+    started = time.perf_counter()
+    written = sum(shard_module.process_shard(str(raw), str(output), settings)["written"] for raw in shards)
+    return {"seconds": time.perf_counter() - started, "images": written}
+
+
+def run_process_stage(root: Path, checkpoint: Path, batch_size: int, workers: int) -> dict:
+    """The whole stage: `run_process` starts Ray in-process and runs one task per shard on `workers` CPUs."""
+    from data_ingest.process.run import run_process
+    from vlpdist.config import load_config
+
+    stage_root = root / "out_ours_stage"
+    shutil.rmtree(stage_root, ignore_errors=True)
+    stage_root.mkdir(parents=True)
+    (stage_root / "raw").symlink_to(root / "raw")
+    config = load_config(None, [f"root={stage_root}"])
+    config.process = process_settings(checkpoint, batch_size, workers)
+    started = time.perf_counter()
+    summary = run_process(config)
+    return {"seconds": time.perf_counter() - started, "images": summary["written"]}
+
+
+def ours_embeddings(features_dir: Path) -> dict[str, "object"]:
+    from data_ingest.process.feature_format import iterate_feature_shards
+
+    shards = [str(p) for p in sorted(features_dir.glob("*.tar"))]
+    return {sample.key: sample.image_embedding for sample in iterate_feature_shards(shards)}
+
+
+def clip_retrieval_embeddings(output: Path) -> dict[str, "object"]:
+    import numpy as np
+    import pandas as pd
+
+    keys = pd.read_parquet(output / "by_key.parquet")["key"]
+    embeddings = np.load(output / "by_key.npy")
+    return dict(zip(keys, embeddings))
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    rates = [run["images"] / run["seconds"] for run in runs]
+    return {"name": name, "images": runs[0]["images"], "best_images_per_s": max(rates),
+            "median_images_per_s": statistics.median(rates), "runs_images_per_s": [round(r, 1) for r in rates]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="launcher.bench_clip", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="/tmp/vlpdist_bench", help="benchmark folder (raw shards are made once)")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--samples-per-shard", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="decode workers of clip_inference; CPUs of our stage")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clip-retrieval-pythonpath", default=os.environ.get("VLPDIST_BENCH_PYTHONPATH", ""),
+                        help="folder put first on clip-retrieval's PYTHONPATH (see the module docstring)")
+    args = parser.parse_args(argv)
+
+    root = Path(args.root).resolve()
+    shards = make_raw_shards(root, args.num_samples, args.samples_per_shard)
+    checkpoint = make_bench_clip(root / "bench_clip")
+    contenders = {
+        "clip-retrieval clip_inference": lambda: run_clip_retrieval(
+            shards, checkpoint, root / "out_clip_retrieval", args.batch_size, args.workers, args.clip_retrieval_pythonpath),
+        "vlpdist run_process (Ray)": lambda: run_process_stage(root, checkpoint, args.batch_size, args.workers),
+        "vlpdist process_shard, 1 process": lambda: run_process_shard_loop(
+            shards, checkpoint, root / "out_ours_loop", args.batch_size),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for repeat in range(args.repeats):  # alternate the tools so that machine noise hits all of them alike
+        for name, measure in contenders.items():
+            runs[name].append(measure())
+            print(f"repeat {repeat + 1}/{args.repeats}: {name}: {runs[name][-1]['images']} images, "
+                  f"{runs[name][-1]['images'] / runs[name][-1]['seconds']:.1f} images/s", flush=True)
+
+    agreement = embedding_agreement(ours_embeddings(root / "out_ours_stage" / "features"),
+                                    clip_retrieval_embeddings(root / "out_clip_retrieval"))
+    rows = [summarize(name, measured) for name, measured in runs.items()]
+    print_table(rows, agreement, args, len(shards))
+    return {"rows": rows, "agreement": agreement}
+
+
+def embedding_agreement(ours: dict, theirs: dict) -> dict:
+    """How closely the two tools' image embeddings agree on the samples both embedded."""
+    import numpy as np
+
+    common = sorted(set(ours) & set(theirs))
+    if not common:
+        raise SystemExit("the two tools embedded no sample in common: not the same shards?")
+    cosines = [float(np.dot(ours[k].astype(np.float32), theirs[k].astype(np.float32))) for k in common]
+    return {"common_samples": len(common), "min_cosine": min(cosines), "mean_cosine": statistics.fmean(cosines)}
+
+
+def print_table(rows: list[dict], agreement: dict, args, num_shards: int) -> None:
+    import torch
+
+    baseline = rows[0]
+    print()
+    print(f"CLIP feature throughput, {baseline['images']} images in {num_shards} shards, {BENCH_CLIP_MODEL} "
+          f"(ViT {BENCH_CLIP_CONFIG['vision_cfg']['layers']}x{BENCH_CLIP_CONFIG['vision_cfg']['width']}), "
+          f"batch {args.batch_size}, {args.workers} workers, {torch.get_num_threads()} torch threads, "
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"{'':36}{'best img/s':>11}{'median img/s':>14}{'ratio (best)':>14}   runs (img/s)")
+    for row in rows:
+        ratio = row["best_images_per_s"] / baseline["best_images_per_s"]
+        print(f"{row['name']:36}{row['best_images_per_s']:11.1f}{row['median_images_per_s']:14.1f}"
+              f"{ratio:14.2f}   {row['runs_images_per_s']}")
+    print(f"same model check: image embeddings of {agreement['common_samples']} samples agree, "
+          f"cosine min {agreement['min_cosine']:.5f}, mean {agreement['mean_cosine']:.5f}")
+
+
+if __name__ == "__main__":
+    main()

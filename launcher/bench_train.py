@@ -1,0 +1,117 @@
+"""Benchmark: one full training step (loader + tokenize + mapper/MoE + LM + DeepSpeed backward and
+optimizer step) vs a bare LM forward+backward over the same tokens, side by side in one run.
+
+    python launcher/bench_train.py [--steps 20] [--batch 32] [--width 256] [--layers 4]
+
+One process (world size 1, ep_size 1), CPU or one GPU, a random GPT-2-shaped LM built locally
+(no hub) with a BPE tokenizer trained on synthetic captions, and synthetic feature shards.
+The ratio says what the training machinery costs on top of the LM work it cannot avoid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def _timed(step, count: int, synchronize) -> float:
+    """Mean seconds per call of `step` over `count` calls, after two warm-up calls."""
+    for _ in range(2):
+        step()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(count):
+        step()
+    synchronize()
+    return (time.perf_counter() - started) / count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="launcher/bench_train.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--width", type=int, default=256, help="LM width (GPT-2 small: 768)")
+    parser.add_argument("--layers", type=int, default=4, help="LM layers (GPT-2 small: 12)")
+    parser.add_argument("--clip-dim", type=int, default=512)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="vlpdist-bench-") as folder:
+        return _bench(args, Path(folder))
+
+
+def _bench(args: argparse.Namespace, work: Path) -> dict:
+    from launcher.make_demo_lm import make_demo_lm
+    from vlpdist.config import load_config
+    from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
+    from vlpdist.data.synthetic import synthetic_captions, write_synthetic_feature_shards
+    from vlpdist.parallel.engine import device_of, init_distributed
+    from vlpdist.train.loop import build_model_and_engine
+
+    lm_dir = make_demo_lm(work / "lm", synthetic_captions(500, 1), width=args.width, layers=args.layers,
+                          heads=max(args.width // 64, 1), vocab_size=400, steps=1, batch_size=8)
+    features = work / "features"
+    write_synthetic_feature_shards(features, 3, max(4 * args.batch, 64), dim=args.clip_dim)
+    config = load_config(None, [
+        f"root={work}", f"train.features_dir={features}", f"train.output_dir={work / 'run'}", f"model.lm_name={lm_dir}",
+        "model.prefix_length=10", "model.num_experts=4", "model.max_caption_tokens=20", "train.ep_size=1",
+        f"train.micro_batch_size={args.batch}", "train.num_workers=1", "train.warmup_steps=1",
+        f"train.max_steps={args.steps + 10}",
+    ])
+    info = init_distributed(config.train.dist_timeout_s)
+    device = device_of(info)
+    (work / "run").mkdir()
+    engine, _ = build_model_and_engine(config, info, work / "run", args.clip_dim)
+    captioner = engine.module
+    plan = build_shard_plan(list_feature_shards(features), 1, 1, args.batch, 0)
+    loader = iter(build_train_loader(plan, 0, 0))
+    synchronize = torch.cuda.synchronize if info.on_gpu else (lambda: None)
+    tokens_per_step = []
+
+    def full_step() -> None:
+        batch = next(loader)
+        ids_BT, mask_BT = captioner.tokenize(batch["caption"])
+        tokens_per_step.append(int(mask_BT.sum()))
+        out = engine(batch["clip"].to(device), ids_BT.to(device), mask_BT.to(device))
+        engine.backward(out["loss"])
+        engine.step()
+
+    # The bare LM work of the same step: forward + backward over [prefix | caption] embeddings
+    # (gradients reach the inputs, as they must to train a prefix through a frozen LM).
+    fixed = next(iter(build_train_loader(plan, 0, 0)))
+    ids_BT, mask_BT = (t.to(device) for t in captioner.tokenize(fixed["caption"]))
+    lm = captioner.lm
+    embed = lm.get_input_embeddings()
+    prefix_BPD = torch.randn(args.batch, config.model.prefix_length, embed.embedding_dim, device=device, dtype=embed.weight.dtype)
+    labels = torch.cat([torch.full((args.batch, config.model.prefix_length), -100, device=device), ids_BT.masked_fill(mask_BT == 0, -100)], 1)
+    attention = torch.cat([torch.ones_like(prefix_BPD[..., 0], dtype=torch.long), mask_BT], 1)
+
+    def bare_lm_step() -> None:
+        inputs = torch.cat([prefix_BPD, embed(ids_BT)], 1).detach().requires_grad_(True)
+        lm(inputs_embeds=inputs, attention_mask=attention, labels=labels).loss.backward()
+
+    full_s = _timed(full_step, args.steps, synchronize)
+    bare_s = _timed(bare_lm_step, args.steps, synchronize)
+    tokens = sum(tokens_per_step) / len(tokens_per_step)
+    result = {
+        "device": "cuda" if info.on_gpu else "cpu",
+        "batch": args.batch, "lm_width": args.width, "lm_layers": args.layers,
+        "full_step_ms": 1000 * full_s, "bare_lm_ms": 1000 * bare_s, "ratio_full_over_bare": full_s / bare_s,
+        "full_samples_per_s": args.batch / full_s, "full_caption_tokens_per_s": tokens / full_s,
+    }
+    print(f"{'':28s}{'ms/step':>10s}{'samples/s':>12s}")
+    print(f"{'full training step':28s}{result['full_step_ms']:10.1f}{args.batch / full_s:12.1f}")
+    print(f"{'bare LM fwd+bwd':28s}{result['bare_lm_ms']:10.1f}{args.batch / bare_s:12.1f}")
+    print(f"ratio full / bare: {result['ratio_full_over_bare']:.2f}  ({result['device']}, batch {args.batch}, "
+          f"LM {args.layers}x{args.width}, prefix {config.model.prefix_length} + ~{tokens / args.batch:.0f} caption tokens)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

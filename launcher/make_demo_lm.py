@@ -1,0 +1,131 @@
+"""Build the demo's small language model: `python -m launcher.make_demo_lm --out runs/demo/lm [--config configs/demo.yaml]`.
+
+No hub here, so the demo makes its own "gpt2": a byte-level BPE tokenizer trained with Hugging Face
+`tokenizers` on the demo captions (pad/bos/eos special tokens), a tiny `GPT2Config` LM pretrained
+briefly on the caption text (a frozen *random* LM cannot be steered by a prefix; this mirrors GPT-2
+being pretrained), both saved with `save_pretrained`. The captioner then loads the folder through
+the same `from_pretrained(local_dir)` path it uses for "gpt2".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from vlpdist.errors import UserError, exit_on_user_error
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+
+def train_caption_tokenizer(captions: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2's scheme) trained on `captions`, wrapped as a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(captions, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+
+
+def pretrain_on_captions(lm, tokenizer, captions: list[str], steps: int, batch_size: int, seed: int) -> float:
+    """Next-token training of `lm` on `<bos> caption <eos>`; returns the last batch's loss."""
+    rows = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in tokenizer(captions)["input_ids"]]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(row)] = torch.tensor(row)
+    attention_mask = (labels != -100).long()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    lm.train()
+    for _ in range(steps):
+        batch = torch.randint(len(rows), (batch_size,), generator=generator)
+        loss = lm(input_ids=input_ids[batch], attention_mask=attention_mask[batch], labels=labels[batch]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return loss.item()
+
+
+def make_demo_lm(
+    out_dir: str | os.PathLike,
+    captions: list[str],
+    *,
+    width: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    vocab_size: int = 512,
+    steps: int = 300,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Train tokenizer + tiny GPT-2 on `captions` and save both into `out_dir` (replaced as a whole, never half-written)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if not captions:
+        raise UserError("make_demo_lm needs at least one caption")
+    torch.manual_seed(seed)
+    tokenizer = train_caption_tokenizer(captions, vocab_size)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    lm = GPT2LMHeadModel(config)
+    pretrain_on_captions(lm, tokenizer, captions, steps, batch_size, seed)
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.tmp.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    lm.eval().save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> Path:
+    from data_ingest.sources.synthetic import generate_demo_samples
+    from launcher.demo import DEFAULT_CONFIG
+    from vlpdist.config import load_config
+
+    parser = argparse.ArgumentParser(prog="launcher.make_demo_lm", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder to write the LM and tokenizer into")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="its demo section says which captions")
+    parser.add_argument("--steps", type=int, default=300, help="pretraining steps on the captions")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    captions = [sample.caption for sample in generate_demo_samples(config.demo)]
+    started = time.perf_counter()
+    out_dir = make_demo_lm(args.out, captions, steps=args.steps)
+    print(f"demo LM ({len(captions)} captions, {args.steps} steps) written to {out_dir} in {time.perf_counter() - started:.1f} s")
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Real Ray clusters on loopback for the tests: a `ray start --head`, and a private sshd for `ray up`.
+
+Import the fixtures explicitly (`from tests.ray_cluster_fixtures import ray_head, loopback_sshd`).
+
+* `ray_head`: `ray start --head --block` on 127.0.0.1 with free ports and its own `--temp-dir`,
+  so that no other `ray.init()` on this machine connects to it by accident (Ray finds "the
+  latest cluster" through `<temp dir>/ray_current_cluster`). Stopped by signalling the blocking
+  `ray start`, then by killing what is left of *its* processes (found by its temp dir): never
+  `ray stop`, which stops every Ray process on the machine, other people's included.
+* `loopback_sshd`: a private `sshd` on 127.0.0.1:22 (the cluster launcher has no port option)
+  with its host key and one authorized key in a temp folder; `ray up` with the `local` provider
+  logs in with that key. It also puts back what the cluster launcher leaves in the SSH user's
+  home: `~/ray_bootstrap_*`, submitted scripts, and `~/.bashrc` edits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+RAY_CLI = str(VENV_BIN / "ray")
+SSHD = "/usr/sbin/sshd"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on 127.0.0.1 right now (held open together so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def ray_env() -> dict[str, str]:
+    """The environment for Ray CLIs in tests: no usage reporting, the venv first on PATH."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def ray_start_port_flags(ports: list[int]) -> list[str]:
+    """Every port a Ray head opens, pinned to free ones, so that parallel clusters never collide."""
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = ports[:9]
+    return [
+        f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+    ]
+
+
+RAY_START_PORTS = 9
+
+
+def kill_processes_mentioning(marker: str, grace_s: float = 5.0) -> int:
+    """SIGTERM (then SIGKILL) the processes whose command line contains `marker`; return how many."""
+    import psutil
+
+    victims = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if marker in cmdline and proc.pid != os.getpid():
+            victims.append(proc)
+    for proc in victims:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(victims)
+
+
+def session_dirs_of_head(gcs_port: int, dashboard_port: int) -> set[Path]:
+    """Session folders of the Ray head on these ports, read from its processes' command lines."""
+    import re
+
+    import psutil
+
+    markers = (f"--gcs_server_port={gcs_port}", f"--port={dashboard_port}", f":{gcs_port} ", f"--gcs-address=127.0.0.1:{gcs_port}")
+    sessions = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ()) + " "
+        if any(marker in cmdline for marker in markers):
+            sessions.update(Path(match) for match in re.findall(r"(/[^ =]*/session_[0-9_-]+)", cmdline))
+    return sessions
+
+
+def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+@dataclass
+class RayHead:
+    """A running single-node Ray cluster started with `ray start --head`."""
+
+    gcs_address: str
+    """host:port of the GCS: what `ray.init(address=...)` and `ray start --address` take."""
+    dashboard_url: str
+    """http://127.0.0.1:<port>: what `ray job submit --address` takes."""
+    temp_dir: Path
+    log_path: Path
+
+    def job_submit(self, entrypoint: list[str], working_dir: Path, timeout_s: float = 240) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir` (waits for the job; its exit code says whether the job succeeded)."""
+        return subprocess.run(
+            [RAY_CLI, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir), "--", *entrypoint],
+            env=ray_env(), capture_output=True, text=True, timeout=timeout_s,
+        )
+
+
+def start_ray_head(num_cpus: int = 2, timeout_s: float = 120) -> tuple[RayHead, subprocess.Popen]:
+    # Short path under /tmp: Ray's unix sockets live in the temp dir and sockets have a ~107-byte limit.
+    temp_dir = Path(tempfile.mkdtemp(prefix="vlpray", dir="/tmp"))
+    ports = free_ports(RAY_START_PORTS)
+    log_path = temp_dir / "ray_start.log"
+    command = [
+        RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats", *ray_start_port_flags(ports),
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", temp_dir, log_path)
+    try:
+        wait_for_http(f"{head.dashboard_url}/api/version", timeout_s, process)
+    except (RuntimeError, TimeoutError) as err:
+        stop_ray_head(head, process)
+        raise RuntimeError(f"ray start --head failed: {err}\n{log_path.read_text(errors='replace')[-3000:]}") from None
+    return head, process
+
+
+def stop_ray_head(head: RayHead, process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    kill_processes_mentioning(str(head.temp_dir))
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head():
+    """A real single-node Ray head on loopback for one test; stopped (only it) afterwards."""
+    head, process = start_ray_head()
+    try:
+        yield head
+    finally:
+        stop_ray_head(head, process)
+
+
+@dataclass
+class LoopbackSSH:
+    """A private sshd on 127.0.0.1:22 and the key that logs into it as the current user."""
+
+    user: str
+    private_key: Path
+    home: Path
+    submitted_scripts: list[str] = field(default_factory=list)
+    """File names `ray submit` copies into the home folder; the fixture removes them afterwards."""
+
+    def run(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ssh", "-i", str(self.private_key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", f"{self.user}@127.0.0.1", command],
+            capture_output=True, text=True, timeout=30,
+        )
+
+
+SSHD_CONFIG = """\
+Port 22
+ListenAddress 127.0.0.1
+HostKey {folder}/host_ed25519
+AuthorizedKeysFile {folder}/authorized_keys
+PidFile {folder}/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+StrictModes no
+UsePAM no
+Subsystem sftp internal-sftp
+"""
+
+
+def _sshd_unavailable_reason() -> str | None:
+    if not Path(SSHD).exists():
+        return "openssh-server is not installed (apt-get install openssh-server rsync); CI installs it"
+    if shutil.which("rsync") is None or shutil.which("ssh") is None:
+        return "rsync or the ssh client is missing (apt-get install openssh-server rsync); CI installs them"
+    if os.geteuid() != 0:
+        return "a private sshd on port 22 (the only port Ray's cluster launcher uses) needs root"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if sock.connect_ex(("127.0.0.1", 22)) == 0:
+            return "port 22 on 127.0.0.1 is already taken by another sshd"
+    return None
+
+
+# What the cluster launcher writes into the SSH user's home (besides submitted scripts).
+RAY_LAUNCHER_HOME_FILES = ("ray_bootstrap_config.yaml", "ray_bootstrap_key.pem")
+
+
+def _restore_home(ssh: "LoopbackSSH", existed_before: set[str], bashrc_before: bytes | None) -> None:
+    """Remove the launcher's files and the submitted scripts that were not there before; restore ~/.bashrc."""
+    for name in (*RAY_LAUNCHER_HOME_FILES, *ssh.submitted_scripts):
+        if name not in existed_before:
+            (ssh.home / name).unlink(missing_ok=True)
+    bashrc = ssh.home / ".bashrc"
+    if bashrc_before is None:
+        bashrc.unlink(missing_ok=True)
+    else:
+        bashrc.write_bytes(bashrc_before)
+
+
+@pytest.fixture
+def loopback_sshd():
+    """A private sshd on 127.0.0.1:22 for `ray up` with the local provider; the home folder is put back after."""
+    reason = _sshd_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import getpass
+
+    folder = Path(tempfile.mkdtemp(prefix="vlpssh", dir="/tmp"))
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_ed25519")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "client_ed25519")], check=True)
+    shutil.copy(folder / "client_ed25519.pub", folder / "authorized_keys")
+    (folder / "sshd_config").write_text(SSHD_CONFIG.format(folder=folder))
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+
+    home = Path.home()
+    bashrc = home / ".bashrc"
+    bashrc_before = bashrc.read_bytes() if bashrc.exists() else None
+    existed_before = {p.name for p in home.iterdir()}
+    log = open(folder / "sshd.log", "wb")
+    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
+    ssh = LoopbackSSH(getpass.getuser(), folder / "client_ed25519", home)
+    try:
+        deadline = time.monotonic() + 15
+        while ssh.run("true").returncode != 0:
+            if sshd.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"private sshd did not accept the key: {(folder / 'sshd.log').read_text(errors='replace')[-2000:]}")
+            time.sleep(0.3)
+        yield ssh
+    finally:
+        sshd.terminate()
+        try:
+            sshd.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            sshd.kill()
+        log.close()
+        _restore_home(ssh, existed_before, bashrc_before)
+        shutil.rmtree(folder, ignore_errors=True)

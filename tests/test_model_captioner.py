@@ -1,0 +1,143 @@
+"""Prefix-LM captioner on a real (tiny, locally built and saved) GPT-2 and BPE tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from data_ingest.sources.synthetic import generate_demo_samples
+from launcher.make_demo_lm import make_demo_lm
+from vlpdist.config import DemoDataConfig, ModelConfig
+from vlpdist.errors import UserError
+from vlpdist.models import build_captioner, load_tokenizer
+
+CLIP_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def captions() -> list[str]:
+    return [sample.true_caption for sample in generate_demo_samples(DemoDataConfig(num_samples=120, seed=1))]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory, captions):
+    return str(make_demo_lm(tmp_path_factory.mktemp("lm") / "demo_lm", captions, width=32, layers=1, heads=2, steps=150, batch_size=32))
+
+
+@pytest.fixture
+def cfg(lm_dir) -> ModelConfig:
+    return ModelConfig(lm_name=lm_dir, prefix_length=3, mapper_depth=2, num_experts=4, top_k=2, kernel_sizes=[3], max_caption_tokens=12)
+
+
+def test_demo_lm_loads_back_through_from_pretrained(lm_dir, captions):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(lm_dir)
+    ids = tokenizer(captions[0], add_special_tokens=False)["input_ids"]
+    assert 0 < len(ids) < len(captions[0])  # BPE merged the demo words
+    assert tokenizer.decode(ids) == captions[0]
+    assert {tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token} == {"<pad>", "<bos>", "<eos>"}
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    assert lm.config.n_layer == 1 and lm.config.n_embd == 32
+
+
+def test_tokenizer_with_empty_vocabulary_is_refused(tmp_path, cfg):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    empty = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="<eos>", pad_token="<pad>")
+    empty.save_pretrained(tmp_path / "empty_tok")
+    with pytest.raises(UserError, match="empty vocabulary"):
+        load_tokenizer(str(tmp_path / "empty_tok"))
+    with pytest.raises(UserError, match="empty vocabulary"):
+        build_captioner(dataclasses.replace(cfg, tokenizer_name=str(tmp_path / "empty_tok")), CLIP_DIM)
+
+
+def test_missing_language_model_is_a_user_error(tmp_path, cfg):
+    (tmp_path / "not_an_lm").mkdir()
+    with pytest.raises(UserError, match="cannot load language model"):
+        build_captioner(dataclasses.replace(cfg, lm_name=str(tmp_path / "not_an_lm"), tokenizer_name=cfg.lm_name), CLIP_DIM)
+
+
+def test_tokenize_appends_eos_pads_and_truncates(cfg):
+    captioner = build_captioner(cfg, CLIP_DIM)
+    eos, pad = captioner.tokenizer.eos_token_id, captioner.tokenizer.pad_token_id
+    long_caption = "a red circle, a blue square and a green star from left to right " * 3
+    input_ids, attention_mask = captioner.tokenize(["a red circle", long_caption])
+    assert input_ids.shape == attention_mask.shape == (2, cfg.max_caption_tokens)
+    short_len = int(attention_mask[0].sum())
+    assert input_ids[0, short_len - 1] == eos and (input_ids[0, short_len:] == pad).all()
+    assert attention_mask[1].all() and input_ids[1, -1] == eos
+
+
+def test_moe_captioner_loss_decreases_on_a_fixed_batch(cfg, captions):
+    torch.manual_seed(0)
+    captioner = build_captioner(cfg, CLIP_DIM)
+    assert not any(param.requires_grad for param in captioner.lm.parameters())  # frozen LM: prefix-only training
+    input_ids, attention_mask = captioner.tokenize(captions[:8])
+    clip_BC = torch.randn(8, CLIP_DIM)
+    optimizer = torch.optim.Adam([p for p in captioner.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        out = captioner(clip_BC, input_ids, attention_mask)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["cap"].item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0]
+    assert float(out["moe_aux"]) > 0
+    assert torch.isclose(out["loss"], out["cap"] + cfg.moe_aux_weight * out["moe_aux"])
+    assert out["expert_load"].shape == (4,) and torch.isclose(out["expert_load"].sum(), torch.tensor(2.0))
+    assert out["prefix"].shape == (8, cfg.prefix_length, 32)
+
+
+@pytest.mark.parametrize("mapper", ["mlp", "transformer"])
+def test_clipcap_baseline_mappers(cfg, captions, mapper):
+    captioner = build_captioner(dataclasses.replace(cfg, mapper=mapper, transformer_heads=4), CLIP_DIM)
+    input_ids, attention_mask = captioner.tokenize(captions[:4])
+    out = captioner(torch.randn(4, CLIP_DIM), input_ids, attention_mask)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and float(out["moe_aux"]) == 0.0 and out["expert_load"].numel() == 0
+    assert all(p.grad is not None for p in captioner.mapper.parameters())
+
+
+def test_tuned_lm_gets_gradients(cfg, captions):
+    captioner = build_captioner(dataclasses.replace(cfg, freeze_lm=False), CLIP_DIM)
+    input_ids, attention_mask = captioner.tokenize(captions[:2])
+    captioner(torch.randn(2, CLIP_DIM), input_ids, attention_mask)["loss"].backward()
+    assert captioner.lm.get_input_embeddings().weight.grad is not None
+
+
+def test_generate_returns_captions_greedy_and_beam(cfg):
+    captioner = build_captioner(cfg, CLIP_DIM)
+    clip_BC = torch.randn(3, CLIP_DIM)
+    greedy = captioner.generate_captions(clip_BC, max_new_tokens=10)
+    beam = captioner.generate_captions(clip_BC, max_new_tokens=10, num_beams=3)
+    for captions_out in (greedy, beam):
+        assert len(captions_out) == 3 and all(isinstance(text, str) for text in captions_out)
+        assert any(text for text in captions_out)
+    assert captioner.training  # generation restores the mode it found
+
+
+def test_text_only_baseline_loss_is_finite(cfg, captions):
+    captioner = build_captioner(cfg, CLIP_DIM)
+    input_ids, attention_mask = captioner.tokenize(captions[:4])
+    assert torch.isfinite(captioner.text_only_caption_loss(input_ids, attention_mask))
+
+
+def test_consolidated_state_reloads_at_another_ep_size(cfg):
+    torch.manual_seed(0)
+    source = build_captioner(cfg, CLIP_DIM)
+    consolidated = source.global_state_dict(ep_rank=0)
+    rank1 = build_captioner(cfg, CLIP_DIM, ep_size=2, consolidated_state=consolidated, ep_rank=1)
+    key = "mapper.blocks.1.moe.deepspeed_moe.experts.deepspeed_experts.{}.channel.weight"
+    assert torch.equal(rank1.state_dict()[key.format(0)], consolidated[key.format(2)])
+    assert rank1.global_state_dict(ep_rank=1)[key.format(3)].equal(consolidated[key.format(3)])
+    # Frozen LM weights may be left out of the consolidated file; mapper weights may not.
+    mapper_only = {k: v for k, v in consolidated.items() if k.startswith("mapper.")}
+    build_captioner(cfg, CLIP_DIM, consolidated_state=mapper_only)
+    with pytest.raises(UserError, match="does not fit"):
+        build_captioner(dataclasses.replace(cfg, num_experts=8), CLIP_DIM, consolidated_state=mapper_only)

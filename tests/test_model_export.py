@@ -1,0 +1,71 @@
+"""`launcher.export`: consolidated checkpoint -> folded mapper (safetensors + config) that reloads and matches the MoE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launcher.export import main as export_main
+from vlpdist.config import Config, ModelConfig, config_to_dict
+from vlpdist.models import build_mapper, load_folded_mapper
+
+CLIP_DIM, WIDTH = 12, 16
+MODEL = ModelConfig(prefix_length=3, mapper_depth=2, num_experts=4, top_k=2, kernel_sizes=[1, 3])
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run folder as training leaves it: config.yaml + a consolidated fp32 checkpoint of the whole captioner."""
+    torch.manual_seed(0)
+    mapper = build_mapper(MODEL, CLIP_DIM, WIDTH)
+    with torch.no_grad():
+        for param in mapper.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    state = {f"mapper.{key}": value for key, value in mapper.state_dict().items()}
+    state["lm.transformer.wte.weight"] = torch.randn(10, WIDTH)  # the LM's weights ride along and are ignored
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / "consolidated.pt")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(Config(model=MODEL))))
+    torch.save(mapper.state_dict(), tmp_path / "mapper_only.pt")
+    return tmp_path
+
+
+def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys):
+    report = export_main(["--checkpoint", str(run_dir / "checkpoints" / "consolidated.pt"), "--out", str(run_dir / "export")])
+    assert {p.name for p in (run_dir / "export").iterdir()} == {"mapper.safetensors", "mapper_config.json"}
+    printed = capsys.readouterr().out
+    assert f"{report['moe_params']:,}" in printed and f"{report['folded_params']:,}" in printed
+    assert report["folded_params"] < report["moe_params"]  # branches merged, identity absorbed
+    assert report["fold_relative_error"] < 1e-5
+    config = json.loads((run_dir / "export" / "mapper_config.json").read_text())
+    assert config["model"]["lm_name"] == "gpt2" and config["folded_mapper"]["num_experts"] == 4
+
+    moe = build_mapper(MODEL, CLIP_DIM, WIDTH)
+    moe.load_state_dict(torch.load(run_dir / "mapper_only.pt", weights_only=True))
+    folded = load_folded_mapper(run_dir / "export")
+    clip_BC = torch.randn(7, CLIP_DIM)
+    with torch.no_grad():
+        expected = moe.eval()(clip_BC)[0]
+        actual = folded(clip_BC)[0]
+    assert float((actual - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_export_cli_user_errors_exit_2(run_dir):
+    missing = subprocess.run(
+        [sys.executable, "-m", "launcher.export", "--checkpoint", str(run_dir / "nope.pt"), "--out", str(run_dir / "x")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("error: checkpoint") and "Traceback" not in missing.stderr
+    (run_dir / "garbage.pt").write_bytes(b"not a checkpoint")
+    garbage = subprocess.run(
+        [sys.executable, "-m", "launcher.export", "--checkpoint", str(run_dir / "garbage.pt"), "--out", str(run_dir / "x")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert garbage.returncode == 2 and "not a readable state dict" in garbage.stderr
+    assert not (run_dir / "x").exists()

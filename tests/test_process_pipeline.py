@@ -1,0 +1,165 @@
+"""The processing stage end to end on a real in-process Ray: stats, corrupt inputs, retries, reruns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from data_ingest.process.feature_format import iterate_feature_shards
+from data_ingest.process.run import filter_precision_recall, run_process, score_against_truth
+from data_ingest.process.shard import HOOK_DIR_ENV
+from process_fixtures import TINY_CLIP, save_tiny_clip, write_raw_shards
+from vlpdist.config import load_config
+from vlpdist.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module; run_process joins it instead of starting its own."""
+    ray = pytest.importorskip("ray", reason="ray is in the ingest extra, which CI installs")
+    # address="local": a fresh instance even when another Ray runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def _config(root: Path, checkpoint: Path, *extra: str):
+    return load_config(None, [
+        f"root={root}", f"process.clip_model={TINY_CLIP}", f"process.clip_pretrained={checkpoint}",
+        "process.vocab=demo_shapes", "process.batch_size=8", "process.cpus_per_task=1", *extra,
+    ])
+
+
+def _assert_accounted(summary: dict) -> None:
+    assert summary["raw_samples"] == summary["written"] + summary["dropped_by_filter"] + sum(summary["failed"].values())
+
+
+def test_run_writes_contract_shards_and_rerun_skips(tmp_path, ray_session, tiny_clip):
+    write_raw_shards(tmp_path, num_samples=30, per_shard=10)
+    # A random tiny CLIP scores around 0: the threshold splits samples into kept and dropped.
+    summary = run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=0.0"))
+    assert summary["shards_done"] == 3 and summary["shards_skipped"] == 0 and not summary["shards_failed"]
+    assert summary["raw_samples"] == 30 and summary["failed"] == {}
+    _assert_accounted(summary)
+    features = tmp_path / "features"
+    samples = list(iterate_feature_shards(sorted(str(p) for p in features.glob("*.tar"))))
+    assert len(samples) == summary["written"]
+    for sample in samples:
+        assert sample.captions == [sample.original_caption] and sample.decision == "keep_web"
+        assert sample.scores["web_clip"] >= 0.0
+        assert sample.image_embedding.shape == (32,) and sample.text_embeddings.shape == (1, 32)
+        assert sample.label_names and all(name in sample.original_caption for name in sample.label_names)
+    decisions = pd.concat(pd.read_parquet(p) for p in sorted(features.glob("*_decisions.parquet")))
+    assert len(decisions) == 30 and set(decisions["status"]) <= {"written", "dropped"}
+    assert (decisions["web_clip"][decisions["status"] == "dropped"] < 0.0).all()
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+    rerun = run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=0.0"))
+    assert rerun["shards_skipped"] == 3 and rerun["samples_per_second"] is None
+    assert rerun["written"] == summary["written"]
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in features.iterdir() if p.name in mtimes and p.suffix == ".tar")
+
+
+def test_corrupt_image_and_truncated_tar_are_counted(tmp_path, ray_session, tiny_clip):
+    good, to_corrupt, to_truncate = write_raw_shards(tmp_path, num_samples=30, per_shard=10)
+    # Shard 1: one sample's JPEG replaced by bytes no decoder accepts.
+    with tarfile.open(to_corrupt) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(to_corrupt, "w") as archive:
+        for member, data in members:
+            if member.name == "000010003.jpg":
+                data = b"\xff\xd8 not really a jpeg"
+                member.size = len(data)
+            archive.addfile(member, __import__("io").BytesIO(data))
+    # Shard 2: cut in the middle of its fifth sample's image.
+    size = to_truncate.stat().st_size
+    to_truncate.write_bytes(to_truncate.read_bytes()[: size * 45 // 100])
+
+    summary = run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=-1.0"))
+    assert summary["shards_done"] == 3 and not summary["shards_failed"]
+    assert summary["raw_samples"] == 30
+    assert summary["failed"]["decode_error"] == 1
+    stats_2 = json.loads((tmp_path / "features" / "00002_stats.json").read_text())
+    assert stats_2["tar_error"] and 3 <= stats_2["failed"]["truncated_tar"] <= 7
+    assert stats_2["raw_samples"] == 10
+    assert summary["written"] == 30 - 1 - stats_2["failed"]["truncated_tar"]
+    _assert_accounted(summary)
+
+
+def test_killed_worker_is_retried_and_run_completes(tmp_path, ray_session, tiny_clip, monkeypatch):
+    write_raw_shards(tmp_path, num_samples=40, per_shard=10)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "hold").touch()  # tasks announce their pid, then wait until the test lets them go
+    monkeypatch.setenv(HOOK_DIR_ENV, str(hook))
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(
+        run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=-1.0", "process.max_retries=2"))))
+    runner.start()
+    deadline = time.time() + 120
+    while not list(hook.glob("00001.*.started")) and time.time() < deadline:
+        time.sleep(0.1)
+    (started,) = hook.glob("00001.*.started")
+    victim = int(started.read_text())
+    os.kill(victim, signal.SIGKILL)  # the worker dies mid-shard
+    (hook / "hold").unlink()
+    runner.join(timeout=240)
+    assert not runner.is_alive()
+
+    attempts = sorted(hook.glob("00001.*.started"))
+    assert len(attempts) == 2 and str(victim) in attempts[0].name + attempts[1].name
+    assert result["shards_done"] == 4 and not result["shards_failed"]
+    assert result["raw_samples"] == 40 and result["written"] == 40 and result["failed"] == {}
+
+
+def test_precision_recall_hand_made_case():
+    # 4 mismatched among 8; the filter drops 3 of them plus 1 good caption.
+    dropped = [True, True, True, False, True, False, False, False]
+    mismatched = [True, True, True, True, False, False, False, False]
+    result = filter_precision_recall(dropped, mismatched)
+    assert (result["tp"], result["fp"], result["fn"], result["tn"]) == (3, 1, 1, 3)
+    assert result["precision"] == pytest.approx(0.75) and result["recall"] == pytest.approx(0.75)
+    assert filter_precision_recall([False, False], [True, False])["precision"] == 0.0
+
+
+def test_score_against_truth_joins_by_url_path(tmp_path):
+    features = tmp_path / "features"
+    features.mkdir()
+    pd.DataFrame({
+        "key": ["a", "b", "c", "d"], "url": [f"http://127.0.0.1:8000/img/{i}.jpg" for i in range(4)],
+        "status": ["written", "dropped", "dropped", "failed"], "reason": ["", "", "", "decode_error"],
+        "decision": ["keep_web", "drop", "drop", ""], "web_clip": [0.5, 0.1, 0.1, None],
+        "web_kept": [True, False, False, False],
+    }).to_parquet(features / "00000_decisions.parquet")
+    truth = tmp_path / "truth.parquet"
+    pd.DataFrame({"url_path": [f"img/{i}.jpg" for i in range(4)], "is_mismatched": [False, True, False, True]}).to_parquet(truth)
+    result = score_against_truth(features, str(truth))
+    # The failed sample (d) is not scored: the filter never saw it.
+    assert result["samples_scored"] == 3
+    assert (result["tp"], result["fp"], result["fn"]) == (1, 1, 0)
+
+
+def test_bad_settings_are_user_errors(tmp_path, tiny_clip):
+    write_raw_shards(tmp_path, num_samples=2, per_shard=2)
+    with pytest.raises(UserError, match="process.filter"):
+        run_process(_config(tmp_path, tiny_clip, "process.filter=vibes"))
+    with pytest.raises(UserError, match="process.demo_truth"):
+        run_process(_config(tmp_path, tiny_clip, f"process.demo_truth={tmp_path / 'missing.parquet'}"))
+    with pytest.raises(UserError, match="no raw shards"):
+        run_process(_config(tmp_path / "empty", tiny_clip))

@@ -1,0 +1,1 @@
+"""Evaluation: captioning metrics (pycocoevalcap) and the trivial baselines they are compared against."""

@@ -1,0 +1,1 @@
+"""Monitoring: TensorBoard scalars and text, written by rank 0."""

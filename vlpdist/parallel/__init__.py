@@ -1,0 +1,1 @@
+"""Distribution glue: DeepSpeed config and engine, launching, Slurm. Model code never imports this."""

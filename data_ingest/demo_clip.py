@@ -45,6 +45,21 @@ def _load_pairs(raw_dir: Path, preprocess):
     return torch.stack(images), captions
 
 
+def _random_shift(images_BCHW, max_shift: int):
+    """Each image moved by up to `max_shift` pixels each way (edges replicated).
+
+    Small shifts only: flips would swap left and right, and colour jitter would change colours,
+    both of which the captions state.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    _, _, height, width = images_BCHW.shape
+    padded = F.pad(images_BCHW, (max_shift,) * 4, mode="replicate")  # (B, 3, H + 2s, W + 2s)
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(images_BCHW), 2)).tolist()
+    return torch.stack([image[:, dy : dy + height, dx : dx + width] for image, (dy, dx) in zip(padded, offsets)])
+
+
 def _drop_worst_pairs(model, images_BCHW, tokens_BL, fraction: float):
     """Indices of the pairs the half-trained model scores above the `fraction` quantile.
 
@@ -67,7 +82,6 @@ def train_demo_clip(config: Config) -> Path:
     """Train the demo CLIP on `<root>/raw` and save it to `process.clip_pretrained`; returns that path."""
     import open_clip
     import torch
-    import torchvision
     from tqdm import tqdm
 
     from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR, register_clip_configs
@@ -94,9 +108,6 @@ def train_demo_clip(config: Config) -> Path:
         optimizer,
         lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
     )
-    # Small shifts only: flips would swap left/right and colour jitter would change colours,
-    # both of which the captions state.
-    shift = torchvision.transforms.RandomAffine(degrees=0, translate=(0.06, 0.06))
     train_pairs = torch.arange(len(captions))
     loss = torch.tensor(float("nan"))
     epochs = tqdm(range(process.demo_clip_epochs), desc="demo CLIP", unit="epoch")
@@ -109,7 +120,7 @@ def train_demo_clip(config: Config) -> Path:
             batch = order[start : start + process.demo_clip_batch_size]
             if len(batch) < 2:
                 continue
-            images = torch.stack([shift(image) for image in images_BCHW[batch]])  # (B, 3, H, W)
+            images = _random_shift(images_BCHW[batch], max_shift=4)  # (B, 3, H, W)
             image_features, text_features, logit_scale = model(images, tokens_BL[batch])
             loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)

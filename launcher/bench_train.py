@@ -1,7 +1,8 @@
 """Benchmark: one full training step (loader + tokenize + mapper/MoE + LM + DeepSpeed backward and
-optimizer step) vs a bare LM forward+backward over the same tokens, side by side in one run.
+optimizer step) vs a bare LM forward+backward over the same tokens, side by side in one run
+(with the plain mapper+LM forward/backward between them, to split the overhead).
 
-    python launcher/bench_train.py [--steps 20] [--batch 32] [--width 256] [--layers 4]
+    python launcher/bench_train.py [--steps 10] [--rounds 3] [--batch 32] [--width 256] [--layers 4]
 
 One process (world size 1, ep_size 1), CPU or one GPU, a random GPT-2-shaped LM built locally
 (no hub) with a BPE tokenizer trained on synthetic captions, and synthetic feature shards.
@@ -21,21 +22,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 
-def _timed(step, count: int, synchronize) -> float:
-    """Mean seconds per call of `step` over `count` calls, after two warm-up calls."""
-    for _ in range(2):
+def _timed_rounds(variants: dict, steps: int, rounds: int, synchronize) -> dict[str, float]:
+    """Seconds per call of each variant: rounds interleave the variants (so load on a shared machine
+    hits all alike) and the best round counts. Two warm-up calls each first."""
+    for step in variants.values():
         step()
-    synchronize()
-    started = time.perf_counter()
-    for _ in range(count):
         step()
-    synchronize()
-    return (time.perf_counter() - started) / count
+    best = {name: float("inf") for name in variants}
+    for _ in range(rounds):
+        for name, step in variants.items():
+            synchronize()
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize()
+            best[name] = min(best[name], (time.perf_counter() - started) / steps)
+    return best
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="launcher/bench_train.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10, help="timed calls per round and variant")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=256, help="LM width (GPT-2 small: 768)")
     parser.add_argument("--layers", type=int, default=4, help="LM layers (GPT-2 small: 12)")
@@ -62,7 +70,7 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
         f"root={work}", f"train.features_dir={features}", f"train.output_dir={work / 'run'}", f"model.lm_name={lm_dir}",
         "model.prefix_length=10", "model.num_experts=4", "model.max_caption_tokens=20", "train.ep_size=1",
         f"train.micro_batch_size={args.batch}", "train.num_workers=1", "train.warmup_steps=1",
-        f"train.max_steps={args.steps + 10}",
+        f"train.max_steps={args.steps * args.rounds + 10}",
     ])
     info = init_distributed(config.train.dist_timeout_s)
     device = device_of(info)
@@ -96,19 +104,32 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
         inputs = torch.cat([prefix_BPD, embed(ids_BT)], 1).detach().requires_grad_(True)
         lm(inputs_embeds=inputs, attention_mask=attention, labels=labels).loss.backward()
 
-    full_s = _timed(full_step, args.steps, synchronize)
-    bare_s = _timed(bare_lm_step, args.steps, synchronize)
+    # The same model outside DeepSpeed on one fixed batch: mapper + LM forward/backward, no loader,
+    # no optimizer, no ZeRO hooks. It splits the full step's overhead into model vs machinery.
+    from vlpdist.models.captioner import build_captioner
+
+    plain = build_captioner(config.model, args.clip_dim, 1).to(device)
+    fixed_clip = fixed["clip"].to(device)
+
+    def model_step() -> None:
+        plain(fixed_clip, ids_BT, mask_BT)["loss"].backward()
+        plain.zero_grad(set_to_none=True)
+
+    seconds = _timed_rounds({"full": full_step, "model": model_step, "bare": bare_lm_step}, args.steps, args.rounds, synchronize)
+    full_s, model_s, bare_s = seconds["full"], seconds["model"], seconds["bare"]
     tokens = sum(tokens_per_step) / len(tokens_per_step)
     result = {
         "device": "cuda" if info.on_gpu else "cpu",
         "batch": args.batch, "lm_width": args.width, "lm_layers": args.layers,
-        "full_step_ms": 1000 * full_s, "bare_lm_ms": 1000 * bare_s, "ratio_full_over_bare": full_s / bare_s,
+        "full_step_ms": 1000 * full_s, "model_fwd_bwd_ms": 1000 * model_s, "bare_lm_ms": 1000 * bare_s,
+        "ratio_full_over_bare": full_s / bare_s, "ratio_model_over_bare": model_s / bare_s,
         "full_samples_per_s": args.batch / full_s, "full_caption_tokens_per_s": tokens / full_s,
     }
     print(f"{'':28s}{'ms/step':>10s}{'samples/s':>12s}")
     print(f"{'full training step':28s}{result['full_step_ms']:10.1f}{args.batch / full_s:12.1f}")
+    print(f"{'mapper+LM fwd+bwd (plain)':28s}{result['model_fwd_bwd_ms']:10.1f}{args.batch / model_s:12.1f}")
     print(f"{'bare LM fwd+bwd':28s}{result['bare_lm_ms']:10.1f}{args.batch / bare_s:12.1f}")
-    print(f"ratio full / bare: {result['ratio_full_over_bare']:.2f}  ({result['device']}, batch {args.batch}, "
+    print(f"ratio full / bare: {result['ratio_full_over_bare']:.2f}, mapper+LM / bare: {result['ratio_model_over_bare']:.2f}  ({result['device']}, batch {args.batch}, "
           f"LM {args.layers}x{args.width}, prefix {config.model.prefix_length} + ~{tokens / args.batch:.0f} caption tokens)")
     return result
 

@@ -1,6 +1,7 @@
 """Real Ray clusters on loopback for the tests: a `ray start --head`, and a private sshd for `ray up`.
 
-Import the fixtures explicitly (`from tests.ray_cluster_fixtures import ray_head, loopback_sshd`).
+Import the fixtures explicitly in a test module: `from ray_cluster_fixtures import ray_head, loopback_sshd`
+(pytest puts tests/ on sys.path; `tests.` would find a stray `tests` package some wheels install).
 
 * `ray_head`: `ray start --head --block` on 127.0.0.1 with free ports and its own `--temp-dir`,
   so that no other `ray.init()` on this machine connects to it by accident (Ray finds "the
@@ -15,8 +16,8 @@ Import the fixtures explicitly (`from tests.ray_cluster_fixtures import ray_head
 
 from __future__ import annotations
 
-import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,11 +50,20 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def ray_env() -> dict[str, str]:
-    """The environment for Ray CLIs in tests: no usage reporting, the venv first on PATH."""
+def ray_env(auth_token_path: Path | None = None) -> dict[str, str]:
+    """The environment for Ray CLIs in tests: no usage reporting, the venv first on PATH.
+
+    With `auth_token_path`, Ray's token authentication is on with that token (head, job CLI and
+    drivers alike). Without it Ray decides, and it turns token auth on whenever
+    `~/.ray/auth_token` exists (any earlier local `ray.init()` writes one): fine for the launcher's
+    CLIs, which share that file with the cluster they start on this machine.
+    """
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    if auth_token_path is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(auth_token_path))
     return env
 
 
@@ -100,7 +110,8 @@ def session_dirs_of_head(gcs_port: int, dashboard_port: int) -> set[Path]:
 
     import psutil
 
-    markers = (f"--gcs_server_port={gcs_port}", f"--port={dashboard_port}", f":{gcs_port} ", f"--gcs-address=127.0.0.1:{gcs_port}")
+    # GCS (its port flag), dashboard (its port flag), and every process given the GCS address (host:port).
+    markers = (f"--gcs_server_port={gcs_port}", f"--port={dashboard_port}", f":{gcs_port} ")
     sessions = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or ()) + " "
@@ -109,18 +120,22 @@ def session_dirs_of_head(gcs_port: int, dashboard_port: int) -> set[Path]:
     return sessions
 
 
-def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, token: str = "") -> None:
+    """Wait until `url` answers 200 (sending `token` as a bearer token when given)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     deadline = time.monotonic() + timeout_s
+    last_error = "no answer"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return
-        except OSError:
+        except OSError as err:
+            last_error = str(err)
             time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s ({last_error})")
 
 
 @dataclass
@@ -133,12 +148,14 @@ class RayHead:
     """http://127.0.0.1:<port>: what `ray job submit --address` takes."""
     temp_dir: Path
     log_path: Path
+    auth_token_path: Path
+    """Ray token authentication is on; this file holds the token (the job CLI reads it too)."""
 
     def job_submit(self, entrypoint: list[str], working_dir: Path, timeout_s: float = 240) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir` (waits for the job; its exit code says whether the job succeeded)."""
         return subprocess.run(
             [RAY_CLI, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir), "--", *entrypoint],
-            env=ray_env(), capture_output=True, text=True, timeout=timeout_s,
+            env=ray_env(self.auth_token_path), capture_output=True, text=True, timeout=timeout_s,
         )
 
 
@@ -147,19 +164,24 @@ def start_ray_head(num_cpus: int = 2, timeout_s: float = 120) -> tuple[RayHead, 
     temp_dir = Path(tempfile.mkdtemp(prefix="vlpray", dir="/tmp"))
     ports = free_ports(RAY_START_PORTS)
     log_path = temp_dir / "ray_start.log"
+    auth_token_path = temp_dir / "auth_token"
+    auth_token_path.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+    auth_token_path.chmod(0o600)
     command = [
         RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
         "--disable-usage-stats", *ray_start_port_flags(ports),
     ]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", temp_dir, log_path)
+        process = subprocess.Popen(command, env=ray_env(auth_token_path), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    head = RayHead(f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", temp_dir, log_path, auth_token_path)
     try:
-        wait_for_http(f"{head.dashboard_url}/api/version", timeout_s, process)
+        wait_for_http(f"{head.dashboard_url}/api/version", timeout_s, process, token=auth_token_path.read_text())
     except (RuntimeError, TimeoutError) as err:
+        log_tail = log_path.read_text(errors="replace")[-3000:]
         stop_ray_head(head, process)
-        raise RuntimeError(f"ray start --head failed: {err}\n{log_path.read_text(errors='replace')[-3000:]}") from None
+        raise RuntimeError(f"ray start --head failed: {err}\n{log_tail}") from None
     return head, process
 
 

@@ -56,6 +56,7 @@ def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys):
     assert float((actual - expected).norm() / expected.norm()) < 1e-5
 
 
+@pytest.mark.slow
 def test_export_cli_user_errors_exit_2(run_dir):
     missing = subprocess.run(
         [sys.executable, "-m", "launcher.export", "--checkpoint", str(run_dir / "nope.pt"), "--out", str(run_dir / "x")],

@@ -76,7 +76,7 @@ def test_shard_with_captioner_and_itm_filter(tmp_path, tiny_blip):
     checkpoint = save_tiny_clip(tmp_path / "clip")
     (raw,) = write_raw_shards(tmp_path, num_samples=6, per_shard=6)
     features = tmp_path / "features"
-    # Threshold 0 lets every caption pass, so all 1 web + 2 synthetic captions must be kept.
+    # Threshold 0 lets every caption pass: the web caption and every non-empty synthetic one are kept.
     settings = ProcessConfig(
         clip_model="vlpdist-test-tiny-clip", clip_pretrained=str(checkpoint), captioner=str(tiny_blip / "captioner"),
         num_synthetic_captions=2, max_caption_tokens=6, filter="itm", itm_model=str(tiny_blip / "itm"),
@@ -86,13 +86,15 @@ def test_shard_with_captioner_and_itm_filter(tmp_path, tiny_blip):
     assert stats["raw_samples"] == 6 and stats["written"] == 6
     samples = list(iterate_feature_shards(str(features / "00000.tar")))
     for sample in samples:
-        assert sample.decision == "keep_web_and_synthetic"
+        synthetic = sample.scores["synthetic_captions"]  # the non-empty ones of the 2 sampled
+        assert sample.decision == ("keep_web_and_synthetic" if synthetic else "keep_web")
         assert sample.captions[0] == sample.original_caption
-        assert sample.text_embeddings.shape == (3, 32)
-        assert len(sample.scores["synthetic_itm"]) == 2 and 0.0 <= sample.scores["web_itm"] <= 1.0
-        assert sample.captions[1:] == [c for c in sample.scores["synthetic_captions"] if c]
+        assert len(synthetic) <= 2 and sample.captions[1:] == synthetic
+        assert sample.text_embeddings.shape == (1 + len(synthetic), 32)
+        assert len(sample.scores["synthetic_itm"]) == len(synthetic) and 0.0 <= sample.scores["web_itm"] <= 1.0
         assert set(sample.label_names) >= {w for w in ("circle", "square", "triangle", "star", "diamond")
                                            if w in sample.original_caption}
+    assert sum(len(sample.captions) - 1 for sample in samples) == stats["synthetic_captions_kept"] > 0
 
     # Threshold above 1 passes nothing: every sample is dropped, and still accounted for.
     settings.itm_threshold = 1.01

@@ -74,3 +74,22 @@ def test_encode_rejects_mismatched_captions():
         encode_feature_sample("k", _unit(rng, 8), _unit(rng, 2, 8), ["only one"], [], [], {}, "keep", "", "")
     with pytest.raises(ValueError):
         encode_feature_sample("k", _unit(rng, 8), np.zeros((0, 8)), [], [], [], {}, "keep", "", "")
+
+
+def test_stream_over_http_from_a_loopback_server(tmp_path):
+    """Feature shards stream from a URL as from a local path (webdataset's gopen over HTTP)."""
+    import functools
+    import http.server
+    import threading
+
+    _write_shard(tmp_path / "00000.tar", 3)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        samples = list(iterate_feature_shards(f"http://127.0.0.1:{server.server_address[1]}/00000.tar"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [s.key for s in samples] == ["000000000", "000000001", "000000002"]

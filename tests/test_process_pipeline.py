@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -86,7 +87,7 @@ def test_corrupt_image_and_truncated_tar_are_counted(tmp_path, ray_session, tiny
             if member.name == "000010003.jpg":
                 data = b"\xff\xd8 not really a jpeg"
                 member.size = len(data)
-            archive.addfile(member, __import__("io").BytesIO(data))
+            archive.addfile(member, io.BytesIO(data))
     # Shard 2: cut in the middle of its fifth sample's image.
     size = to_truncate.stat().st_size
     to_truncate.write_bytes(to_truncate.read_bytes()[: size * 45 // 100])
@@ -161,5 +162,9 @@ def test_bad_settings_are_user_errors(tmp_path, tiny_clip):
         run_process(_config(tmp_path, tiny_clip, "process.filter=vibes"))
     with pytest.raises(UserError, match="process.demo_truth"):
         run_process(_config(tmp_path, tiny_clip, f"process.demo_truth={tmp_path / 'missing.parquet'}"))
+    with pytest.raises(UserError, match="process.clip_pretrained"):
+        run_process(_config(tmp_path, tmp_path / "missing_clip.pt"))
+    with pytest.raises(UserError, match="process.vocab"):
+        run_process(_config(tmp_path, tiny_clip, "process.vocab=klingon"))
     with pytest.raises(UserError, match="no raw shards"):
         run_process(_config(tmp_path / "empty", tiny_clip))

@@ -106,7 +106,8 @@ def test_bad_config_is_one_line_and_exit_code_2(override, message, tmp_path):
 
 
 def test_missing_feature_folder_is_a_user_error(tmp_path):
-    result = _run_main(["--config", str(TINY_CONFIG), f"train.features_dir={tmp_path / 'nope'}", f"train.output_dir={tmp_path}"])
+    result = _run_main(["--config", str(TINY_CONFIG), "train.ep_size=1", f"train.features_dir={tmp_path / 'nope'}",
+                        f"train.output_dir={tmp_path}"])
     assert result.returncode == 2
     assert "feature folder" in result.stderr and "does not exist" in result.stderr
 

@@ -49,11 +49,13 @@ def load_itm(name_or_path: str, device: str = "cpu"):
 def generate_captions(
     model, processor, images: list, num_captions: int, top_p: float, max_new_tokens: int, device: str
 ) -> list[list[str]]:
-    """Nucleus-sampled captions: for each of B images, `num_captions` strings (empty ones dropped)."""
+    """Nucleus-sampled captions: for each of B images, `num_captions` strings (a sample may be empty)."""
     import torch
 
+    from data_ingest.process.clip_model import inference_autocast
+
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, H, W)
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(device):
         token_ids = model.generate(
             pixel_values=pixel_values,
             do_sample=True,
@@ -70,11 +72,13 @@ def itm_probabilities(model, processor, images: list, texts: list[str], device: 
     """P(image i matches text i) from the ITM head, for aligned lists of N images and N texts."""
     import torch
 
+    from data_ingest.process.clip_model import inference_autocast
+
     if not texts:
         return []
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True, truncation=True)
     inputs = {name: value.to(device) for name, value in inputs.items()}
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(device):
         logits_N2 = model(**inputs, use_itm_head=True).itm_score  # (N, 2): [no match, match]
     return torch.softmax(logits_N2.float(), dim=-1)[:, 1].cpu().tolist()
 

@@ -17,7 +17,7 @@ from vlpdist.errors import UserError
 SHIPPED_CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 
 
-def _looks_like_path(pretrained: str) -> bool:
+def looks_like_path(pretrained: str) -> bool:
     return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
@@ -26,7 +26,7 @@ def register_clip_configs(model_name: str, pretrained: str) -> None:
     import open_clip
 
     open_clip.add_model_config(SHIPPED_CLIP_CONFIG_DIR)
-    if _looks_like_path(pretrained):
+    if looks_like_path(pretrained):
         beside = Path(pretrained).parent / f"{model_name}.json"
         if beside.is_file():
             open_clip.add_model_config(beside)
@@ -36,7 +36,7 @@ def load_clip(model_name: str, pretrained: str, device: str = "cpu"):
     """(model in eval mode, image preprocess, tokenizer) through open_clip's own loading path."""
     import open_clip
 
-    if _looks_like_path(pretrained) and not Path(pretrained).is_file():
+    if looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise UserError(f"config key 'process.clip_pretrained': checkpoint file {pretrained} does not exist")
     register_clip_configs(model_name, pretrained)
     if model_name not in open_clip.list_models():
@@ -50,7 +50,7 @@ def encode_images(model, images, device: str) -> np.ndarray:
     """(B, 3, H, W) preprocessed images -> (B, D) float32 unit vectors."""
     import torch
 
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), inference_autocast(device):
         features = model.encode_image(images.to(device), normalize=True)
     return features.float().cpu().numpy()
 
@@ -59,13 +59,13 @@ def encode_texts(model, tokenizer, texts: list[str], device: str) -> np.ndarray:
     """N >= 1 captions -> (N, D) float32 unit vectors."""
     import torch
 
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), inference_autocast(device):
         features = model.encode_text(tokenizer(texts).to(device), normalize=True)
     return features.float().cpu().numpy()
 
 
-def _autocast(device: str):
-    """fp16 autocast on GPU (as CLIP inference is usually run); a no-op on CPU."""
+def inference_autocast(device: str):
+    """fp16 autocast on GPU (as CLIP and BLIP inference usually run); a no-op on CPU."""
     import contextlib
 
     import torch

@@ -40,6 +40,16 @@ def check_process_config(settings: ProcessConfig) -> None:
         raise UserError(f"config key 'process.demo_truth': file {settings.demo_truth} does not exist")
 
 
+def _check_inputs_exist(settings: ProcessConfig) -> None:
+    """Fail once in the driver, not once per shard task, on a missing checkpoint or vocabulary."""
+    from data_ingest.process.clip_model import looks_like_path
+    from data_ingest.process.labels import resolve_vocab_path
+
+    if looks_like_path(settings.clip_pretrained) and not Path(settings.clip_pretrained).is_file():
+        raise UserError(f"config key 'process.clip_pretrained': checkpoint file {settings.clip_pretrained} does not exist")
+    resolve_vocab_path(settings.vocab)
+
+
 def _process_shard_task(raw_tar: str, features_dir: str, settings: ProcessConfig, hook_dir: str) -> dict:
     from data_ingest.process.shard import process_shard
 
@@ -156,6 +166,7 @@ def run_process(config: Config) -> dict:
         from data_ingest.demo_clip import train_demo_clip
 
         train_demo_clip(config)
+    _check_inputs_exist(settings)
     from data_ingest.process.shard import stats_path
 
     features_dir.mkdir(parents=True, exist_ok=True)

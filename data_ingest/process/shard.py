@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from data_ingest.process.capfilt import apply_caption_policy
 from data_ingest.process.feature_format import encode_feature_sample
 from vlpdist.atomic import atomic_write_json
 from vlpdist.config import ProcessConfig
@@ -143,31 +142,29 @@ def _sample_meta(sample: RawSample) -> dict:
         return {}
 
 
-def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[dict]:
-    """CLIP + CapFilt + labels for a batch of decoded samples -> one result dict per sample."""
-    import torch
+def _propose_captions(images: list, settings: ProcessConfig, models, device: str) -> list[list[str]]:
+    """Synthetic captions per image (none when the captioner is off); empty samples are no caption."""
+    from data_ingest.process.capfilt import generate_captions
 
-    from data_ingest.process.capfilt import generate_captions, itm_probabilities
-    from data_ingest.process.clip_model import encode_images, encode_texts
-    from data_ingest.process.labels import extract_labels
+    if models["captioner"] is None:
+        return [[] for _ in images]
+    captioner, processor = models["captioner"]
+    proposals = generate_captions(captioner, processor, images, settings.num_synthetic_captions,
+                                  settings.top_p, settings.max_caption_tokens, device)
+    return [[text for text in per_image if text] for per_image in proposals]
 
-    clip_model, preprocess, tokenizer = models["clip"]
-    images = [image for _, image, _ in batch]
-    image_BD = encode_images(clip_model, torch.stack([preprocess(image) for image in images]), device)
-    if models["captioner"] is not None:
-        captioner, caption_processor = models["captioner"]
-        synthetic = generate_captions(captioner, caption_processor, images, settings.num_synthetic_captions,
-                                      settings.top_p, settings.max_caption_tokens, device)
-    else:
-        synthetic = [[] for _ in batch]
-    # Candidates of sample i: its web caption (if any) then its synthetic captions, flattened.
-    owners, texts = [], []
-    for index, ((_, _, web), proposals) in enumerate(zip(batch, synthetic)):
-        for text in ([web] if web else []) + proposals:
-            owners.append(index)
-            texts.append(text)
-    text_ND = encode_texts(clip_model, tokenizer, texts, device) if texts else np.zeros((0, image_BD.shape[1]))
-    clip_N = (text_ND * image_BD[owners]).sum(axis=1) if texts else np.zeros(0)
+
+def _score_candidates(images: list, image_BD: np.ndarray, owners: list[int], texts: list[str],
+                      settings: ProcessConfig, models, device: str):
+    """CLIP text embeddings (N, D), CLIP cosines (N,), ITM probabilities (N,) or None, pass flags (N,)."""
+    from data_ingest.process.capfilt import itm_probabilities
+    from data_ingest.process.clip_model import encode_texts
+
+    if not texts:
+        return np.zeros((0, image_BD.shape[1]), np.float32), np.zeros(0), None, np.zeros(0, bool)
+    clip_model, _, tokenizer = models["clip"]
+    text_ND = encode_texts(clip_model, tokenizer, texts, device)
+    clip_N = (text_ND * image_BD[owners]).sum(axis=1)
     itm_N = None
     if models["itm"] is not None:
         itm_model, itm_processor = models["itm"]
@@ -178,13 +175,36 @@ def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[
         passes_N = itm_N >= settings.itm_threshold
     else:
         passes_N = np.ones(len(texts), dtype=bool)
+    return text_ND, clip_N, itm_N, passes_N
+
+
+def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[dict]:
+    """CLIP + CapFilt + labels for a batch of decoded samples -> one result dict per sample."""
+    import torch
+
+    from data_ingest.process.capfilt import apply_caption_policy
+    from data_ingest.process.clip_model import encode_images
+    from data_ingest.process.labels import extract_labels
+
+    clip_model, preprocess, _ = models["clip"]
+    images = [image for _, image, _ in batch]
+    image_BD = encode_images(clip_model, torch.stack([preprocess(image) for image in images]), device)
+    synthetic = _propose_captions(images, settings, models, device)
+    # Candidates flattened over the batch: sample i's web caption (if any), then its synthetic ones.
+    owners, texts, rows_of = [], [], []
+    for index, ((_, _, web), proposals) in enumerate(zip(batch, synthetic)):
+        candidates = ([web] if web else []) + proposals
+        rows_of.append(list(range(len(texts), len(texts) + len(candidates))))
+        owners += [index] * len(candidates)
+        texts += candidates
+    text_ND, clip_N, itm_N, passes_N = _score_candidates(images, image_BD, owners, texts, settings, models, device)
 
     results = []
     for index, ((sample, _, web), proposals) in enumerate(zip(batch, synthetic)):
-        rows = [n for n, owner in enumerate(owners) if owner == index]
+        rows = rows_of[index]
         web_row = rows[0] if web else None
         synthetic_rows = rows[1:] if web else rows
-        choice = apply_caption_policy(settings.caption_policy, web, bool(web_row is not None and passes_N[web_row]),
+        choice = apply_caption_policy(settings.caption_policy, web, web_row is not None and bool(passes_N[web_row]),
                                       proposals, [bool(passes_N[n]) for n in synthetic_rows])
         scores = {
             "filter": settings.filter,
@@ -205,10 +225,35 @@ def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[
     return results
 
 
-def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook_dir: str = "") -> dict:
-    """Turn one raw shard into its feature shard; returns (and writes) the shard's stats."""
+def _read_inputs(raw_path: Path):
+    """Decodable samples, failures as (key, url, reason), and the tar error if the tar was cut short."""
+    samples, tar_error = read_raw_shard(raw_path)
+    failures: list[tuple[str, str, str]] = []
+    if tar_error is not None:
+        expected = _expected_keys(raw_path)
+        seen = {sample.key for sample in samples}
+        lost = [key for key in expected if key not in seen] if expected is not None else ["<unknown>"]
+        failures += [(key, "", "truncated_tar") for key in lost]
+    good, undecodable = _decode_samples(samples)
+    failures += [(sample.key, _sample_meta(sample).get("url", ""), reason) for sample, reason in undecodable]
+    return good, failures, tar_error
+
+
+def _write_decisions(rows: list[dict], path: Path) -> None:
+    """One row per raw sample: key, url, status (written/dropped/failed), reason, decision, web_clip, web_kept."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+        ("key", pa.string()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+        ("decision", pa.string()), ("web_clip", pa.float64()), ("web_kept", pa.bool_()),
+    ])), tmp)
+    os.replace(tmp, path)
+
+
+def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook_dir: str = "") -> dict:
+    """Turn one raw shard into its feature shard; returns (and writes) the shard's stats."""
     import webdataset as wds
 
     started = time.time()
@@ -219,22 +264,11 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
         _run_hook(hook_dir, shard_name)
     device = pick_device(settings)
     models = _models(settings, device)
+    good, failures, tar_error = _read_inputs(raw_path)
 
-    samples, tar_error = read_raw_shard(raw_path)
-    failures: list[tuple[str, str, str]] = []  # (key, url, reason)
-    expected = _expected_keys(raw_path)
-    if tar_error is not None:
-        seen = {sample.key for sample in samples}
-        lost = [key for key in expected if key not in seen] if expected is not None else ["<unknown>"]
-        failures += [(key, "", "truncated_tar") for key in lost]
-    good, undecodable = _decode_samples(samples)
-    failures += [(sample.key, _sample_meta(sample).get("url", ""), reason) for sample, reason in undecodable]
-
-    decisions = {"key": [], "url": [], "status": [], "reason": [], "decision": [], "web_clip": [], "web_kept": []}
-    for key, url, reason in failures:
-        for column, value in zip(decisions, (key, url, "failed", reason, "", None, False)):
-            decisions[column].append(value)
-    written, decision_counts, captions_kept, synthetic_kept = 0, Counter(), 0, 0
+    rows = [{"key": key, "url": url, "status": "failed", "reason": reason, "decision": "", "web_clip": None,
+             "web_kept": False} for key, url, reason in failures]
+    decision_counts, captions_kept, synthetic_kept = Counter(), 0, 0
     tmp_tar = out_dir / f".{shard_name}.tar.tmp.{os.getpid()}"
     with wds.TarWriter(str(tmp_tar)) as sink:
         for start in range(0, len(good), settings.batch_size):
@@ -248,25 +282,20 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
                         captions=result["kept_captions"], labels=result["labels"], label_names=result["label_names"],
                         scores=result["scores"], decision=choice.decision, url=url, original_caption=result["web"],
                     ))
-                    written += 1
-                    captions_kept += len(result["kept_captions"])
-                    synthetic_kept += len(result["kept_captions"]) - int(choice.web_kept)
-                row = (sample.key, url, "written" if choice.kept else "dropped", "", choice.decision,
-                       result["scores"]["web_clip"], choice.web_kept)
-                for column, value in zip(decisions, row):
-                    decisions[column].append(value)
+                    captions_kept += len(choice.kept)
+                    synthetic_kept += len(choice.kept_synthetic)
+                rows.append({"key": sample.key, "url": url, "status": "written" if choice.kept else "dropped",
+                             "reason": "", "decision": choice.decision, "web_clip": result["scores"]["web_clip"],
+                             "web_kept": choice.web_kept})
     os.replace(tmp_tar, out_dir / f"{shard_name}.tar")
-    tmp_parquet = out_dir / f".{shard_name}_decisions.parquet.tmp.{os.getpid()}"
-    pq.write_table(pa.table(decisions), tmp_parquet)
-    os.replace(tmp_parquet, out_dir / f"{shard_name}_decisions.parquet")
+    _write_decisions(rows, out_dir / f"{shard_name}_decisions.parquet")
 
-    failure_counts = Counter(reason for _, _, reason in failures)
     stats = {
         "shard": shard_name,
-        "raw_samples": len(decisions["key"]),
-        "written": written,
+        "raw_samples": len(rows),
+        "written": sum(row["status"] == "written" for row in rows),
         "dropped_by_filter": decision_counts["drop"],
-        "failed": dict(failure_counts),
+        "failed": dict(Counter(reason for _, _, reason in failures)),
         "decisions": dict(decision_counts),
         "captions_kept": captions_kept,
         "synthetic_captions_kept": synthetic_kept,
@@ -274,5 +303,5 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
         "device": device,
         "seconds": round(time.time() - started, 3),
     }
-    atomic_write_json(stats_path(out_dir, shard_name), stats)
+    atomic_write_json(stats_path(out_dir, shard_name), stats)  # last: its presence marks the shard done
     return stats

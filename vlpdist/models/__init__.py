@@ -6,7 +6,8 @@ Names are imported lazily so `import vlpdist.models` needs neither DeepSpeed nor
 - `PrefixCaptioner`: `forward(clip_emb_BC, input_ids_BT, attention_mask_BT) -> {"loss", "cap",
   "moe_aux", "expert_load", "prefix"}`, `tokenize`, `generate_captions`, `text_only_caption_loss`,
   `global_state_dict(ep_rank)`, `load_consolidated_state(state, ep_rank)`
-- `build_mapper`, `fold_mapper(mapper) -> DenseFoldedMapper`, `save_folded_mapper`, `load_folded_mapper`
+- `build_mapper`, `fold_mapper(mapper) -> DenseFoldedMapper`, `save_folded_mapper`, `load_folded_mapper`,
+  `load_exported_captioner(export_dir)` (folded mapper + the LM its config names, for inference)
 - `local_to_global_expert_state`, `global_to_local_expert_state`
 """
 
@@ -17,6 +18,7 @@ import importlib
 _EXPORTS = {
     "PrefixCaptioner": "vlpdist.models.captioner",
     "build_captioner": "vlpdist.models.captioner",
+    "load_exported_captioner": "vlpdist.models.captioner",
     "check_tokenizer": "vlpdist.models.captioner",
     "load_tokenizer": "vlpdist.models.captioner",
     "load_language_model": "vlpdist.models.captioner",

@@ -8,6 +8,8 @@ encodings of a probe sentence.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -169,6 +171,17 @@ class PrefixCaptioner(nn.Module):
             )
 
 
+def load_language_model_and_tokenizer(model_cfg: ModelConfig) -> tuple[nn.Module, object]:
+    """The configured LM and its (checked) tokenizer, refusing a tokenizer larger than the LM's vocabulary."""
+    tokenizer = load_tokenizer(model_cfg.tokenizer_name or model_cfg.lm_name)
+    lm = load_language_model(model_cfg.lm_name)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        raise UserError(
+            f"tokenizer has {len(tokenizer)} tokens but LM {model_cfg.lm_name!r} embeds only {lm.get_input_embeddings().num_embeddings}"
+        )
+    return lm, tokenizer
+
+
 def build_captioner(
     model_cfg: ModelConfig,
     clip_dim: int,
@@ -179,14 +192,19 @@ def build_captioner(
 ) -> PrefixCaptioner:
     """LM + tokenizer by name/folder, the configured mapper (its experts spread over `ep_size` ranks),
     optionally loaded from a consolidated state dict (any ep_size; `ep_rank` picks this rank's experts)."""
-    tokenizer = load_tokenizer(model_cfg.tokenizer_name or model_cfg.lm_name)
-    lm = load_language_model(model_cfg.lm_name)
-    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-        raise UserError(
-            f"tokenizer has {len(tokenizer)} tokens but LM {model_cfg.lm_name!r} embeds only {lm.get_input_embeddings().num_embeddings}"
-        )
+    lm, tokenizer = load_language_model_and_tokenizer(model_cfg)
     mapper = build_mapper(model_cfg, clip_dim, lm.get_input_embeddings().embedding_dim, ep_size)
     captioner = PrefixCaptioner(mapper, lm, tokenizer, model_cfg, ep_size)
     if consolidated_state is not None:
         captioner.load_consolidated_state(consolidated_state, ep_rank)
     return captioner
+
+
+def load_exported_captioner(export_dir: str | Path) -> PrefixCaptioner:
+    """The inference captioner: the folded mapper `launcher.export` wrote, with the LM and tokenizer its config names."""
+    from vlpdist.models.fold import FOLDED_CONFIG_FILE, load_folded_mapper
+
+    folded = load_folded_mapper(export_dir)
+    model_cfg = ModelConfig(**json.loads((Path(export_dir) / FOLDED_CONFIG_FILE).read_text())["model"])
+    lm, tokenizer = load_language_model_and_tokenizer(model_cfg)
+    return PrefixCaptioner(folded, lm, tokenizer, model_cfg).eval()

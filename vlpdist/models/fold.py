@@ -55,7 +55,7 @@ def deepspeed_eval_gates(logits_BE: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 class FoldedBlock(nn.Module):
-    """One MoE block folded: gate + the E folded experts stacked; the per-sample layer is mixed on the fly."""
+    """One MoE block folded: the gate and the E folded experts, stacked; W(x) x is evaluated per sample."""
 
     def __init__(self, cfg: FoldedMapperConfig):
         super().__init__()

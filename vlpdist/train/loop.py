@@ -105,10 +105,11 @@ def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_d
     from vlpdist.models.mapper import check_model_config
 
     check_model_config(config.model, config.train.ep_size)
-    # Same seed on every rank: DeepSpeed broadcasts dense params anyway, but the frozen LM and
-    # the tokenizer must match, and the RNG stream must not depend on the rank.
-    torch.manual_seed(config.train.seed)
     ep_rank_of_this_process = info.rank % config.train.ep_size
+    # Seeded by expert-parallel rank so that the ranks of one group draw different experts;
+    # DeepSpeed then broadcasts the dense params from the first rank (and each expert within
+    # its expert-data-parallel group), so replicas agree.
+    torch.manual_seed(config.train.seed + ep_rank_of_this_process)
     model = build_captioner(
         config.model, clip_dim, config.train.ep_size, consolidated_state=consolidated, ep_rank=ep_rank_of_this_process
     ).to(device_of(info))
@@ -148,7 +149,8 @@ def run_training(config: Config) -> int:
             save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen)
         if stopped:
             if info.is_main:
-                print(f"stopped by {preemption.received} at step {state.step}; checkpoint written, exit {PREEMPTED_EXIT_CODE}", flush=True)
+                cause = preemption.received or "a signal to another rank"
+                print(f"stopped by {cause} at step {state.step}; checkpoint written, exit {PREEMPTED_EXIT_CODE}", flush=True)
             return PREEMPTED_EXIT_CODE
         if train.export_at_end:
             export_consolidated(engine.module, config, run_dir / "export", info, _clip_dim(train_shards[0]), state.step)

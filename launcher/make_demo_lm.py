@@ -72,8 +72,8 @@ def make_demo_lm(
     layers: int = 2,
     heads: int = 4,
     vocab_size: int = 512,
-    steps: int = 300,
-    batch_size: int = 64,
+    steps: int = 200,
+    batch_size: int = 32,
     seed: int = 0,
 ) -> Path:
     """Train tokenizer + tiny GPT-2 on `captions` and save both into `out_dir` (replaced as a whole, never half-written)."""
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="launcher.make_demo_lm", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write the LM and tokenizer into")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="its demo section says which captions")
-    parser.add_argument("--steps", type=int, default=300, help="pretraining steps on the captions")
+    parser.add_argument("--steps", type=int, default=200, help="pretraining steps on the captions")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     captions = [sample.caption for sample in generate_demo_samples(config.demo)]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from launcher.export import main as export_main
 from vlpdist.config import Config, ModelConfig, config_to_dict
@@ -31,13 +32,15 @@ def run_dir(tmp_path) -> Path:
     state["lm.transformer.wte.weight"] = torch.randn(10, WIDTH)  # the LM's weights ride along and are ignored
     (tmp_path / "checkpoints").mkdir()
     torch.save(state, tmp_path / "checkpoints" / "consolidated.pt")
+    save_file(state, str(tmp_path / "checkpoints" / "model_fp32.safetensors"))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(Config(model=MODEL))))
     torch.save(mapper.state_dict(), tmp_path / "mapper_only.pt")
     return tmp_path
 
 
-def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys):
-    report = export_main(["--checkpoint", str(run_dir / "checkpoints" / "consolidated.pt"), "--out", str(run_dir / "export")])
+@pytest.mark.parametrize("checkpoint", ["consolidated.pt", "model_fp32.safetensors"])
+def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys, checkpoint):
+    report = export_main(["--checkpoint", str(run_dir / "checkpoints" / checkpoint), "--out", str(run_dir / "export")])
     assert {p.name for p in (run_dir / "export").iterdir()} == {"mapper.safetensors", "mapper_config.json"}
     printed = capsys.readouterr().out
     assert f"{report['moe_params']:,}" in printed and f"{report['folded_params']:,}" in printed

@@ -113,20 +113,27 @@ def test_killed_worker_is_retried_and_run_completes(tmp_path, ray_session, tiny_
     runner = threading.Thread(target=lambda: result.update(
         run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=-1.0", "process.max_retries=2"))))
     runner.start()
-    deadline = time.time() + 120
-    while not list(hook.glob("00001.*.started")) and time.time() < deadline:
-        time.sleep(0.1)
-    (started,) = hook.glob("00001.*.started")
-    victim = int(started.read_text())
-    os.kill(victim, signal.SIGKILL)  # the worker dies mid-shard
-    (hook / "hold").unlink()
+    features = tmp_path / "features"
+    try:
+        deadline = time.time() + 180
+        while not list(hook.glob("*.started")) and time.time() < deadline:
+            time.sleep(0.1)
+        started = sorted(hook.glob("*.started"))[0]
+        shard, victim = started.name.split(".")[0], int(started.read_text())
+        os.kill(victim, signal.SIGKILL)  # the worker dies mid-shard, its first batch in a temporary tar
+        assert list(features.glob(f".{shard}.tar.tmp.*")) and not (features / f"{shard}.tar").exists()
+    finally:
+        (hook / "hold").unlink()
     runner.join(timeout=240)
     assert not runner.is_alive()
 
-    attempts = sorted(hook.glob("00001.*.started"))
-    assert len(attempts) == 2 and str(victim) in attempts[0].name + attempts[1].name
+    attempts = list(hook.glob(f"{shard}.*.started"))
+    assert len(attempts) == 2 and started in attempts  # the killed attempt and its retry
     assert result["shards_done"] == 4 and not result["shards_failed"]
     assert result["raw_samples"] == 40 and result["written"] == 40 and result["failed"] == {}
+    assert sorted(p.name for p in features.glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
+    assert not [p for p in features.iterdir() if ".tmp." in p.name]
+    assert len(list(iterate_feature_shards(str(features / f"{shard}.tar")))) == 10
 
 
 def test_precision_recall_hand_made_case():

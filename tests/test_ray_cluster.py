@@ -109,6 +109,7 @@ def assert_ingested(root: Path) -> None:
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_ingestion_and_reports_failure(ray_head, demo_source, tiny_clip, tmp_path):
+    """`ray job submit -- python -m data_ingest.run --stage all` on a running head; a bad config fails the job."""
     root = tmp_path / "root"
     config = write_ingest_config(tmp_path / "ingest.yaml", root, demo_source, tiny_clip)
 
@@ -117,6 +118,8 @@ def test_ray_job_submit_runs_ingestion_and_reports_failure(ray_head, demo_source
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"ingestion summary: {DEMO.num_samples + BROKEN_ROWS} rows in" in done.stdout
     assert f"[process] samples in {DEMO.num_samples} = written {DEMO.num_samples}" in done.stdout
+    gcs_port = ray_head.gcs_address.rsplit(":", 1)[1]
+    assert "Connecting to existing Ray cluster" in done.stdout and f":{gcs_port}" in done.stdout  # not a private Ray
     assert_ingested(root)
 
     missing = tmp_path / "missing.yaml"
@@ -178,6 +181,11 @@ def run_ray_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_ray_up_submit_down_with_the_local_cluster_file(loopback_sshd, demo_source, tiny_clip, tmp_path):
+    """configs/ray/local.yaml for real over loopback SSH: `ray up`, `ray submit data_ingest/run.py`, `ray down`.
+
+    `ray down` runs `ray stop` on the head, which stops every Ray process on this machine: do not
+    run this test beside other Ray work.
+    """
     cluster_name = f"vlpdist-test-{os.getpid()}"
     ports = free_ports(RAY_START_PORTS)
     gcs_port, dashboard_port = ports[0], ports[1]

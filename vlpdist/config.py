@@ -121,13 +121,13 @@ class ProcessConfig:
     """Parquet with url_path and is_mismatched: the summary then reports filter precision/recall."""
     train_demo_clip: bool = False
     """Before processing, train the small demo CLIP into clip_pretrained if that file is missing."""
-    demo_clip_epochs: int = 30
+    demo_clip_epochs: int = 24
     """Epochs of demo CLIP training over the raw shards."""
-    demo_clip_lr: float = 2e-3
+    demo_clip_lr: float = 3e-3
     """AdamW learning rate of demo CLIP training."""
     demo_clip_batch_size: int = 64
     """Pairs per contrastive batch in demo CLIP training."""
-    demo_clip_clean_fraction: float = 0.15
+    demo_clip_clean_fraction: float = 0.25
     """Halfway through demo CLIP training, this fraction of lowest-scoring pairs is dropped (bootstrapping)."""
 
 

@@ -34,6 +34,8 @@ def check_process_config(settings: ProcessConfig) -> None:
             raise UserError(f"config key '{key}' is {value!r}; expected one of {list(allowed)}")
     if settings.batch_size < 1 or settings.num_synthetic_captions < 1:
         raise UserError("config keys 'process.batch_size' and 'process.num_synthetic_captions' must be >= 1")
+    if not 0.0 <= settings.demo_clip_clean_fraction < 1.0:
+        raise UserError("config key 'process.demo_clip_clean_fraction' must be in [0, 1)")
     if settings.caption_policy == "synthetic" and not settings.captioner:
         raise UserError("config key 'process.caption_policy' is 'synthetic' but no process.captioner is set")
     if settings.demo_truth and not Path(settings.demo_truth).is_file():
@@ -118,7 +120,10 @@ def score_against_truth(features_dir: Path, truth_path: str) -> dict:
     """Join every processed (not failed) sample's decision with the demo's ground truth by URL path."""
     import pandas as pd
 
-    decisions = pd.concat([pd.read_parquet(p) for p in sorted(features_dir.glob("*_decisions.parquet"))])
+    tables = [pd.read_parquet(p) for p in sorted(features_dir.glob("*_decisions.parquet"))]
+    if not tables:
+        return {**filter_precision_recall([], []), "samples_scored": 0}
+    decisions = pd.concat(tables)
     decisions = decisions[decisions["status"] != "failed"]
     truth = pd.read_parquet(truth_path, columns=["url_path", "is_mismatched"])
     # "http://host:port/img/000042.jpg" -> "img/000042.jpg"

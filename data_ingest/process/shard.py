@@ -25,7 +25,7 @@ from vlpdist.atomic import atomic_write_json
 from vlpdist.config import ProcessConfig
 
 HOOK_DIR_ENV = "VLPDIST_PROCESS_HOOK_DIR"
-"""Fault-injection hook for tests: a task announces `<dir>/<shard>.<pid>.started` and waits while `<dir>/hold` exists."""
+"""Fault-injection hook for tests: after its first batch a task writes `<dir>/<shard>.<pid>.started` and waits while `<dir>/hold` exists."""
 
 
 @dataclass
@@ -260,8 +260,8 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
     raw_path, out_dir = Path(raw_tar), Path(features_dir)
     shard_name = raw_path.name.split(".")[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hook_dir:
-        _run_hook(hook_dir, shard_name)
+    for stale in out_dir.glob(f".{shard_name}[._]*.tmp.*"):  # left by an attempt whose worker died
+        stale.unlink(missing_ok=True)
     device = pick_device(settings)
     models = _models(settings, device)
     good, failures, tar_error = _read_inputs(raw_path)
@@ -287,6 +287,8 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
                 rows.append({"key": sample.key, "url": url, "status": "written" if choice.kept else "dropped",
                              "reason": "", "decision": choice.decision, "web_clip": result["scores"]["web_clip"],
                              "web_kept": choice.web_kept})
+            if hook_dir and start == 0:
+                _run_hook(hook_dir, shard_name)  # tests kill the worker here, mid-shard
     os.replace(tmp_tar, out_dir / f"{shard_name}.tar")
     _write_decisions(rows, out_dir / f"{shard_name}_decisions.parquet")
 

@@ -77,17 +77,23 @@ def test_run_writes_contract_shards_and_rerun_skips(tmp_path, ray_session, tiny_
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in features.iterdir() if p.name in mtimes and p.suffix == ".tar")
 
 
-def test_corrupt_image_and_truncated_tar_are_counted(tmp_path, ray_session, tiny_clip):
-    good, to_corrupt, to_truncate = write_raw_shards(tmp_path, num_samples=30, per_shard=10)
-    # Shard 1: one sample's JPEG replaced by bytes no decoder accepts.
-    with tarfile.open(to_corrupt) as archive:
+def _replace_member(tar_path: Path, name: str, data: bytes) -> None:
+    with tarfile.open(tar_path) as archive:
         members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
-    with tarfile.open(to_corrupt, "w") as archive:
-        for member, data in members:
-            if member.name == "000010003.jpg":
-                data = b"\xff\xd8 not really a jpeg"
+    with tarfile.open(tar_path, "w") as archive:
+        for member, content in members:
+            if member.name == name:
+                content = data
                 member.size = len(data)
-            archive.addfile(member, io.BytesIO(data))
+            archive.addfile(member, io.BytesIO(content))
+
+
+def test_corrupt_image_and_truncated_tar_are_counted(tmp_path, ray_session, tiny_clip):
+    blank_caption, to_corrupt, to_truncate = write_raw_shards(tmp_path, num_samples=30, per_shard=10)
+    # Shard 1: one sample's JPEG replaced by bytes no decoder accepts.
+    _replace_member(to_corrupt, "000010003.jpg", b"\xff\xd8 not really a jpeg")
+    # Shard 0: one sample with an empty caption (and no captioner to propose one).
+    _replace_member(blank_caption, "000000005.txt", b"")
     # Shard 2: cut in the middle of its fifth sample's image.
     size = to_truncate.stat().st_size
     to_truncate.write_bytes(to_truncate.read_bytes()[: size * 45 // 100])
@@ -95,11 +101,11 @@ def test_corrupt_image_and_truncated_tar_are_counted(tmp_path, ray_session, tiny
     summary = run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=-1.0"))
     assert summary["shards_done"] == 3 and not summary["shards_failed"]
     assert summary["raw_samples"] == 30
-    assert summary["failed"]["decode_error"] == 1
+    assert summary["failed"]["decode_error"] == 1 and summary["failed"]["empty_caption"] == 1
     stats_2 = json.loads((tmp_path / "features" / "00002_stats.json").read_text())
     assert stats_2["tar_error"] and 3 <= stats_2["failed"]["truncated_tar"] <= 7
     assert stats_2["raw_samples"] == 10
-    assert summary["written"] == 30 - 1 - stats_2["failed"]["truncated_tar"]
+    assert summary["written"] == 30 - 2 - stats_2["failed"]["truncated_tar"]
     _assert_accounted(summary)
 
 

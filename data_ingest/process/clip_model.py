@@ -39,7 +39,8 @@ def load_clip(model_name: str, pretrained: str, device: str = "cpu"):
     if looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise UserError(f"config key 'process.clip_pretrained': checkpoint file {pretrained} does not exist")
     register_clip_configs(model_name, pretrained)
-    if model_name not in open_clip.list_models():
+    # hf-hub:/local-dir: names are resolved by open_clip itself, not from its config registry.
+    if not model_name.startswith(("hf-hub:", "local-dir:")) and model_name not in open_clip.list_models():
         raise UserError(f"config key 'process.clip_model': open_clip knows no model {model_name!r}")
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None, device=device)
     model.eval()

@@ -5,6 +5,9 @@
 Ray retry a task whose worker died (`max_retries`) while the other shards go on, and aggregates
 the per-shard stats: samples in/out, failures by reason, decisions, throughput and, given ground
 truth, the filter's precision and recall in catching mismatched captions.
+
+On a cluster of several nodes, `root` must be a folder every node sees (a shared file system):
+tasks read `raw/` and write `features/` there directly.
 """
 
 from __future__ import annotations

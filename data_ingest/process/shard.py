@@ -30,6 +30,8 @@ HOOK_DIR_ENV = "VLPDIST_PROCESS_HOOK_DIR"
 
 @dataclass
 class RawSample:
+    """The members of one sample as read from a raw tar."""
+
     key: str
     members: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes
 
@@ -225,8 +227,8 @@ def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[
     return results
 
 
-def _read_inputs(raw_path: Path):
-    """Decodable samples, failures as (key, url, reason), and the tar error if the tar was cut short."""
+def _read_inputs(raw_path: Path, captioner_on: bool):
+    """Usable samples, failures as (key, url, reason), and the tar error if the tar was cut short."""
     samples, tar_error = read_raw_shard(raw_path)
     failures: list[tuple[str, str, str]] = []
     if tar_error is not None:
@@ -235,6 +237,9 @@ def _read_inputs(raw_path: Path):
         lost = [key for key in expected if key not in seen] if expected is not None else ["<unknown>"]
         failures += [(key, "", "truncated_tar") for key in lost]
     good, undecodable = _decode_samples(samples)
+    if not captioner_on:  # without a captioner, a sample with no web caption has nothing to keep
+        undecodable += [(sample, "empty_caption") for sample, _, caption in good if not caption]
+        good = [item for item in good if item[2]]
     failures += [(sample.key, _sample_meta(sample).get("url", ""), reason) for sample, reason in undecodable]
     return good, failures, tar_error
 
@@ -264,7 +269,7 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
         stale.unlink(missing_ok=True)
     device = pick_device(settings)
     models = _models(settings, device)
-    good, failures, tar_error = _read_inputs(raw_path)
+    good, failures, tar_error = _read_inputs(raw_path, captioner_on=bool(settings.captioner))
 
     rows = [{"key": key, "url": url, "status": "failed", "reason": reason, "decision": "", "web_clip": None,
              "web_kept": False} for key, url, reason in failures]

@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> dict:
         from data_ingest.process import run_process
 
         results["process"] = run_process(config)
+        failed_shards = results["process"].get("shards_failed") or {}
+        if failed_shards:
+            # Finished shards are kept; a rerun processes only these.
+            print(f"error: {len(failed_shards)} shard(s) failed after all retries: {', '.join(sorted(failed_shards))}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
     return results
 
 

@@ -99,8 +99,9 @@ def save_checkpoint(engine, checkpoint_dir: Path, state: TrainState, keep: int, 
     tmp_tag = f".tmp_{tag}"
     tmp = checkpoint_dir / tmp_tag
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed save
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in checkpoint_dir.glob(".tmp_*"):  # from a save that crashed
+            shutil.rmtree(leftover, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(
         str(checkpoint_dir),

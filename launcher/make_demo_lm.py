@@ -40,23 +40,26 @@ def train_caption_tokenizer(captions: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS)
 
 
-def pretrain_on_captions(lm, tokenizer, captions: list[str], steps: int, batch_size: int, seed: int) -> float:
-    """Next-token training of `lm` on `<bos> caption <eos>`; returns the last batch's loss."""
-    rows = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in tokenizer(captions)["input_ids"]]
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        labels[i, : len(row)] = torch.tensor(row)
-    attention_mask = (labels != -100).long()
+def pretrain_on_captions(lm, tokenizer, captions: list[str], steps: int, batch_size: int, seed: int,
+                         block_size: int = 64) -> float:
+    """Next-token training of `lm` on the captions packed into one stream, GPT-2 style; returns the last loss.
+
+    Packing (`<bos> caption <eos> <bos> caption <eos> ...` cut into random windows) puts captions at
+    every position: the captioner later feeds them after P prefix tokens, at positions a model
+    trained only on position-0 captions never saw.
+    """
     generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(captions), generator=generator).tolist()
+    encoded = tokenizer([captions[i] for i in order])["input_ids"]
+    stream_N = torch.tensor([t for ids in encoded for t in (tokenizer.bos_token_id, *ids, tokenizer.eos_token_id)])
+    block_size = min(block_size, len(stream_N) - 1, lm.config.n_positions)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     lm.train()
     for _ in range(steps):
-        batch = torch.randint(len(rows), (batch_size,), generator=generator)
-        loss = lm(input_ids=input_ids[batch], attention_mask=attention_mask[batch], labels=labels[batch]).loss
+        starts_B = torch.randint(len(stream_N) - block_size, (batch_size,), generator=generator)
+        windows_BL = torch.stack([stream_N[s : s + block_size] for s in starts_B.tolist()])
+        loss = lm(input_ids=windows_BL, labels=windows_BL).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

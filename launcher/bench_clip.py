@@ -42,7 +42,7 @@ BENCH_CLIP_CONFIG = {
 
 
 def make_raw_shards(root: Path, num_samples: int, samples_per_shard: int) -> list[Path]:
-    """Run the demo (generate, serve, download with img2dataset) unless its shards are already there."""
+    """Run the demo's download stage (generate, serve, img2dataset) unless its shards are already there."""
     from data_ingest.download import finished_shards, raw_dir
     from launcher import demo
     from vlpdist.config import load_config
@@ -50,7 +50,8 @@ def make_raw_shards(root: Path, num_samples: int, samples_per_shard: int) -> lis
     config = load_config(demo.DEFAULT_CONFIG, [f"root={root}", f"demo.num_samples={num_samples}",
                                                f"download.samples_per_shard={samples_per_shard}"])
     if not finished_shards(raw_dir(config)):
-        demo.main([f"root={root}", f"demo.num_samples={num_samples}", f"download.samples_per_shard={samples_per_shard}"])
+        demo.main(["--stages", "download", f"root={root}", f"demo.num_samples={num_samples}",
+                   f"download.samples_per_shard={samples_per_shard}"])
     return sorted(raw_dir(config).glob("*.tar"))
 
 

@@ -53,21 +53,28 @@ class DownloadConfig:
     """Column holding the caption (LAION: TEXT, CC3M: caption, SBU: caption)."""
     extra_columns: list[str] = field(default_factory=list)
     """Further columns copied into each sample's json (LAION: similarity, punsafe, ...)."""
-    header_names: list[str] = field(default_factory=list)
-    """For csv/tsv without a header line (CC3M's TSV): the column names, in order."""
     image_size: int = 256
+    """Side of the stored images, in pixels (img2dataset resizes on download)."""
     resize_mode: str = "border"
     """img2dataset resize mode: no, keep_ratio, center_crop, border."""
     encode_format: str = "jpg"
+    """Image format inside the shards (jpg, png, webp)."""
     encode_quality: int = 95
+    """JPEG/WebP quality of the stored images."""
     samples_per_shard: int = 10000
+    """URL-list rows per shard; also the unit of resume (a shard is rebuilt whole)."""
     processes: int = 2
+    """Download processes on this machine (multiprocessing distributor)."""
     threads: int = 16
+    """Download threads per process."""
     timeout_s: float = 10.0
+    """Seconds before a slow response counts as a timeout failure."""
     retries: int = 0
+    """img2dataset's immediate retries per URL; `--retry-failed` retries later, across runs."""
     distributor: str = "multiprocessing"
     """multiprocessing (one machine) or ray (a Ray cluster; run inside `ray submit`/`ray job`)."""
     user_agent_token: str = "vlpdist"
+    """Added to the User-Agent so site owners can identify (and opt out of) the crawler."""
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
@@ -79,6 +86,7 @@ class ProcessConfig:
     """Ray processing stage: raw shards -> CLIP features, CapFilt decisions, object labels (`<root>/features`)."""
 
     enabled: bool = True
+    """Whether `python -m data_ingest.run --stage all` runs this stage after the download."""
     ray_address: str = ""
     """"" starts Ray in-process (`ray.init(num_cpus=...)`); "auto" or `host:port` joins a cluster."""
     num_cpus: int = 2

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
+from vlpdist.atomic import atomic_path
 from vlpdist.config import Config
 from vlpdist.errors import UserError
 
@@ -130,11 +130,9 @@ def train_demo_clip(config: Config) -> Path:
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
         epochs.set_postfix(loss=f"{loss.item():.3f}", pairs=len(train_pairs))
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp.{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    shutil.copyfile(SHIPPED_CLIP_CONFIG_DIR / f"{process.clip_model}.json", checkpoint.parent / f"{process.clip_model}.json")
-    os.replace(tmp, checkpoint)
+    with atomic_path(checkpoint) as staging:
+        torch.save(model.state_dict(), staging)
+        shutil.copyfile(SHIPPED_CLIP_CONFIG_DIR / f"{process.clip_model}.json", checkpoint.parent / f"{process.clip_model}.json")
     print(
         f"[demo_clip] trained {process.clip_model} on {len(captions)} pairs ({len(train_pairs)} after cleaning), "
         f"{process.demo_clip_epochs} epochs, "

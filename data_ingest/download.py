@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_ingest.url_list import UrlList, check_url_list
-from vlpdist.atomic import atomic_write_json
+from vlpdist.atomic import atomic_write_bytes, atomic_write_json
 from vlpdist.config import Config
 from vlpdist.errors import UserError
 
@@ -302,10 +302,7 @@ def _retry_failed_rows(config: Config, folder: Path, state: dict) -> None:
         retry_list[column] = failed[column].values
     state["retry_rounds"] += 1
     retry_path = Path(config.root) / "retry" / f"round_{state['retry_rounds']:03d}.parquet"
-    retry_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = retry_path.with_name(f".{retry_path.name}.tmp")
-    retry_list.to_parquet(tmp, index=False)
-    os.replace(tmp, retry_path)
+    atomic_write_bytes(retry_path, retry_list.to_parquet(index=False))
     atomic_write_json(Path(config.root) / STATE_FILENAME, state)
     print(f"retry-failed: fetching {len(retry_list)} failed rows again ({retry_path})", flush=True)
     _run_img2dataset(

@@ -60,6 +60,8 @@ def make_bench_clip(folder: Path) -> Path:
     import open_clip
     import torch
 
+    from vlpdist.atomic import atomic_path
+
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / f"{BENCH_CLIP_MODEL}.pt"
     config_file = folder / f"{BENCH_CLIP_MODEL}.json"
@@ -69,9 +71,8 @@ def make_bench_clip(folder: Path) -> Path:
     open_clip.add_model_config(config_file)
     torch.manual_seed(0)
     model = open_clip.create_model(BENCH_CLIP_MODEL)
-    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, checkpoint)
+    with atomic_path(checkpoint) as staging:
+        torch.save(model.state_dict(), staging)
     return checkpoint
 
 

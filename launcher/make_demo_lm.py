@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from vlpdist.atomic import atomic_path
 from vlpdist.errors import UserError, exit_on_user_error
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -101,14 +101,10 @@ def make_demo_lm(
     )
     lm = GPT2LMHeadModel(config)
     pretrain_on_captions(lm, tokenizer, captions, steps, batch_size, seed)
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    lm.eval().save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
-    return out_dir
+    with atomic_path(out_dir) as staging:
+        lm.eval().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return Path(out_dir)
 
 
 @exit_on_user_error

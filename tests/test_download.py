@@ -12,12 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import webdataset as wds
-import yaml
 
 from data_ingest.download import SUMMARY_FILENAME, run_download
 from data_ingest.sources.demo_server import DemoImageServer
 from data_ingest.sources.synthetic import BROKEN_KINDS, broken_paths, demo_url_rows, generate_demo_samples
-from vlpdist.config import Config, DemoDataConfig, load_config
+from vlpdist.config import Config, DemoDataConfig, load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = DemoDataConfig(num_samples=40, seed=3, broken_per_kind=1, slow_response_s=8.0)
@@ -29,13 +28,6 @@ def _config(root: Path, url_list: Path, **download) -> Config:
                  "download.image_size=32", "download.processes=2", "download.threads=8", "download.timeout_s=4.0"]
     overrides += [f"download.{k}={v}" for k, v in download.items()]
     return load_config(None, overrides)
-
-
-def _write_config_file(config: Config, path: Path) -> Path:
-    import dataclasses
-
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
-    return path
 
 
 def _path_of(url: str) -> str:
@@ -128,7 +120,7 @@ def test_retry_failed_fetches_only_failed_rows_and_recovers_the_flaky_ones(first
     root = tmp_path / "root"
     shutil.copytree(first_pass["config"].root, root)
     config = _config(root, Path(first_pass["config"].download.url_list), extra_columns="[expected]")
-    config_file = _write_config_file(config, tmp_path / "retry.yaml")
+    config_file = save_config(config, tmp_path)
     existing = {p.name: p.stat().st_mtime_ns for p in (root / "raw").iterdir()}
     failed_paths = sorted(
         _path_of(u) for u, e in zip(first_pass["rows"]["url"], first_pass["rows"]["expected"]) if e != "success"

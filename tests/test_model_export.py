@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import yaml
 from safetensors.torch import save_file
 
 from launcher.export import main as export_main
-from vlpdist.config import Config, ModelConfig, config_to_dict
+from vlpdist.config import Config, ModelConfig
 from vlpdist.models import build_mapper, load_folded_mapper
 
 CLIP_DIM, WIDTH = 12, 16
@@ -33,7 +34,7 @@ def run_dir(tmp_path) -> Path:
     (tmp_path / "checkpoints").mkdir()
     torch.save(state, tmp_path / "checkpoints" / "consolidated.pt")
     save_file(state, str(tmp_path / "checkpoints" / "model_fp32.safetensors"))
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(Config(model=MODEL))))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(Config(model=MODEL))))
     torch.save(mapper.state_dict(), tmp_path / "mapper_only.pt")
     return tmp_path
 

@@ -299,10 +299,12 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _describe_config_error(err: Exception, origin: str) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
     key = getattr(err, "full_key", None) or "?"
-    message = str(getattr(err, "msg", err)).splitlines()[0]
-    if "not in" in message or "Key '" in message and "not" in message:
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         return f"unknown config key '{key}' in {origin}"
+    message = str(getattr(err, "msg", err)).splitlines()[0]
     return f"config key '{key}' in {origin}: {message}"
 
 
@@ -320,12 +322,8 @@ def _check_values(config: Config) -> None:
         raise UserError("config key 'demo.mismatch_fraction' must be in [0, 1)")
 
 
-def config_to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
-
-
 def save_config(config: Config, folder: str | os.PathLike) -> Path:
     """Write the resolved config as YAML into `folder` (atomically) and return its path."""
     from vlpdist.atomic import atomic_write_text
 
-    return atomic_write_text(Path(folder) / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return atomic_write_text(Path(folder) / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_ingest.process.feature_format import encode_feature_sample
-from vlpdist.atomic import atomic_write_json
+from vlpdist.atomic import atomic_path, atomic_write_json
 from vlpdist.config import ProcessConfig
 
 HOOK_DIR_ENV = "VLPDIST_PROCESS_HOOK_DIR"
@@ -249,12 +249,11 @@ def _write_decisions(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
-        ("key", pa.string()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-        ("decision", pa.string()), ("web_clip", pa.float64()), ("web_kept", pa.bool_()),
-    ])), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as staging:
+        pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+            ("key", pa.string()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+            ("decision", pa.string()), ("web_clip", pa.float64()), ("web_kept", pa.bool_()),
+        ])), staging)
 
 
 def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook_dir: str = "") -> dict:

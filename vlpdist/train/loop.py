@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlpdist.atomic import atomic_write_json, atomic_write_text
+from vlpdist.atomic import atomic_path, atomic_write_json, atomic_write_text
 from vlpdist.config import Config, save_config
 from vlpdist.data.feature_shards import (
     build_shard_plan,
@@ -274,14 +273,11 @@ def export_consolidated(captioner, config: Config, export_dir: Path, info: DistI
     state = consolidated_state_dict(captioner, config.train.ep_size, include_lm=not config.model.freeze_lm)
     if not info.is_main:
         return
-    staging = export_dir.with_name(f".{export_dir.name}.tmp.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / EXPORT_WEIGHTS))
-    save_config(config, staging)
-    atomic_write_json(staging / "export.json", {"clip_dim": clip_dim, "step": step, "includes_lm": not config.model.freeze_lm})
-    shutil.rmtree(export_dir, ignore_errors=True)
-    os.replace(staging, export_dir)
+    with atomic_path(export_dir) as staging:
+        staging.mkdir()
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / EXPORT_WEIGHTS))
+        save_config(config, staging)
+        atomic_write_json(staging / "export.json", {"clip_dim": clip_dim, "step": step, "includes_lm": not config.model.freeze_lm})
     print(f"exported consolidated fp32 model ({len(state)} tensors) to {export_dir}", flush=True)
 
 

@@ -23,7 +23,12 @@ DEMO_CLIP_MODEL = "vlpdist-demo-clip"
 
 
 def _load_pairs(raw_dir: Path, preprocess):
-    """Every decodable (image tensor, caption) pair in the raw shards; broken samples are skipped."""
+    """Every decodable (image tensor, caption) pair in the raw shards, in key order; broken samples are skipped.
+
+    Key order, not tar order: img2dataset writes a shard's samples as its download threads finish,
+    so tar order differs run to run, and a seeded training run must see the same pairs in the same
+    order to give the same model.
+    """
     import torch
     import webdataset as wds
     from PIL import Image
@@ -31,7 +36,7 @@ def _load_pairs(raw_dir: Path, preprocess):
     shards = sorted(str(p) for p in raw_dir.glob("*.tar"))
     if not shards:
         raise UserError(f"no raw shards in {raw_dir}: run the download stage first")
-    images, captions = [], []
+    pairs = []
     for sample in wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False):
         caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
         if "jpg" not in sample or not caption:
@@ -40,9 +45,9 @@ def _load_pairs(raw_dir: Path, preprocess):
             image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         except OSError:
             continue
-        images.append(preprocess(image))
-        captions.append(caption)
-    return torch.stack(images), captions
+        pairs.append((sample["__url__"], sample["__key__"], preprocess(image), caption))
+    pairs.sort(key=lambda pair: pair[:2])
+    return torch.stack([image for _, _, image, _ in pairs]), [caption for _, _, _, caption in pairs]
 
 
 def _random_shift(images_BCHW, max_shift: int):

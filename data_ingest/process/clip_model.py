@@ -51,7 +51,7 @@ def encode_images(model, images, device: str) -> np.ndarray:
     """(B, 3, H, W) preprocessed images -> (B, D) float32 unit vectors."""
     import torch
 
-    with torch.no_grad(), inference_autocast(device):
+    with torch.inference_mode(), inference_autocast(device):
         features = model.encode_image(images.to(device), normalize=True)
     return features.float().cpu().numpy()
 
@@ -60,9 +60,56 @@ def encode_texts(model, tokenizer, texts: list[str], device: str) -> np.ndarray:
     """N >= 1 captions -> (N, D) float32 unit vectors."""
     import torch
 
-    with torch.no_grad(), inference_autocast(device):
-        features = model.encode_text(tokenizer(texts).to(device), normalize=True)
+    tokens_NL = tokenizer(texts).to(device)
+    with torch.inference_mode(), inference_autocast(device):
+        if text_padding_is_inert(model):
+            features = encode_text_trimmed(model, tokens_NL)
+        else:
+            features = model.encode_text(tokens_NL, normalize=True)
     return features.float().cpu().numpy()
+
+
+def text_padding_is_inert(model) -> bool:
+    """True when the padding after the batch's last end-of-text token cannot change any text feature.
+
+    So it is for open_clip's `CLIP` text tower (OpenAI's design, and LAION's ViT-B-32): a causal
+    attention mask, so no position sees those after it, and the feature pooled at the end-of-text
+    token (`argmax`/`eos`). Not for towers that attend both ways or pool over all positions
+    (SigLIP, CoCa, Hugging Face text towers): those always get the full context.
+    """
+    import open_clip
+
+    return (type(model) is open_clip.CLIP and getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", "") in ("argmax", "eos"))
+
+
+def encode_text_trimmed(model, tokens_NL):
+    """`model.encode_text(tokens, normalize=True)`, with the context cut after the batch's last end-of-text token.
+
+    Captions are short (a LAION caption is about 15 tokens of CLIP's 77), and open_clip always runs
+    the text transformer over the full context; cutting the padding nobody attends to makes the
+    text tower several times cheaper and leaves every feature as it was (tests compare the two).
+    open_clip has no option for it, so this repeats `CLIP.encode_text` on a shorter context.
+    """
+    import torch.nn.functional as F
+    from open_clip.transformer import text_global_pool
+    from torch import nn
+
+    eos_id = getattr(model, "text_eos_id", None)
+    if model.text_pool_type == "eos":
+        pooled_at_N = (tokens_NL == eos_id).int().argmax(dim=-1)
+    else:  # argmax: the end-of-text token has the largest id
+        pooled_at_N = tokens_NL.argmax(dim=-1)
+    length = int(pooled_at_N.max()) + 1
+    tokens_NT = tokens_NL[:, :length]  # (N, T), T <= L
+    cast_dtype = model.transformer.get_cast_dtype()
+    x_NTW = model.token_embedding(tokens_NT).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x_NTW = model.transformer(x_NTW, attn_mask=model.attn_mask[:length, :length])
+    x_NTW = model.ln_final(x_NTW)
+    x_NW = text_global_pool(x_NTW, tokens_NT, model.text_pool_type, eos_token_id=eos_id)
+    if model.text_projection is not None:
+        x_NW = model.text_projection(x_NW) if isinstance(model.text_projection, nn.Linear) else x_NW @ model.text_projection
+    return F.normalize(x_NW, dim=-1)
 
 
 def inference_autocast(device: str):

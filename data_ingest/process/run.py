@@ -71,11 +71,13 @@ def _start_ray(settings: ProcessConfig) -> bool:
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=True)
     else:
-        # address="local" starts a fresh instance even if another Ray runs on this machine;
-        # workers must import this repository whatever their working directory.
-        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": python_path}})
+        # address="local" starts a fresh instance even if another Ray runs on this machine.
+        # Workers must import this repository whatever their working directory: they inherit the
+        # environment of the raylet this call starts. (A runtime_env would do it too, but Ray then
+        # starts new workers for it and leaves the ones it prestarted idle: seconds on a small machine.)
+        if str(REPO_ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False)
     return True
 
 

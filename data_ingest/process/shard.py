@@ -230,6 +230,9 @@ def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[
 def _read_inputs(raw_path: Path, captioner_on: bool):
     """Usable samples, failures as (key, url, reason), and the tar error if the tar was cut short."""
     samples, tar_error = read_raw_shard(raw_path)
+    # Key order, not tar order: img2dataset writes samples as its download threads finish, and
+    # feature shards in key order make everything downstream repeat run to run.
+    samples.sort(key=lambda sample: sample.key)
     failures: list[tuple[str, str, str]] = []
     if tar_error is not None:
         expected = _expected_keys(raw_path)

@@ -22,8 +22,8 @@ from vlpdist.errors import UserError
 DEMO_CLIP_MODEL = "vlpdist-demo-clip"
 
 
-def _load_pairs(raw_dir: Path, preprocess):
-    """Every decodable (image tensor, caption) pair in the raw shards, in key order; broken samples are skipped.
+def _load_pairs(shards: list[str], preprocess):
+    """Every decodable (image tensor, caption) pair in `shards`, in key order; broken samples are skipped.
 
     Key order, not tar order: img2dataset writes a shard's samples as its download threads finish,
     so tar order differs run to run, and a seeded training run must see the same pairs in the same
@@ -33,9 +33,6 @@ def _load_pairs(raw_dir: Path, preprocess):
     import webdataset as wds
     from PIL import Image
 
-    shards = sorted(str(p) for p in raw_dir.glob("*.tar"))
-    if not shards:
-        raise UserError(f"no raw shards in {raw_dir}: run the download stage first")
     pairs = []
     for sample in wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False):
         caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
@@ -48,6 +45,21 @@ def _load_pairs(raw_dir: Path, preprocess):
         pairs.append((sample["__url__"], sample["__key__"], preprocess(image), caption))
     pairs.sort(key=lambda pair: pair[:2])
     return torch.stack([image for _, _, image, _ in pairs]), [caption for _, _, _, caption in pairs]
+
+
+def training_raw_shards(config: Config) -> list[str]:
+    """The raw shards whose feature shards training will read: all but the last `train.heldout_shards`.
+
+    The demo CLIP never sees the held-out images, so the held-out caption metrics measure images
+    new to every model in the chain (and the filter's score on them, CLIP's generalisation).
+    """
+    from vlpdist.data.feature_shards import split_heldout
+
+    raw_dir = Path(config.root) / "raw"
+    shards = sorted(raw_dir.glob("*.tar"))
+    if not shards:
+        raise UserError(f"no raw shards in {raw_dir}: run the download stage first")
+    return [str(path) for path in split_heldout(shards, config.train.heldout_shards)[0]]
 
 
 def _random_shift(images_BCHW, max_shift: int):
@@ -84,7 +96,7 @@ def _drop_worst_pairs(model, images_BCHW, tokens_BL, fraction: float):
 
 
 def train_demo_clip(config: Config) -> Path:
-    """Train the demo CLIP on `<root>/raw` and save it to `process.clip_pretrained`; returns that path."""
+    """Train the demo CLIP on `<root>/raw` (training shards only) and save it to `process.clip_pretrained`; returns that path."""
     import open_clip
     import torch
     from tqdm import tqdm
@@ -102,7 +114,7 @@ def train_demo_clip(config: Config) -> Path:
     tokenizer = open_clip.get_tokenizer(process.clip_model)
     # Images are already at the model's size; the eval transform (no random crops) keeps the
     # left/right layout the captions talk about.
-    images_BCHW, captions = _load_pairs(Path(config.root) / "raw", preprocess_eval)
+    images_BCHW, captions = _load_pairs(training_raw_shards(config), preprocess_eval)
     tokens_BL = tokenizer(captions)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=process.demo_clip_lr, weight_decay=0.1)

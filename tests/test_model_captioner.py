@@ -130,6 +130,21 @@ def test_text_only_baseline_loss_is_finite(cfg, captions):
     assert torch.isfinite(captioner.text_only_caption_loss(input_ids, attention_mask))
 
 
+def test_text_only_baseline_uses_the_lm_as_loaded_when_the_lm_was_tuned(cfg, captions):
+    from vlpdist.models.captioner import load_language_model
+
+    captioner = build_captioner(dataclasses.replace(cfg, freeze_lm=False), CLIP_DIM)
+    input_ids, attention_mask = captioner.tokenize(captions[:4])
+    with torch.no_grad():
+        as_loaded = float(captioner.text_only_caption_loss(input_ids, attention_mask))
+        for weight in captioner.lm.parameters():  # stands for the LM tuned along with the mapper
+            weight.add_(0.05 * torch.randn_like(weight))
+        tuned = float(captioner.text_only_caption_loss(input_ids, attention_mask))
+        baseline = float(captioner.text_only_caption_loss(input_ids, attention_mask, load_language_model(cfg.lm_name)))
+    assert tuned != pytest.approx(as_loaded, rel=1e-4)
+    assert baseline == pytest.approx(as_loaded, rel=1e-5)
+
+
 def test_consolidated_state_reloads_at_another_ep_size(cfg):
     torch.manual_seed(0)
     source = build_captioner(cfg, CLIP_DIM)

@@ -107,9 +107,12 @@ class PrefixCaptioner(nn.Module):
             "prefix": prefix_BPD,
         }
 
-    def _caption_loss(self, start_BSD: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    def _caption_loss(
+        self, start_BSD: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None
+    ) -> torch.Tensor:
+        lm = self.lm if lm is None else lm
         batch, start_len = start_BSD.shape[:2]
-        tokens_BTD = self.lm.get_input_embeddings()(input_ids_BT)
+        tokens_BTD = lm.get_input_embeddings()(input_ids_BT)
         embeds = torch.cat([start_BSD, tokens_BTD], dim=1)  # (B, S+T, D)
         mask = torch.cat([attention_mask_BT.new_ones(batch, start_len), attention_mask_BT], dim=1)
         labels = torch.cat(
@@ -117,18 +120,25 @@ class PrefixCaptioner(nn.Module):
             dim=1,
         )
         # The LM shifts labels itself: position t predicts token t+1, so the last start position predicts the first caption token.
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
-    def text_only_caption_loss(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Baseline 'LM without the image': caption CE after the LM's BOS token (an all-zeros prefix if it has none)."""
+    def text_only_caption_loss(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Baseline 'LM without the image': caption CE after the LM's BOS token (an all-zeros prefix if it has none).
+
+        `lm` replaces this captioner's LM for the baseline: when the LM was tuned with the mapper,
+        the fair baseline is the LM as it was before (a tuned LM has learnt to expect a prefix).
+        """
+        lm = self.lm if lm is None else lm
         batch = input_ids_BT.shape[0]
-        embed = self.lm.get_input_embeddings()
+        embed = lm.get_input_embeddings()
         bos = self.tokenizer.bos_token_id
         if bos is not None:
             start_BSD = embed(input_ids_BT.new_full((batch, 1), bos))
         else:
             start_BSD = embed.weight.new_zeros(batch, self.prefix_length, embed.embedding_dim)
-        return self._caption_loss(start_BSD, input_ids_BT, attention_mask_BT)
+        return self._caption_loss(start_BSD, input_ids_BT, attention_mask_BT, lm)
 
     @torch.no_grad()
     def generate_captions(self, clip_emb_BC: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> list[str]:

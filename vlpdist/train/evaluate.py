@@ -15,10 +15,12 @@ from vlpdist.data.feature_shards import iterate_heldout
 
 @torch.no_grad()
 def evaluate_heldout(
-    captioner, heldout_shards: list[Path], batch_size: int, max_samples: int, max_new_tokens: int, device: torch.device
+    captioner, heldout_shards: list[Path], batch_size: int, max_samples: int, max_new_tokens: int, device: torch.device,
+    baseline_lm: torch.nn.Module | None = None,
 ) -> dict:
     """Collective (every rank, same samples): token-weighted caption loss with the image and
-    without it (the LM alone), and greedy captions with their references, keyed by sample key."""
+    without it (the LM alone: `baseline_lm`, else the captioner's own LM), and greedy captions
+    with their references, keyed by sample key."""
     was_training = captioner.training
     captioner.eval()
     loss_sum = text_only_sum = 0.0
@@ -31,7 +33,7 @@ def evaluate_heldout(
         # The LM averages over the caption tokens it predicts (all of them, EOS included).
         count = int(mask_BT.sum())
         loss_sum += float(captioner(clip_BC, ids_BT, mask_BT)["cap"]) * count
-        text_only_sum += float(captioner.text_only_caption_loss(ids_BT, mask_BT)) * count
+        text_only_sum += float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count
         tokens += count
         predictions.update(zip(batch["keys"], captioner.generate_captions(clip_BC, max_new_tokens)))
         references.update(zip(batch["keys"], batch["captions"]))

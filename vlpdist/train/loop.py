@@ -285,9 +285,14 @@ def evaluate(captioner, config: Config, heldout_shards, train_shards, info: Dist
     """Collective: held-out losses and greedy captions on every rank; rank 0 scores them and returns the result."""
     from vlpdist.train.evaluate import evaluate_heldout, score_captions
 
+    from vlpdist.models.captioner import load_language_model
+
     train = config.train
+    # A tuned LM has learnt to expect the prefix: the baseline is the LM as loaded, before training.
+    baseline_lm = None if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()
     heldout = evaluate_heldout(
-        captioner, heldout_shards, train.micro_batch_size, train.eval_max_samples, train.eval_max_new_tokens, device_of(info)
+        captioner, heldout_shards, train.micro_batch_size, train.eval_max_samples, train.eval_max_new_tokens, device_of(info),
+        baseline_lm,
     )
     if not info.is_main:
         return None

@@ -9,7 +9,6 @@ config beside it, and the processing stage loads it exactly like any pretrained 
 
 from __future__ import annotations
 
-import io
 import math
 import shutil
 import time
@@ -23,28 +22,14 @@ DEMO_CLIP_MODEL = "vlpdist-demo-clip"
 
 
 def _load_pairs(shards: list[str], preprocess):
-    """Every decodable (image tensor, caption) pair in `shards`, in key order; broken samples are skipped.
-
-    Key order, not tar order: img2dataset writes a shard's samples as its download threads finish,
-    so tar order differs run to run, and a seeded training run must see the same pairs in the same
-    order to give the same model.
-    """
+    """Every usable (image tensor, caption) pair in `shards`, in key order, read as the processing stage reads them."""
     import torch
-    import webdataset as wds
-    from PIL import Image
 
-    pairs = []
-    for sample in wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False):
-        caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-        if "jpg" not in sample or not caption:
-            continue
-        try:
-            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        except OSError:
-            continue
-        pairs.append((sample["__url__"], sample["__key__"], preprocess(image), caption))
-    pairs.sort(key=lambda pair: pair[:2])
-    return torch.stack([image for _, _, image, _ in pairs]), [caption for _, _, _, caption in pairs]
+    from data_ingest.process.shard import read_inputs
+
+    pairs = [(preprocess(image), caption) for shard in shards
+             for _, image, caption in read_inputs(Path(shard), captioner_on=False)[0]]
+    return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]
 
 
 def training_raw_shards(config: Config) -> list[str]:

@@ -148,7 +148,7 @@ def run_process_stage(root: Path, checkpoint: Path, batch_size: int, workers: in
     """
     import ray
 
-    from data_ingest.process.run import _start_ray, run_process
+    from data_ingest.process.run import run_process, start_ray
     from vlpdist.config import load_config
 
     stage_root = root / "out_ours_stage"
@@ -158,7 +158,7 @@ def run_process_stage(root: Path, checkpoint: Path, batch_size: int, workers: in
     config = load_config(None, [f"root={stage_root}"])
     config.process = process_settings(checkpoint, batch_size, workers)
     if ray_running:
-        _start_ray(config.process)
+        start_ray(config.process)
     try:
         started = time.perf_counter()
         summary = run_process(config)

@@ -61,7 +61,7 @@ def _process_shard_task(raw_tar: str, features_dir: str, settings: ProcessConfig
     return process_shard(raw_tar, features_dir, settings, hook_dir)
 
 
-def _start_ray(settings: ProcessConfig) -> bool:
+def start_ray(settings: ProcessConfig) -> bool:
     """Connect to Ray; True when this call started it (and so must shut it down)."""
     import ray
 
@@ -184,7 +184,7 @@ def run_process(config: Config) -> dict:
     started = time.time()
     errors: dict[str, str] = {}
     if pending:
-        started_ray = _start_ray(settings)
+        started_ray = start_ray(settings)
         try:
             errors = _run_shards(pending, features_dir, settings)
         finally:

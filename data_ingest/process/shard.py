@@ -41,7 +41,12 @@ def stats_path(features_dir: Path, shard_name: str) -> Path:
 
 
 def read_raw_shard(tar_path: Path) -> tuple[list[RawSample], str | None]:
-    """Samples in tar order, and an error text if the tar ended early (the cut sample is left out)."""
+    """Samples in key order, and an error text if the tar ended early (the cut sample is left out).
+
+    Key order, not tar order: img2dataset writes a shard's samples as its download threads finish,
+    so tar order differs run to run; in key order every later stage (and the seeded demo CLIP)
+    repeats run to run.
+    """
     samples: list[RawSample] = []
     current: RawSample | None = None
     try:
@@ -59,10 +64,10 @@ def read_raw_shard(tar_path: Path) -> tuple[list[RawSample], str | None]:
                     current = RawSample(key)
                 current.members[extension] = data
     except (tarfile.TarError, EOFError, OSError) as err:
-        return samples, f"{type(err).__name__}: {err}"
+        return sorted(samples, key=lambda sample: sample.key), f"{type(err).__name__}: {err}"
     if current is not None:
         samples.append(current)
-    return samples, None
+    return sorted(samples, key=lambda sample: sample.key), None
 
 
 def _expected_keys(tar_path: Path) -> list[str] | None:
@@ -227,12 +232,9 @@ def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[
     return results
 
 
-def _read_inputs(raw_path: Path, captioner_on: bool):
+def read_inputs(raw_path: Path, captioner_on: bool):
     """Usable samples, failures as (key, url, reason), and the tar error if the tar was cut short."""
     samples, tar_error = read_raw_shard(raw_path)
-    # Key order, not tar order: img2dataset writes samples as its download threads finish, and
-    # feature shards in key order make everything downstream repeat run to run.
-    samples.sort(key=lambda sample: sample.key)
     failures: list[tuple[str, str, str]] = []
     if tar_error is not None:
         expected = _expected_keys(raw_path)
@@ -271,7 +273,7 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
         stale.unlink(missing_ok=True)
     device = pick_device(settings)
     models = _models(settings, device)
-    good, failures, tar_error = _read_inputs(raw_path, captioner_on=bool(settings.captioner))
+    good, failures, tar_error = read_inputs(raw_path, captioner_on=bool(settings.captioner))
 
     rows = [{"key": key, "url": url, "status": "failed", "reason": reason, "decision": "", "web_clip": None,
              "web_kept": False} for key, url, reason in failures]

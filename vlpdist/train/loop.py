@@ -283,9 +283,8 @@ def export_consolidated(captioner, config: Config, export_dir: Path, info: DistI
 
 def evaluate(captioner, config: Config, heldout_shards, train_shards, info: DistInfo) -> dict | None:
     """Collective: held-out losses and greedy captions on every rank; rank 0 scores them and returns the result."""
-    from vlpdist.train.evaluate import evaluate_heldout, score_captions
-
     from vlpdist.models.captioner import load_language_model
+    from vlpdist.train.evaluate import evaluate_heldout, score_captions
 
     train = config.train
     # A tuned LM has learnt to expect the prefix: the baseline is the LM as loaded, before training.

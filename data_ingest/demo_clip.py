@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from data_ingest.download import list_raw_shards
 from vlpdist.atomic import atomic_path
 from vlpdist.config import Config
 from vlpdist.errors import UserError
@@ -21,18 +22,18 @@ from vlpdist.errors import UserError
 DEMO_CLIP_MODEL = "vlpdist-demo-clip"
 
 
-def _load_pairs(shards: list[str], preprocess):
+def _load_pairs(shards: list[Path], preprocess):
     """Every usable (image tensor, caption) pair in `shards`, in key order, read as the processing stage reads them."""
     import torch
 
     from data_ingest.process.shard import read_inputs
 
     pairs = [(preprocess(image), caption) for shard in shards
-             for _, image, caption in read_inputs(Path(shard), captioner_on=False)[0]]
+             for _, image, caption in read_inputs(shard, captioner_on=False)[0]]
     return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]
 
 
-def training_raw_shards(config: Config) -> list[str]:
+def training_raw_shards(config: Config) -> list[Path]:
     """The raw shards whose feature shards training will read: all but the last `train.heldout_shards`.
 
     The demo CLIP never sees the held-out images, so the held-out caption metrics measure images
@@ -40,11 +41,7 @@ def training_raw_shards(config: Config) -> list[str]:
     """
     from vlpdist.data.feature_shards import split_heldout
 
-    raw_dir = Path(config.root) / "raw"
-    shards = sorted(raw_dir.glob("*.tar"))
-    if not shards:
-        raise UserError(f"no raw shards in {raw_dir}: run the download stage first")
-    return [str(path) for path in split_heldout(shards, config.train.heldout_shards)[0]]
+    return split_heldout(list_raw_shards(config), config.train.heldout_shards)[0]
 
 
 def _random_shift(images_BCHW, max_shift: int):

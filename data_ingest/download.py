@@ -61,6 +61,14 @@ def raw_dir(config: Config) -> Path:
     return Path(config.root) / RAW_DIRNAME
 
 
+def list_raw_shards(config: Config) -> list[Path]:
+    """The raw shard tars under `<root>/raw`, in shard order; a user error if there are none."""
+    shards = sorted(raw_dir(config).glob("*.tar"))
+    if not shards:
+        raise UserError(f"no raw shards in {raw_dir(config)}: run the download stage first")
+    return shards
+
+
 _SHARD_FILE = re.compile(r"(\d+)(\.tar|\.parquet|_stats\.json)")
 
 

@@ -43,16 +43,15 @@ BENCH_CLIP_CONFIG = {
 
 def make_raw_shards(root: Path, num_samples: int, samples_per_shard: int) -> list[Path]:
     """Run the demo's download stage (generate, serve, img2dataset) unless its shards are already there."""
-    from data_ingest.download import finished_shards, raw_dir
+    from data_ingest.download import finished_shards, list_raw_shards, raw_dir
     from launcher import demo
     from vlpdist.config import load_config
 
-    config = load_config(demo.DEFAULT_CONFIG, [f"root={root}", f"demo.num_samples={num_samples}",
-                                               f"download.samples_per_shard={samples_per_shard}"])
+    overrides = [f"root={root}", f"demo.num_samples={num_samples}", f"download.samples_per_shard={samples_per_shard}"]
+    config = load_config(demo.DEFAULT_CONFIG, overrides)
     if not finished_shards(raw_dir(config)):
-        demo.main(["--stages", "download", f"root={root}", f"demo.num_samples={num_samples}",
-                   f"download.samples_per_shard={samples_per_shard}"])
-    return sorted(raw_dir(config).glob("*.tar"))
+        demo.main(["--stages", "download", *overrides])
+    return list_raw_shards(config)
 
 
 def make_bench_clip(folder: Path) -> Path:
@@ -60,15 +59,16 @@ def make_bench_clip(folder: Path) -> Path:
     import open_clip
     import torch
 
-    from vlpdist.atomic import atomic_path
+    from data_ingest.process.clip_model import register_clip_configs
+    from vlpdist.atomic import atomic_path, atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / f"{BENCH_CLIP_MODEL}.pt"
     config_file = folder / f"{BENCH_CLIP_MODEL}.json"
     if checkpoint.exists() and config_file.exists() and json.loads(config_file.read_text()) == BENCH_CLIP_CONFIG:
         return checkpoint
-    config_file.write_text(json.dumps(BENCH_CLIP_CONFIG, indent=2))
-    open_clip.add_model_config(config_file)
+    atomic_write_json(config_file, BENCH_CLIP_CONFIG)
+    register_clip_configs(BENCH_CLIP_MODEL, str(checkpoint))  # finds the config beside the checkpoint
     torch.manual_seed(0)
     model = open_clip.create_model(BENCH_CLIP_MODEL)
     with atomic_path(checkpoint) as staging:

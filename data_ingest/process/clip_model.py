@@ -32,12 +32,17 @@ def register_clip_configs(model_name: str, pretrained: str) -> None:
             open_clip.add_model_config(beside)
 
 
+def check_clip_checkpoint(pretrained: str) -> None:
+    """A `pretrained` that names a checkpoint file must exist (a tag is open_clip's to resolve)."""
+    if looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise UserError(f"config key 'process.clip_pretrained': checkpoint file {pretrained} does not exist")
+
+
 def load_clip(model_name: str, pretrained: str, device: str = "cpu"):
     """(model in eval mode, image preprocess, tokenizer) through open_clip's own loading path."""
     import open_clip
 
-    if looks_like_path(pretrained) and not Path(pretrained).is_file():
-        raise UserError(f"config key 'process.clip_pretrained': checkpoint file {pretrained} does not exist")
+    check_clip_checkpoint(pretrained)
     register_clip_configs(model_name, pretrained)
     # hf-hub:/local-dir: names are resolved by open_clip itself, not from its config registry.
     if not model_name.startswith(("hf-hub:", "local-dir:")) and model_name not in open_clip.list_models():

@@ -67,7 +67,6 @@ def encode_feature_sample(
     decision: str,
     url: str,
     original_caption: str,
-    source_key: str | None = None,
 ) -> dict[str, Any]:
     """A dict ready for `webdataset.TarWriter.write`. Checks shapes and the C >= 1 rule."""
     image_D = np.asarray(image_embedding, dtype=np.float16)
@@ -84,7 +83,7 @@ def encode_feature_sample(
         "label_names": list(label_names),
         "scores": scores,
         "decision": decision,
-        "source_key": source_key if source_key is not None else key,
+        "source_key": key,
         "url": url,
         "original_caption": original_caption,
     }

@@ -17,11 +17,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from data_ingest.download import list_raw_shards
+from data_ingest.process.clip_model import check_clip_checkpoint
+from data_ingest.process.shard import HOOK_DIR_ENV, process_shard, stats_path
 from vlpdist.atomic import atomic_write_json
 from vlpdist.config import Config, ProcessConfig
 from vlpdist.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SUMMED_STATS = ("raw_samples", "written", "dropped_by_filter", "captions_kept", "synthetic_captions_kept")
+"""Per-shard stats that the stage summary adds up over shards."""
 
 
 def check_process_config(settings: ProcessConfig) -> None:
@@ -47,18 +52,10 @@ def check_process_config(settings: ProcessConfig) -> None:
 
 def _check_inputs_exist(settings: ProcessConfig) -> None:
     """Fail once in the driver, not once per shard task, on a missing checkpoint or vocabulary."""
-    from data_ingest.process.clip_model import looks_like_path
     from data_ingest.process.labels import resolve_vocab_path
 
-    if looks_like_path(settings.clip_pretrained) and not Path(settings.clip_pretrained).is_file():
-        raise UserError(f"config key 'process.clip_pretrained': checkpoint file {settings.clip_pretrained} does not exist")
+    check_clip_checkpoint(settings.clip_pretrained)
     resolve_vocab_path(settings.vocab)
-
-
-def _process_shard_task(raw_tar: str, features_dir: str, settings: ProcessConfig, hook_dir: str) -> dict:
-    from data_ingest.process.shard import process_shard
-
-    return process_shard(raw_tar, features_dir, settings, hook_dir)
 
 
 def start_ray(settings: ProcessConfig) -> bool:
@@ -81,29 +78,29 @@ def start_ray(settings: ProcessConfig) -> bool:
     return True
 
 
-def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig) -> dict[str, str]:
-    """Run the shard tasks; returns shard name -> error for shards that failed after all retries."""
+def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig) -> tuple[list[dict], dict[str, str]]:
+    """Run the shard tasks; returns (the stats of each shard that finished, shard name -> error for
+    each that failed after all retries)."""
     import ray
     from tqdm import tqdm
 
-    from data_ingest.process.shard import HOOK_DIR_ENV
-
-    task = ray.remote(_process_shard_task).options(
+    task = ray.remote(process_shard).options(
         num_cpus=settings.cpus_per_task, num_gpus=settings.gpus_per_task, max_retries=settings.max_retries,
     )
     hook_dir = os.environ.get(HOOK_DIR_ENV, "")
     refs = {task.remote(str(raw), str(features_dir), settings, hook_dir): raw.stem for raw in pending}
+    finished_stats: list[dict] = []
     errors: dict[str, str] = {}
     with tqdm(total=len(refs), desc="process shards", unit="shard") as progress:
         waiting = list(refs)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             try:
-                ray.get(done[0])
+                finished_stats.append(ray.get(done[0]))
             except (ray.exceptions.RayError, UserError) as err:
                 errors[refs[done[0]]] = str(err).strip().splitlines()[-1][:300]
             progress.update(1)
-    return errors
+    return finished_stats, errors
 
 
 def filter_precision_recall(web_dropped: list[bool], is_mismatched: list[bool]) -> dict:
@@ -143,10 +140,7 @@ def summarize(features_dir: Path, shard_names: list[str]) -> dict:
     """Totals over the per-shard stats files of `shard_names` (those present)."""
     import json
 
-    from data_ingest.process.shard import stats_path
-
-    totals = Counter(dict.fromkeys(
-        ("shards_done", "raw_samples", "written", "dropped_by_filter", "captions_kept", "synthetic_captions_kept"), 0))
+    totals = Counter(dict.fromkeys(("shards_done", *SUMMED_STATS), 0))
     failed, decisions = Counter(), Counter()
     seconds = 0.0
     for name in shard_names:
@@ -155,7 +149,7 @@ def summarize(features_dir: Path, shard_names: list[str]) -> dict:
             continue
         stats = json.loads(path.read_text())
         totals["shards_done"] += 1
-        for key in ("raw_samples", "written", "dropped_by_filter", "captions_kept", "synthetic_captions_kept"):
+        for key in SUMMED_STATS:
             totals[key] += stats[key]
         failed.update(stats["failed"])
         decisions.update(stats["decisions"])
@@ -167,40 +161,36 @@ def run_process(config: Config) -> dict:
     """Process every raw shard under `<root>/raw` into `<root>/features`; returns the stage summary."""
     settings = config.process
     check_process_config(settings)
-    root = Path(config.root)
-    raw_dir, features_dir = root / "raw", root / "features"
-    raw_shards = sorted(raw_dir.glob("*.tar"))
-    if not raw_shards:
-        raise UserError(f"no raw shards in {raw_dir}: run the download stage first")
+    features_dir = Path(config.root) / "features"
+    raw_shards = list_raw_shards(config)
     if settings.train_demo_clip and not Path(settings.clip_pretrained).is_file():
         from data_ingest.demo_clip import train_demo_clip
 
         train_demo_clip(config)
     _check_inputs_exist(settings)
-    from data_ingest.process.shard import stats_path
-
     features_dir.mkdir(parents=True, exist_ok=True)
     pending = [raw for raw in raw_shards if not stats_path(features_dir, raw.stem).is_file()]
     started = time.time()
+    finished_stats: list[dict] = []
     errors: dict[str, str] = {}
     if pending:
         started_ray = start_ray(settings)
         try:
-            errors = _run_shards(pending, features_dir, settings)
+            finished_stats, errors = _run_shards(pending, features_dir, settings)
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
     wall = time.time() - started
-    summary = summarize(features_dir, [raw.stem for raw in raw_shards])
-    processed_now = summarize(features_dir, [raw.stem for raw in pending if raw.stem not in errors])
+    summary = summarize(features_dir, [raw.stem for raw in raw_shards])  # shards skipped as finished too
+    samples_processed_now = sum(stats["raw_samples"] for stats in finished_stats)
     summary.update({
         "shards_total": len(raw_shards),
         "shards_skipped": len(raw_shards) - len(pending),
         "shards_failed": errors,
         "wall_seconds": round(wall, 2),
-        "samples_per_second": round(processed_now.get("raw_samples", 0) / wall, 1) if pending and wall > 0 else None,
+        "samples_per_second": round(samples_processed_now / wall, 1) if pending and wall > 0 else None,
     })
     if settings.demo_truth:
         summary["filter_vs_truth"] = score_against_truth(features_dir, settings.demo_truth)

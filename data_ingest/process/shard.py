@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_ingest.process.feature_format import encode_feature_sample
-from vlpdist.atomic import atomic_path, atomic_write_json
+from vlpdist.atomic import atomic_path, atomic_write_json, remove_stale_staging
 from vlpdist.config import ProcessConfig
 
 HOOK_DIR_ENV = "VLPDIST_PROCESS_HOOK_DIR"
@@ -49,6 +49,7 @@ def read_raw_shard(tar_path: Path) -> tuple[list[RawSample], str | None]:
     """
     samples: list[RawSample] = []
     current: RawSample | None = None
+    tar_error = None
     try:
         with tarfile.open(tar_path, mode="r|*") as archive:
             for member in archive:
@@ -64,10 +65,11 @@ def read_raw_shard(tar_path: Path) -> tuple[list[RawSample], str | None]:
                     current = RawSample(key)
                 current.members[extension] = data
     except (tarfile.TarError, EOFError, OSError) as err:
-        return sorted(samples, key=lambda sample: sample.key), f"{type(err).__name__}: {err}"
-    if current is not None:
-        samples.append(current)
-    return sorted(samples, key=lambda sample: sample.key), None
+        tar_error = f"{type(err).__name__}: {err}"
+    else:
+        if current is not None:
+            samples.append(current)
+    return sorted(samples, key=lambda sample: sample.key), tar_error
 
 
 def _expected_keys(tar_path: Path) -> list[str] | None:
@@ -269,8 +271,9 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
     raw_path, out_dir = Path(raw_tar), Path(features_dir)
     shard_name = raw_path.name.split(".")[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".{shard_name}[._]*.tmp.*"):  # left by an attempt whose worker died
-        stale.unlink(missing_ok=True)
+    feature_tar, decisions_file = out_dir / f"{shard_name}.tar", out_dir / f"{shard_name}_decisions.parquet"
+    for output in (feature_tar, decisions_file, stats_path(out_dir, shard_name)):
+        remove_stale_staging(output)  # left by an attempt whose worker died
     device = pick_device(settings)
     models = _models(settings, device)
     good, failures, tar_error = read_inputs(raw_path, captioner_on=bool(settings.captioner))
@@ -278,8 +281,7 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
     rows = [{"key": key, "url": url, "status": "failed", "reason": reason, "decision": "", "web_clip": None,
              "web_kept": False} for key, url, reason in failures]
     decision_counts, captions_kept, synthetic_kept = Counter(), 0, 0
-    tmp_tar = out_dir / f".{shard_name}.tar.tmp.{os.getpid()}"
-    with wds.TarWriter(str(tmp_tar)) as sink:
+    with atomic_path(feature_tar) as staged_tar, wds.TarWriter(str(staged_tar)) as sink:
         for start in range(0, len(good), settings.batch_size):
             for result in _process_batch(good[start : start + settings.batch_size], settings, models, device):
                 sample, choice = result["sample"], result["choice"]
@@ -298,8 +300,7 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
                              "web_kept": choice.web_kept})
             if hook_dir and start == 0:
                 _run_hook(hook_dir, shard_name)  # tests kill the worker here, mid-shard
-    os.replace(tmp_tar, out_dir / f"{shard_name}.tar")
-    _write_decisions(rows, out_dir / f"{shard_name}_decisions.parquet")
+    _write_decisions(rows, decisions_file)
 
     stats = {
         "shard": shard_name,

@@ -1,6 +1,8 @@
-"""Shared test settings: offline, quiet, loopback only."""
+"""Shared test settings (offline, quiet, loopback only) and the session-wide tiny models."""
 
 import os
+
+import pytest
 
 # Set before any test imports the libraries that read them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,3 +10,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip checkpoint file (random weights, seeded) with its model config beside it."""
+    from process_fixtures import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A tiny GPT-2 + BPE tokenizer trained on the synthetic captions, built once per test session."""
+    from train_fixtures import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

@@ -75,8 +75,10 @@ def save_tiny_blip(folder: Path) -> Path:
     return folder
 
 
-def write_raw_shards(root: Path, num_samples: int, per_shard: int, seed: int = 0, host: str = "http://127.0.0.1:1") -> list[Path]:
-    """img2dataset-shaped raw shards (tar + parquet) from the demo's synthetic generator."""
+def write_raw_shards(root: Path, num_samples: int, per_shard: int) -> list[Path]:
+    """img2dataset-shaped raw shards (tar + parquet) from the demo's synthetic generator (seed 0).
+
+    The URLs point at a closed loopback port: the images are in the shards, nothing fetches them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import webdataset as wds
@@ -84,7 +86,7 @@ def write_raw_shards(root: Path, num_samples: int, per_shard: int, seed: int = 0
     from data_ingest.sources.synthetic import generate_demo_samples
     from vlpdist.config import DemoDataConfig
 
-    samples = generate_demo_samples(DemoDataConfig(num_samples=num_samples, seed=seed, image_size=32))
+    samples = generate_demo_samples(DemoDataConfig(num_samples=num_samples, seed=0, image_size=32))
     raw = root / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     shards = []
@@ -95,7 +97,7 @@ def write_raw_shards(root: Path, num_samples: int, per_shard: int, seed: int = 0
             for index in range(start, min(start + per_shard, num_samples)):
                 sample = samples[index]
                 key = f"{shard_index:05d}{index - start:04d}"
-                url = f"{host}/{sample.path}"
+                url = f"http://127.0.0.1:1/{sample.path}"
                 sink.write({"__key__": key, "jpg": sample.jpeg, "txt": sample.caption.encode(),
                             "json": json.dumps({"key": key, "url": url, "caption": sample.caption}).encode()})
                 for column, value in zip(rows, (key, "success", url, sample.caption)):

@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,24 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from common_fixtures import free_ports, port_is_open
 
 VENV_BIN = Path(sys.executable).parent
 RAY_CLI = str(VENV_BIN / "ray")
 SSHD = "/usr/sbin/sshd"
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on 127.0.0.1 right now (held open together so they differ)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def ray_env(auth_token_path: Path | None = None) -> dict[str, str]:
@@ -147,7 +133,6 @@ class RayHead:
     dashboard_url: str
     """http://127.0.0.1:<port>: what `ray job submit --address` takes."""
     temp_dir: Path
-    log_path: Path
     auth_token_path: Path
     """Ray token authentication is on; this file holds the token (the job CLI reads it too)."""
 
@@ -175,7 +160,7 @@ def start_ray_head(num_cpus: int = 2, timeout_s: float = 120) -> tuple[RayHead, 
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=ray_env(auth_token_path), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    head = RayHead(f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", temp_dir, log_path, auth_token_path)
+    head = RayHead(f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", temp_dir, auth_token_path)
     try:
         wait_for_http(f"{head.dashboard_url}/api/version", timeout_s, process, token=auth_token_path.read_text())
     except (RuntimeError, TimeoutError) as err:
@@ -247,9 +232,8 @@ def _sshd_unavailable_reason() -> str | None:
         return "rsync or the ssh client is missing (apt-get install openssh-server rsync); CI installs them"
     if os.geteuid() != 0:
         return "a private sshd on port 22 (the only port Ray's cluster launcher uses) needs root"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        if sock.connect_ex(("127.0.0.1", 22)) == 0:
-            return "port 22 on 127.0.0.1 is already taken by another sshd"
+    if port_is_open(22):
+        return "port 22 on 127.0.0.1 is already taken by another sshd"
     return None
 
 

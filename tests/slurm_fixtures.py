@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from common_fixtures import free_ports, wait_for
 
 SLURM_PACKAGES = "slurmctld slurmd slurm-client munge"
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
@@ -47,12 +47,6 @@ class LocalSlurm:
         return ""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_munged() -> subprocess.Popen | None:
     """munged as the munge user (it refuses root); None when one is already answering."""
     if MUNGE_SOCKET.exists() and subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
@@ -60,17 +54,8 @@ def _start_munged() -> subprocess.Popen | None:
     MUNGE_SOCKET.parent.mkdir(parents=True, exist_ok=True)
     shutil.chown(MUNGE_SOCKET.parent, "munge", "munge")
     process = subprocess.Popen(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground"])
-    _wait_for(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, 20, "munged")
+    wait_for(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, 20, "munged")
     return process
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} did not come up within {timeout_s} s")
 
 
 def _write_config(folder: Path, cpus: int, memory_mb: int) -> Path:
@@ -80,14 +65,15 @@ def _write_config(folder: Path, cpus: int, memory_mb: int) -> Path:
         os.mknod(devices / f"fakegpu{index}", 0o666 | 0o020000, os.makedev(1, 3))  # like /dev/null
     (folder / "gres.conf").write_text(f"Name=gpu File={devices}/fakegpu[0-7]\n")
     config = folder / "slurm.conf"
+    slurmctld_port, slurmd_port = free_ports(2)
     config.write_text(
         f"""ClusterName=vlpdist-test
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={slurmctld_port}
+SlurmdPort={slurmd_port}
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool
 SlurmctldPidFile={folder}/slurmctld.pid
@@ -119,15 +105,19 @@ def start_local_slurm(folder: Path, cpus: int = 16, memory_mb: int = 4000) -> tu
     config = _write_config(folder, cpus, memory_mb)
     env = {**os.environ, "SLURM_CONF": str(config)}
     munged = _start_munged()
-    subprocess.run(["/usr/sbin/slurmctld", "-f", str(config)], env=env, check=True)
-    subprocess.run(["/usr/sbin/slurmd", "-f", str(config), "-N", "localhost"], env=env, check=True)
     slurm = LocalSlurm(folder, env)
 
     def node_idle() -> bool:
         shown = subprocess.run(["scontrol", "show", "node", "localhost"], env=env, capture_output=True, text=True).stdout
         return "State=IDLE" in shown
 
-    _wait_for(node_idle, 30, "the Slurm node")
+    try:
+        subprocess.run(["/usr/sbin/slurmctld", "-f", str(config)], env=env, check=True)
+        subprocess.run(["/usr/sbin/slurmd", "-f", str(config), "-N", "localhost"], env=env, check=True)
+        wait_for(node_idle, 30, "the Slurm node", folder / "slurmd.log")
+    except (subprocess.CalledProcessError, TimeoutError):
+        stop_local_slurm(slurm, [munged])  # only what this call started
+        raise
     return slurm, [munged]
 
 

@@ -2,14 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from common_fixtures import REPO
 
 from vlpdist.config import Config, load_config, save_config
 from vlpdist.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))  # configs/ray/ holds Ray's own cluster files
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import webdataset as wds
+from common_fixtures import REPO
 
 from data_ingest.download import SUMMARY_FILENAME, run_download
 from data_ingest.sources.demo_server import DemoImageServer
 from data_ingest.sources.synthetic import BROKEN_KINDS, broken_paths, demo_url_rows, generate_demo_samples
 from vlpdist.config import Config, DemoDataConfig, load_config, save_config
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = DemoDataConfig(num_samples=40, seed=3, broken_per_kind=1, slow_response_s=8.0)
 FLAKY = ("img/000004.jpg", "img/000031.jpg")  # fail once with 503, then succeed
 
@@ -32,6 +32,21 @@ def _config(root: Path, url_list: Path, **download) -> Config:
 
 def _path_of(url: str) -> str:
     return url.split("/", 3)[3]
+
+
+def _copy_of_first_pass(first_pass: dict, tmp_path: Path) -> tuple[Path, Config]:
+    """The first pass's dataset root copied into `tmp_path / "root"`, and the same download config pointed at it."""
+    root = tmp_path / "root"
+    shutil.copytree(first_pass["config"].root, root)
+    return root, _config(root, Path(first_pass["config"].download.url_list), extra_columns="[expected]")
+
+
+def _retry_failed(config_file: Path) -> subprocess.CompletedProcess:
+    """`python -m data_ingest.run --stage download --retry-failed` with this config file."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_ingest.run", "--config", str(config_file), "--stage", "download", "--retry-failed"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +104,7 @@ def test_every_url_was_requested_once(first_pass):
 
 
 def test_rerun_rebuilds_only_the_deleted_shard(first_pass, server, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(first_pass["config"].root, root)
-    config = _config(root, Path(first_pass["config"].download.url_list), extra_columns="[expected]")
+    root, config = _copy_of_first_pass(first_pass, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in (root / "raw").glob("0000[02].*")}
     shard_rows = pd.read_parquet(root / "raw" / "00001.parquet")
     (root / "raw" / "00001.tar").unlink()
@@ -107,9 +120,7 @@ def test_rerun_rebuilds_only_the_deleted_shard(first_pass, server, tmp_path):
 
 
 def test_rerun_of_a_finished_download_requests_nothing(first_pass, server, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(first_pass["config"].root, root)
-    config = _config(root, Path(first_pass["config"].download.url_list), extra_columns="[expected]")
+    root, config = _copy_of_first_pass(first_pass, tmp_path)
     server.clear_log()
     summary = run_download(config)
     assert server.requested_paths() == []
@@ -117,9 +128,7 @@ def test_rerun_of_a_finished_download_requests_nothing(first_pass, server, tmp_p
 
 
 def test_retry_failed_fetches_only_failed_rows_and_recovers_the_flaky_ones(first_pass, server, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(first_pass["config"].root, root)
-    config = _config(root, Path(first_pass["config"].download.url_list), extra_columns="[expected]")
+    root, config = _copy_of_first_pass(first_pass, tmp_path)
     config_file = save_config(config, tmp_path)
     existing = {p.name: p.stat().st_mtime_ns for p in (root / "raw").iterdir()}
     failed_paths = sorted(
@@ -127,10 +136,7 @@ def test_retry_failed_fetches_only_failed_rows_and_recovers_the_flaky_ones(first
     ) + sorted(FLAKY)
 
     server.clear_log()
-    result = subprocess.run(
-        [sys.executable, "-m", "data_ingest.run", "--config", str(config_file), "--stage", "download", "--retry-failed"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    result = _retry_failed(config_file)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(server.requested_paths()) == sorted(failed_paths)
 
@@ -148,18 +154,13 @@ def test_retry_failed_fetches_only_failed_rows_and_recovers_the_flaky_ones(first
 
     # A second retry asks only for the rows that still fail.
     server.clear_log()
-    again = subprocess.run(
-        [sys.executable, "-m", "data_ingest.run", "--config", str(config_file), "--stage", "download", "--retry-failed"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    again = _retry_failed(config_file)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(server.requested_paths()) == sorted(failed_paths[: -len(FLAKY)])
 
 
 def test_incomplete_shard_from_a_crash_is_rebuilt(first_pass, server, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(first_pass["config"].root, root)
-    config = _config(root, Path(first_pass["config"].download.url_list), extra_columns="[expected]")
+    root, config = _copy_of_first_pass(first_pass, tmp_path)
     # A crash mid-shard leaves a tar without its stats file; img2dataset writes the stats last.
     (root / "raw" / "00002_stats.json").unlink()
     (root / "raw" / "00002.tar").write_bytes(b"partial")

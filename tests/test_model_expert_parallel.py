@@ -4,11 +4,11 @@ state, gives on each rank's batch exactly what the folded single-process mapper 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from common_fixtures import free_port
 
 from vlpdist.config import ModelConfig
 from vlpdist.models import build_mapper, fold_mapper, global_to_local_expert_state
@@ -18,12 +18,6 @@ CLIP_DIM, WIDTH, EXPERTS, EP_SIZE = 8, 16, 4, 2
 
 def model_config(top_k: int) -> ModelConfig:
     return ModelConfig(prefix_length=3, mapper_depth=2, num_experts=EXPERTS, top_k=top_k, kernel_sizes=[1, 3])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_rank(rank: int, port: int, top_k: int, consolidated: dict, inputs: list, results: dict) -> None:

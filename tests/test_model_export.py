@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -10,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from common_fixtures import REPO
 from safetensors.torch import save_file
 
 from launcher.export import main as export_main
-from vlpdist.config import Config, ModelConfig
+from vlpdist.config import Config, ModelConfig, save_config
 from vlpdist.models import build_mapper, load_folded_mapper
 
 CLIP_DIM, WIDTH = 12, 16
@@ -34,7 +33,7 @@ def run_dir(tmp_path) -> Path:
     (tmp_path / "checkpoints").mkdir()
     torch.save(state, tmp_path / "checkpoints" / "consolidated.pt")
     save_file(state, str(tmp_path / "checkpoints" / "model_fp32.safetensors"))
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(Config(model=MODEL))))
+    save_config(Config(model=MODEL), tmp_path)
     torch.save(mapper.state_dict(), tmp_path / "mapper_only.pt")
     return tmp_path
 
@@ -64,13 +63,13 @@ def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys, check
 def test_export_cli_user_errors_exit_2(run_dir):
     missing = subprocess.run(
         [sys.executable, "-m", "launcher.export", "--checkpoint", str(run_dir / "nope.pt"), "--out", str(run_dir / "x")],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, cwd=REPO,
     )
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: checkpoint") and "Traceback" not in missing.stderr
     (run_dir / "garbage.pt").write_bytes(b"not a checkpoint")
     garbage = subprocess.run(
         [sys.executable, "-m", "launcher.export", "--checkpoint", str(run_dir / "garbage.pt"), "--out", str(run_dir / "x")],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, cwd=REPO,
     )
     assert garbage.returncode == 2 and "not a readable state dict" in garbage.stderr
     assert not (run_dir / "x").exists()

@@ -14,7 +14,7 @@ from data_ingest.process.capfilt import (
     load_captioner,
     load_itm,
 )
-from process_fixtures import save_tiny_blip, save_tiny_clip, write_raw_shards
+from process_fixtures import TINY_CLIP, save_tiny_blip, write_raw_shards
 from vlpdist.config import ProcessConfig
 from vlpdist.errors import UserError
 
@@ -68,17 +68,19 @@ def test_caption_policy(policy, web_passes, expected_kept, expected_decision):
 
 
 @pytest.mark.slow
-def test_shard_with_captioner_and_itm_filter(tmp_path, tiny_blip):
+def test_shard_with_captioner_and_itm_filter(tmp_path, tiny_blip, tiny_clip):
     """A whole shard through BLIP captioning + ITM filtering (no Ray: the task body itself)."""
+    import torch
+
     from data_ingest.process.feature_format import iterate_feature_shards
     from data_ingest.process.shard import process_shard
 
-    checkpoint = save_tiny_clip(tmp_path / "clip")
+    torch.manual_seed(0)  # the captioner samples: same captions whatever ran before in this session
     (raw,) = write_raw_shards(tmp_path, num_samples=6, per_shard=6)
     features = tmp_path / "features"
     # Threshold 0 lets every caption pass: the web caption and every non-empty synthetic one are kept.
     settings = ProcessConfig(
-        clip_model="vlpdist-test-tiny-clip", clip_pretrained=str(checkpoint), captioner=str(tiny_blip / "captioner"),
+        clip_model=TINY_CLIP, clip_pretrained=str(tiny_clip), captioner=str(tiny_blip / "captioner"),
         num_synthetic_captions=2, max_caption_tokens=6, filter="itm", itm_model=str(tiny_blip / "itm"),
         itm_threshold=0.0, caption_policy="web_and_synthetic", vocab="demo_shapes", batch_size=4,
     )

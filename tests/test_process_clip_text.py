@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_ingest.process.clip_model import encode_texts, load_clip, text_padding_is_inert
-from process_fixtures import TINY_CLIP, TINY_CLIP_CONFIG, save_tiny_clip
+from process_fixtures import TINY_CLIP, TINY_CLIP_CONFIG
 
 CAPTIONS = [
     "a red circle",
@@ -25,8 +25,8 @@ def _full_context_features(model, tokenizer, texts):
         return model.encode_text(tokenizer(texts), normalize=True).numpy()
 
 
-def test_trimmed_text_features_equal_full_context(tmp_path):
-    model, _, tokenizer = load_clip(TINY_CLIP, str(save_tiny_clip(tmp_path)))
+def test_trimmed_text_features_equal_full_context(tiny_clip):
+    model, _, tokenizer = load_clip(TINY_CLIP, str(tiny_clip))
     assert text_padding_is_inert(model)
     tokens = tokenizer(CAPTIONS[:2])
     assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # there is padding to cut

@@ -15,13 +15,12 @@ import pandas as pd
 import pytest
 
 from data_ingest.process.feature_format import iterate_feature_shards
-from data_ingest.process.run import filter_precision_recall, run_process, score_against_truth
+from data_ingest.process.run import filter_precision_recall, run_process, score_against_truth, start_ray
 from data_ingest.process.shard import HOOK_DIR_ENV
-from process_fixtures import TINY_CLIP, save_tiny_clip, write_raw_shards
-from vlpdist.config import load_config
+from process_fixtures import TINY_CLIP, write_raw_shards
+from vlpdist.config import ProcessConfig, load_config
 from vlpdist.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -29,15 +28,11 @@ pytestmark = pytest.mark.slow
 def ray_session():
     """One local Ray for the module; run_process joins it instead of starting its own."""
     ray = pytest.importorskip("ray", reason="ray is in the ingest extra, which CI installs")
-    # address="local": a fresh instance even when another Ray runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    # The defaults: a fresh local Ray (even when another runs on this machine) with 2 CPUs.
+    started = start_ray(ProcessConfig())
     yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+    if started:
+        ray.shutdown()
 
 
 def _config(root: Path, checkpoint: Path, *extra: str):

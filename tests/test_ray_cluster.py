@@ -8,7 +8,6 @@ summary the submitted run writes are checked afterwards.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,10 +17,11 @@ import pandas as pd
 import pytest
 import webdataset as wds
 import yaml
+from common_fixtures import REPO, free_ports, port_is_open
+from process_fixtures import TINY_CLIP
 from ray_cluster_fixtures import (  # noqa: F401 (fixtures)
     RAY_CLI,
     RAY_START_PORTS,
-    free_ports,
     kill_processes_mentioning,
     loopback_sshd,
     ray_env,
@@ -29,15 +29,13 @@ from ray_cluster_fixtures import (  # noqa: F401 (fixtures)
     ray_start_port_flags,
     session_dirs_of_head,
 )
-from process_fixtures import TINY_CLIP, save_tiny_clip
 
 from data_ingest.download import SUMMARY_FILENAME
 from data_ingest.process.feature_format import iterate_feature_shards
 from data_ingest.sources.demo_server import DemoImageServer
 from data_ingest.sources.synthetic import broken_paths, demo_url_rows, generate_demo_samples
-from vlpdist.config import DemoDataConfig
+from vlpdist.config import DemoDataConfig, load_config, save_config
 
-REPO = Path(__file__).resolve().parent.parent
 LOCAL_CLUSTER_FILE = REPO / "configs" / "ray" / "local.yaml"
 DEMO = DemoDataConfig(num_samples=30, seed=5, broken_per_kind=1, slow_response_s=3.0)
 SAMPLES_PER_SHARD = 16
@@ -53,12 +51,6 @@ def test_cluster_files_pass_rays_own_schema(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A tiny open_clip checkpoint file (random weights) for the processing stage."""
-    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
 def demo_source(tmp_path_factory):
     """The demo images on a loopback server and a URL list pointing at them (30 good rows + 6 broken)."""
     samples = generate_demo_samples(DEMO)
@@ -70,21 +62,16 @@ def demo_source(tmp_path_factory):
         yield url_list
 
 
-def write_ingest_config(path: Path, root: Path, url_list: Path, clip_checkpoint: Path) -> Path:
+def write_ingest_config(folder: Path, root: Path, url_list: Path, clip_checkpoint: Path) -> Path:
     """A small download + process run in which both stages fan out as Ray tasks on the running cluster."""
-    config = {
-        "root": str(root),
-        "download": {
-            "url_list": str(url_list), "samples_per_shard": SAMPLES_PER_SHARD, "image_size": 32,
-            "processes": 2, "threads": 8, "timeout_s": 2.0, "distributor": "ray",
-        },
-        "process": {
-            "ray_address": "auto", "clip_model": TINY_CLIP, "clip_pretrained": str(clip_checkpoint),
-            "filter": "none", "caption_policy": "web", "vocab": "demo_shapes", "batch_size": 16,
-        },
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    config = load_config(None, [
+        f"root={root}",
+        f"download.url_list={url_list}", f"download.samples_per_shard={SAMPLES_PER_SHARD}", "download.image_size=32",
+        "download.processes=2", "download.threads=8", "download.timeout_s=2.0", "download.distributor=ray",
+        "process.ray_address=auto", f"process.clip_model={TINY_CLIP}", f"process.clip_pretrained={clip_checkpoint}",
+        "process.filter=none", "process.caption_policy=web", "process.vocab=demo_shapes", "process.batch_size=16",
+    ])
+    return save_config(config, folder)
 
 
 def assert_ingested(root: Path) -> None:
@@ -111,7 +98,7 @@ def assert_ingested(root: Path) -> None:
 def test_ray_job_submit_runs_ingestion_and_reports_failure(ray_head, demo_source, tiny_clip, tmp_path):
     """`ray job submit -- python -m data_ingest.run --stage all` on a running head; a bad config fails the job."""
     root = tmp_path / "root"
-    config = write_ingest_config(tmp_path / "ingest.yaml", root, demo_source, tiny_clip)
+    config = write_ingest_config(tmp_path, root, demo_source, tiny_clip)
 
     done = ray_head.job_submit(["python", "-m", "data_ingest.run", "--config", str(config), "--stage", "all"],
                                working_dir=REPO)
@@ -143,11 +130,6 @@ def render_local_cluster(ssh, cluster_name: str, ports: list[int]) -> dict:
         for command in cluster["head_start_ray_commands"]
     ]
     return cluster
-
-
-def port_is_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def remove_head(gcs_port: int, dashboard_port: int, known_sessions: set[Path]) -> None:
@@ -192,7 +174,7 @@ def test_ray_up_submit_down_with_the_local_cluster_file(loopback_sshd, demo_sour
     cluster_file = tmp_path / "cluster.yaml"
     cluster_file.write_text(yaml.safe_dump(render_local_cluster(loopback_sshd, cluster_name, ports)))
     root = tmp_path / "root"
-    config = write_ingest_config(tmp_path / "ingest.yaml", root, demo_source, tiny_clip)
+    config = write_ingest_config(tmp_path, root, demo_source, tiny_clip)
     loopback_sshd.submitted_scripts.append("run.py")
     config_caches_before = set(Path(tempfile.gettempdir()).glob("ray-config-*"))
     sessions: set[Path] = set()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from train_fixtures import REPO, TINY_CONFIG, free_port, tiny_features, tiny_lm, tiny_overrides
+from common_fixtures import free_port
+from train_fixtures import TINY_CONFIG, launch, read_metrics, run_train_main, tiny_features, tiny_overrides
 
-from vlpdist.parallel.launch import deepspeed_train_command, run_deepspeed
+from vlpdist.parallel.launch import run_deepspeed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -20,19 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 NAN_KEYS = frozenset({"000000003", "000000021"})
 
 
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _launch(overrides, num_procs=2, extra_args=()):
-    command = deepspeed_train_command(TINY_CONFIG, overrides, num_procs, free_port(), list(extra_args))
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    lm_dir = tiny_lm(tmp_path_factory)
-    return tiny_features(tmp_path_factory.mktemp("ep2") / "features", nan_keys=NAN_KEYS), lm_dir
+def world(tmp_path_factory, tiny_lm):
+    return tiny_features(tmp_path_factory.mktemp("ep2") / "features", nan_keys=NAN_KEYS), tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +29,14 @@ def ep2_run(world, tmp_path_factory):
     """12 steps, ZeRO-2, experts spread over both ranks (ep_size 2); checkpoints at 6 and 12."""
     features, lm_dir = world
     run_dir = tmp_path_factory.mktemp("ep2_run")
-    result = _launch(tiny_overrides(features, lm_dir, run_dir, "train.zero_stage=2", "train.ep_size=2"))
+    result = launch(tiny_overrides(features, lm_dir, run_dir, "train.zero_stage=2", "train.ep_size=2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result
 
 
 def test_ep2_zero2_trains_with_finite_decreasing_loss_and_skips_nan_batches(ep2_run):
     run_dir, _ = ep2_run
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 13))
     losses = [m["loss"] for m in metrics]
     assert all(abs(loss) < 1e6 for loss in losses)
@@ -90,12 +79,12 @@ def test_resume_mid_epoch_matches_straight_run_and_skips_damaged_latest(ep2_run,
     damaged.write_bytes(damaged.read_bytes()[:100])
     (checkpoints / "latest").write_text("step_00000012")
     # Steps 1..6 were 96 samples per rank of 240 training samples: resuming mid-epoch.
-    result = _launch(tiny_overrides(features, lm_dir, tmp_path, "train.eval_at_end=false", "train.export_at_end=false"))
+    result = launch(tiny_overrides(features, lm_dir, tmp_path, "train.eval_at_end=false", "train.export_at_end=false"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "step_00000012 skipped" in result.stderr
     assert "resumed from step 6" in result.stdout
-    resumed = _metrics(tmp_path)
-    straight = _metrics(straight_dir)[6:]
+    resumed = read_metrics(tmp_path)
+    straight = read_metrics(straight_dir)[6:]
     assert [m["step"] for m in resumed] == list(range(7, 13))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in straight]
@@ -107,11 +96,8 @@ def test_export_from_ep2_reloads_in_one_rank_with_ep1_and_same_eval_loss(ep2_run
     features, lm_dir = world
     overrides = tiny_overrides(features, lm_dir, tmp_path, "train.ep_size=1")
     env = {**os.environ, "MASTER_PORT": str(free_port())}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(TINY_CONFIG),
-         "--evaluate-export", str(straight_dir / "export"), *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-    )
+    result = run_train_main(["--config", str(TINY_CONFIG), "--evaluate-export", str(straight_dir / "export"), *overrides],
+                            timeout_s=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reloaded = json.loads((tmp_path / "eval.json").read_text())
     original = json.loads((straight_dir / "eval.json").read_text())
@@ -145,7 +131,7 @@ def test_ep1_zero1_loss_decreases_on_a_fixed_batch(world, tmp_path):
         "train.export_at_end=false", "train.caption_log_every=0",
     )
     assert run_deepspeed(TINY_CONFIG, overrides, num_procs=2, master_port=free_port()) == 0
-    losses = [m["loss"] for m in _metrics(tmp_path / "run")]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 6
     # DeepSpeed's WarmupCosineLR gives the first two steps lr 0; from then on every step lowers the loss.
     assert all(later < earlier for earlier, later in zip(losses[2:], losses[3:])), losses

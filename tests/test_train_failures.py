@@ -6,22 +6,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
-from train_fixtures import REPO, TINY_CONFIG, free_port, tiny_features, tiny_lm, tiny_overrides
+from common_fixtures import REPO, free_port
+from train_fixtures import TINY_CONFIG, launch, run_train_main, tiny_features, tiny_overrides
 
-from vlpdist.data.synthetic import write_synthetic_feature_shards
 from vlpdist.parallel.launch import deepspeed_train_command
 
 KILL_BOUND_S = 60
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return tiny_lm(tmp_path_factory)
 
 
 def _rank_process(launcher: subprocess.Popen, local_rank: int) -> psutil.Process | None:
@@ -36,10 +30,10 @@ def _rank_process(launcher: subprocess.Popen, local_rank: int) -> psutil.Process
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigkill_of_one_rank_ends_the_launch_nonzero_in_bounded_time(lm_dir, tmp_path):
+def test_sigkill_of_one_rank_ends_the_launch_nonzero_in_bounded_time(tiny_lm, tmp_path):
     features = tiny_features(tmp_path / "features")
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(features, lm_dir, run_dir, "train.max_steps=100000", "train.checkpoint_every=100000",
+    overrides = tiny_overrides(features, tiny_lm, run_dir, "train.max_steps=100000", "train.checkpoint_every=100000",
                                "train.caption_log_every=0", "train.dist_timeout_s=30")
     launcher = subprocess.Popen(
         deepspeed_train_command(TINY_CONFIG, overrides, 2, free_port()), cwd=REPO,
@@ -68,25 +62,17 @@ def test_sigkill_of_one_rank_ends_the_launch_nonzero_in_bounded_time(lm_dir, tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_run_of_nan_losses_aborts_with_a_clear_message(lm_dir, tmp_path):
+def test_a_run_of_nan_losses_aborts_with_a_clear_message(tiny_lm, tmp_path):
     # Every training sample (shards 0-4; shard 5 is held out) has a NaN embedding.
     nan_keys = frozenset(f"{shard:05d}{index:04d}" for shard in range(5) for index in range(48))
-    features = tmp_path / "features"
-    write_synthetic_feature_shards(features, 6, 48, dim=32, seed=0, nan_keys=nan_keys)
-    overrides = tiny_overrides(features, lm_dir, tmp_path / "run", "train.max_consecutive_nan_steps=3",
+    features = tiny_features(tmp_path / "features", nan_keys=nan_keys)
+    overrides = tiny_overrides(features, tiny_lm, tmp_path / "run", "train.max_consecutive_nan_steps=3",
                                "train.caption_log_every=0")
-    result = subprocess.run(
-        deepspeed_train_command(TINY_CONFIG, overrides, 2, free_port()), cwd=REPO, capture_output=True, text=True, timeout=280,
-    )
+    result = launch(overrides, timeout_s=280)
     assert result.returncode != 0
     assert "3 micro-batches in a row had a non-finite loss" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no optimizer step was taken
-
-
-def _run_main(args):
-    return subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -99,15 +85,15 @@ def _run_main(args):
     ],
 )
 def test_bad_config_is_one_line_and_exit_code_2(override, message, tmp_path):
-    result = _run_main(["--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}", override])
+    result = run_train_main(["--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}", override])
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
 def test_missing_feature_folder_is_a_user_error(tmp_path):
-    result = _run_main(["--config", str(TINY_CONFIG), "train.ep_size=1", f"train.features_dir={tmp_path / 'nope'}",
-                        f"train.output_dir={tmp_path}"])
+    result = run_train_main(["--config", str(TINY_CONFIG), "train.ep_size=1", f"train.features_dir={tmp_path / 'nope'}",
+                             f"train.output_dir={tmp_path}"])
     assert result.returncode == 2
     assert "feature folder" in result.stderr and "does not exist" in result.stderr
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from common_fixtures import REPO
 
 from data_ingest.download import run_download
 from data_ingest.sources.demo_server import DemoImageServer
@@ -14,8 +15,6 @@ from data_ingest.sources.synthetic import generate_demo_samples
 from data_ingest.url_list import check_url_list
 from vlpdist.config import DemoDataConfig, DownloadConfig, load_config
 from vlpdist.errors import UserError
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _write(path: Path, frame: pd.DataFrame, fmt: str) -> Path:

@@ -1,22 +1,26 @@
-"""A tiny training world for the train/Slurm tests: synthetic feature shards and a tiny local LM."""
+"""A tiny training world for the train/Slurm tests: synthetic feature shards, a tiny local LM, and
+the ways the tests start training (the `tiny_lm` fixture itself is in conftest.py)."""
 
 from __future__ import annotations
 
-import socket
+import json
+import subprocess
+import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common_fixtures import REPO, free_port
+
+from vlpdist.parallel.launch import deepspeed_train_command
+
 TINY_CONFIG = REPO / "configs" / "train_cpu_tiny.yaml"
 
 
-def tiny_lm(tmp_path_factory) -> Path:
-    """A tiny GPT-2 + BPE tokenizer trained on the synthetic captions, built once per test session."""
+def save_tiny_lm(lm_dir: Path) -> Path:
+    """A tiny GPT-2 + BPE tokenizer trained on the synthetic captions, saved into `lm_dir`."""
     from launcher.make_demo_lm import make_demo_lm
     from vlpdist.data.synthetic import synthetic_captions
 
-    lm_dir = tmp_path_factory.getbasetemp() / "tiny_lm"
-    if not lm_dir.is_dir():
-        make_demo_lm(lm_dir, synthetic_captions(1000, 1), width=32, layers=1, heads=2, vocab_size=300, steps=80, batch_size=64)
+    make_demo_lm(lm_dir, synthetic_captions(1000, 1), width=32, layers=1, heads=2, vocab_size=300, steps=80, batch_size=64)
     return lm_dir
 
 
@@ -37,7 +41,18 @@ def tiny_overrides(features: Path, lm_dir: Path, output_dir: Path, *extra: str) 
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def launch(overrides: list[str], num_procs: int = 2, timeout_s: float = 400) -> subprocess.CompletedProcess:
+    """`deepspeed launcher/train.py` with TINY_CONFIG and `overrides` on `num_procs` local ranks, output captured."""
+    command = deepspeed_train_command(TINY_CONFIG, overrides, num_procs, free_port())
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+
+
+def run_train_main(args: list[str], timeout_s: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python launcher/train.py *args` in one process (no DeepSpeed launcher), output captured."""
+    return subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl`, one per logged optimizer step."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -91,18 +91,15 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
         engine.step()
 
     # The bare LM work of the same step: forward + backward over [prefix | caption] embeddings
-    # (gradients reach the inputs, as they must to train a prefix through a frozen LM).
-    fixed = next(iter(build_train_loader(plan, 0, 0)))
+    # (gradients reach the prefix, as they must to train a prefix through a frozen LM).
+    fixed = next(loader)
     ids_BT, mask_BT = (t.to(device) for t in captioner.tokenize(fixed["caption"]))
-    lm = captioner.lm
-    embed = lm.get_input_embeddings()
-    prefix_BPD = torch.randn(args.batch, config.model.prefix_length, embed.embedding_dim, device=device, dtype=embed.weight.dtype)
-    labels = torch.cat([torch.full((args.batch, config.model.prefix_length), -100, device=device), ids_BT.masked_fill(mask_BT == 0, -100)], 1)
-    attention = torch.cat([torch.ones_like(prefix_BPD[..., 0], dtype=torch.long), mask_BT], 1)
+    embed = captioner.lm.get_input_embeddings()
+    prefix_BPD = torch.randn(args.batch, config.model.prefix_length, embed.embedding_dim, device=device,
+                             dtype=embed.weight.dtype, requires_grad=True)
 
     def bare_lm_step() -> None:
-        inputs = torch.cat([prefix_BPD, embed(ids_BT)], 1).detach().requires_grad_(True)
-        lm(inputs_embeds=inputs, attention_mask=attention, labels=labels).loss.backward()
+        captioner.caption_loss_after(prefix_BPD, ids_BT, mask_BT).backward()
 
     # The same model outside DeepSpeed on one fixed batch: mapper + LM forward/backward, no loader,
     # no optimizer, no ZeRO hooks. It splits the full step's overhead into model vs machinery.

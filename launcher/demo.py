@@ -46,17 +46,6 @@ def write_demo_url_list(config: Config, base_url: str, samples) -> Path:
     return url_list
 
 
-def place_demo_outputs_under_root(config: Config) -> None:
-    """Everything the demo writes (CLIP checkpoint, LM, run) lives under `root`, whatever root is."""
-    root = Path(config.root)
-    config.process.clip_pretrained = str(root / "clip" / f"{config.process.clip_model}.pt")
-    config.process.train_demo_clip = True
-    config.process.demo_truth = str(root / "source" / "demo_truth.parquet")
-    config.model.lm_name = str(root / "lm")
-    config.model.tokenizer_name = ""
-    config.train.output_dir = str(root / "train")
-
-
 def stage_download(config: Config) -> dict:
     from data_ingest.download import run_download
     from data_ingest.sources.demo_server import DemoImageServer
@@ -89,10 +78,9 @@ def stage_demo_lm(config: Config) -> Path:
     return lm_dir
 
 
-def stage_train(config: Config) -> dict:
+def stage_train(config: Config, config_path: Path) -> dict:
     from vlpdist.parallel.launch import run_deepspeed
 
-    config_path = save_config(config, config.root)
     print(f"[demo] training on {DEMO_TRAINING_RANKS} CPU ranks with ep_size {config.train.ep_size} "
           f"(deepspeed launcher/train.py --config {config_path})", flush=True)
     returncode = run_deepspeed(config_path, [], num_procs=DEMO_TRAINING_RANKS)
@@ -136,7 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    place_demo_outputs_under_root(config)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
 
     started = time.perf_counter()
@@ -145,14 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
         results["download"] = stage_download(config)
     else:
         config.download.url_list = str(Path(config.root) / "source" / "urls.parquet")
-    save_config(config, config.root)
+    config_path = save_config(config, config.root)
     if "process" in stages:
         from data_ingest.process import run_process
 
         results["process"] = run_process(config)
     if "train" in stages:
         stage_demo_lm(config)
-        results["train"] = stage_train(config)
+        results["train"] = stage_train(config, config_path)
     if "export" in stages:
         results["export"] = stage_export(config)
     if {"download", "process", "train"} <= set(results):

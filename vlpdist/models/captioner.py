@@ -98,7 +98,7 @@ class PrefixCaptioner(nn.Module):
         """Loss terms: `cap` (next-token CE on caption tokens only), `moe_aux`, their weighted sum `loss`;
         also `expert_load` ((E,) fraction of samples per expert, empty without MoE) and `prefix` (B, P, D)."""
         prefix_BPD, moe_aux, load_E = self.map_prefix(clip_emb_BC)
-        cap = self._caption_loss(prefix_BPD, input_ids_BT, attention_mask_BT)
+        cap = self.caption_loss_after(prefix_BPD, input_ids_BT, attention_mask_BT)
         return {
             "loss": cap + self.moe_aux_weight * moe_aux,
             "cap": cap,
@@ -107,9 +107,10 @@ class PrefixCaptioner(nn.Module):
             "prefix": prefix_BPD,
         }
 
-    def _caption_loss(
+    def caption_loss_after(
         self, start_BSD: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None
     ) -> torch.Tensor:
+        """The LM's (or `lm`'s) caption cross-entropy after the S start embeddings `start_BSD` (B, S, D)."""
         lm = self.lm if lm is None else lm
         batch, start_len = start_BSD.shape[:2]
         tokens_BTD = lm.get_input_embeddings()(input_ids_BT)
@@ -138,7 +139,7 @@ class PrefixCaptioner(nn.Module):
             start_BSD = embed(input_ids_BT.new_full((batch, 1), bos))
         else:
             start_BSD = embed.weight.new_zeros(batch, self.prefix_length, embed.embedding_dim)
-        return self._caption_loss(start_BSD, input_ids_BT, attention_mask_BT, lm)
+        return self.caption_loss_after(start_BSD, input_ids_BT, attention_mask_BT, lm)
 
     @torch.no_grad()
     def generate_captions(self, clip_emb_BC: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> list[str]:

@@ -60,7 +60,6 @@ class FoldedBlock(nn.Module):
     def __init__(self, cfg: FoldedMapperConfig):
         super().__init__()
         self.prefix_length = cfg.prefix_length
-        self.width = cfg.width
         self.top_k = cfg.top_k
         self.kernel_size = cfg.kernel_size
         experts, width = cfg.num_experts, cfg.width

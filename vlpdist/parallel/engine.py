@@ -108,9 +108,10 @@ def consolidated_state_dict(module: nn.Module, ep_size: int, include_lm: bool) -
     """Collective: all experts by global id plus the dense params, fp32 on CPU, on rank 0 (None elsewhere).
 
     Trainable params come from ZeRO's fp32 master copies (`safe_get_full_fp32_param`, gathered from
-    the optimizer partitions), so a bf16 run exports its full-precision weights. Every rank then
-    contributes its experts (the ranks of an expert-parallel group hold disjoint experts; other
-    groups hold replicas). A frozen LM is left out: it is reloaded from `model.lm_name`."""
+    the optimizer partitions), so a bf16 run exports its full-precision weights. Rank 0 holds the
+    dense params and EP rank 0's experts; the other ranks of its expert-parallel group (ranks
+    1 .. ep_size-1, the layout being rank % ep_size) send only their experts, and every other rank
+    holds replicas, so sends nothing. A frozen LM is left out: it is reloaded from `model.lm_name`."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -121,12 +122,19 @@ def consolidated_state_dict(module: nn.Module, ep_size: int, include_lm: bool) -
         if param.requires_grad:
             master = safe_get_full_fp32_param(param)  # every rank must ask, in the same order
             state[name] = master if master is not None else param
+    rank = dist.get_rank()
+
+    def sent_by_this_rank(name: str) -> bool:
+        if not include_lm and name.startswith("lm."):
+            return False
+        return rank == 0 or (rank < ep_size and ".deepspeed_experts." in name)
+
     local = {
         name: tensor.detach().float().cpu()
         for name, tensor in local_to_global_expert_state(state, expert_parallel_rank(ep_size), module.experts_per_rank).items()
-        if include_lm or not name.startswith("lm.")
+        if sent_by_this_rank(name)
     }
-    is_main = dist.get_rank() == 0
+    is_main = rank == 0
     gathered: list[dict | None] = [None] * dist.get_world_size()
     dist.gather_object(local, gathered if is_main else None, dst=0)
     if not is_main:

@@ -3,9 +3,9 @@
 Layout under `<run>/checkpoints/`:
 
     step_00000100/          engine.save_checkpoint output (module, experts per EP rank, ZeRO
-                            optimizer partitions, scheduler), train_state in client_state,
-                            rng_rank00000.pt ... (one per rank), manifest.json (size + crc32 of
-                            every file, written last)
+                            optimizer partitions, scheduler), rng_rank00000.pt ... (one per
+                            rank), manifest.json (train_state, world size, size + crc32 of every
+                            file; written last)
     latest                  the newest complete tag, DeepSpeed's own format, updated last
 
 All ranks write into `.tmp_step_00000100`; after a barrier rank 0 writes the manifest, renames the
@@ -106,7 +106,6 @@ def save_checkpoint(engine, checkpoint_dir: Path, state: TrainState, keep: int, 
     engine.save_checkpoint(
         str(checkpoint_dir),
         tag=tmp_tag,
-        client_state={"train_state": state.to_dict(), "world_size": dist.get_world_size()},
         save_latest=False,
         exclude_frozen_parameters=exclude_frozen,
     )

@@ -18,9 +18,10 @@ def evaluate_heldout(
     captioner, heldout_shards: list[Path], batch_size: int, max_samples: int, max_new_tokens: int, device: torch.device,
     baseline_lm: torch.nn.Module | None = None,
 ) -> dict:
-    """Collective (every rank, same samples): token-weighted caption loss with the image and
-    without it (the LM alone: `baseline_lm`, else the captioner's own LM), and greedy captions
-    with their references, keyed by sample key."""
+    """Collective (every rank, same samples): token-weighted caption loss with the image, greedy
+    captions with their references keyed by sample key, and, where `baseline_lm` is given, the
+    caption loss of that LM alone without the image (None elsewhere: it has no collectives, so
+    only the rank that reports it computes it)."""
     was_training = captioner.training
     captioner.eval()
     loss_sum = text_only_sum = 0.0
@@ -33,7 +34,8 @@ def evaluate_heldout(
         # The LM averages over the caption tokens it predicts (all of them, EOS included).
         count = int(mask_BT.sum())
         loss_sum += float(captioner(clip_BC, ids_BT, mask_BT)["cap"]) * count
-        text_only_sum += float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count
+        if baseline_lm is not None:
+            text_only_sum += float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count
         tokens += count
         predictions.update(zip(batch["keys"], captioner.generate_captions(clip_BC, max_new_tokens)))
         references.update(zip(batch["keys"], batch["captions"]))
@@ -41,7 +43,7 @@ def evaluate_heldout(
     return {
         "samples": len(predictions),
         "caption_loss": loss_sum / tokens,
-        "lm_without_image_loss": text_only_sum / tokens,
+        "lm_without_image_loss": text_only_sum / tokens if baseline_lm is not None else None,
         "references": references,
         "predictions": predictions,
     }

@@ -9,7 +9,6 @@ stop for preemption) go through an all-reduce so no rank is left waiting in a co
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import time
@@ -40,8 +39,6 @@ from vlpdist.parallel.engine import (
 )
 from vlpdist.train.checkpoint import load_latest_checkpoint, save_checkpoint, tag_for_step
 from vlpdist.train.state import TrainState
-
-log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 3
 """Exit code of a run stopped by SIGUSR2/SIGTERM after writing its checkpoint (requeue me)."""
@@ -129,7 +126,8 @@ def run_training(config: Config) -> int:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
-    engine, scheduler = build_model_and_engine(config, info, run_dir, _clip_dim(train_shards[0]))
+    clip_dim = _clip_dim(train_shards[0])
+    engine, scheduler = build_model_and_engine(config, info, run_dir, clip_dim)
     checkpoint_dir = run_dir / "checkpoints"
     exclude_frozen = config.model.freeze_lm
     state = (load_latest_checkpoint(engine, checkpoint_dir, exclude_frozen) if train.resume else None) or TrainState()
@@ -152,7 +150,7 @@ def run_training(config: Config) -> int:
                 print(f"stopped by {cause} at step {state.step}; checkpoint written, exit {PREEMPTED_EXIT_CODE}", flush=True)
             return PREEMPTED_EXIT_CODE
         if train.export_at_end:
-            export_consolidated(engine.module, config, run_dir / "export", info, _clip_dim(train_shards[0]), state.step)
+            export_consolidated(engine.module, config, run_dir / "export", info, clip_dim, state.step)
         if train.eval_at_end:
             result = evaluate(engine.module, config, heldout_shards, train_shards, info)
             if result is not None:
@@ -195,7 +193,7 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(out["loss"])
             engine.step()
-            step_terms += torch.stack([out[term].detach().float().cpu() for term in LOSS_TERMS])
+            step_terms += torch.stack([out[term].detach().float() for term in LOSS_TERMS]).cpu()  # one device sync
             micro_batches += 1
             load_E = out["expert_load"].detach().float().cpu()
             window.expert_load = load_E if window.expert_load is None else window.expert_load + load_E
@@ -248,8 +246,8 @@ def _log_window(tb, window: StepWindow, record: dict, info: DistInfo, batch) -> 
     step = record["step"]
     tb.scalars(scalars, step)
     if window.expert_load is not None and window.expert_load.numel():
-        # Per-rank load fraction averaged over ranks, then over the window's micro-batches.
-        load = mean_over_ranks(window.expert_load) / max(window.steps, 1)
+        # Per-rank loads summed over the window's micro-batches, averaged over ranks, as fractions.
+        load = mean_over_ranks(window.expert_load)
         tb.expert_load((load / load.sum()).tolist(), step)
     tb.flush()
     if info.is_main:
@@ -287,8 +285,10 @@ def evaluate(captioner, config: Config, heldout_shards, train_shards, info: Dist
     from vlpdist.train.evaluate import evaluate_heldout, score_captions
 
     train = config.train
-    # A tuned LM has learnt to expect the prefix: the baseline is the LM as loaded, before training.
-    baseline_lm = None if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()
+    baseline_lm = None  # the LM alone, on the rank that reports it
+    if info.is_main:
+        # A tuned LM has learnt to expect the prefix: the baseline is then the LM as loaded, before training.
+        baseline_lm = captioner.lm if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()
     heldout = evaluate_heldout(
         captioner, heldout_shards, train.micro_batch_size, train.eval_max_samples, train.eval_max_new_tokens, device_of(info),
         baseline_lm,

@@ -1,32 +1,53 @@
-"""Feature shards -> micro-batches, split across ranks and loader workers, resumable mid-epoch.
+"""Feature shards -> micro-batches, dealt by sample over ranks and loader workers, resumable mid-epoch.
 
 Every rank and every loader worker of it is one *slot* (`rank * num_workers + worker`). In each
-epoch the training shards are put in a seeded order and dealt to the slots round-robin, so no
-sample is read twice per epoch (webdataset's `split_by_node`/`split_by_worker` deal the same
-way; the deal is done here because exact resume needs it to be a pure function of the epoch).
-Each slot streams its shards with webdataset through a seeded shuffle buffer and cuts
-micro-batches; every slot is cut to the same number of batches per epoch (the smallest), so all
-ranks take the same number of steps and stay in lockstep, dropping at most a few samples.
+epoch the training shards are put in a seeded order, which makes one sequence of samples (each
+shard's samples in tar order); slot s reads the s-th contiguous span of that sequence, L samples
+long, where L = (samples // slots) rounded down to whole micro-batches. So every slot yields the
+same number of micro-batches (ranks stay in lockstep), every sample is read at most once per
+epoch, and what is left out is the sequence's tail: fewer than slots x micro_batch_size samples
+per epoch, i.e. less than one micro-batch per slot, at any shard, rank and worker count (a span
+may start and end inside shards, and a shard may feed several slots). The order changes every
+epoch, so a different tail is left out each time. Dealing shards whole instead cuts every slot to
+the smallest slot's share, which lost 22-36 % of an epoch at real shard and slot counts.
 
-A rank's DataLoader takes batches from its workers in turn, so the rank's n-th micro-batch is
-batch n // W of worker n % W. The data position saved in checkpoints is that one number n
-(micro-batches consumed by the rank): on resume, every worker replays its slot's stream from the
-start of the epoch without decoding, and worker order is rotated so that the next batch comes
-first. Samples are seeded by epoch, so the resumed run sees exactly what the straight run saw.
+Shard sample counts come from the processing stage's `<shard>_stats.json` (`written`), read once
+by rank 0, which builds the plan and sends it to the other ranks, so ranks cannot disagree about
+it. `ShardPlan.describe()` is what a checkpoint records (shard names and counts, held-out shard
+names, world size, workers, micro-batch, seed, shuffle buffer), so a resume can tell whether the
+saved data position still means the same samples.
+
+Each slot streams its span with webdataset through a seeded shuffle buffer (`wds.shuffle`) and
+cuts micro-batches. A rank's DataLoader takes batches from its workers in turn, so the rank's
+n-th micro-batch is batch n // W of worker n % W. The data position saved in checkpoints is that
+one number n (micro-batches consumed by the rank): on resume, every worker replays its slot's
+stream from the start of the epoch without decoding, and worker order is rotated so that the next
+batch comes first. Samples are seeded by epoch, so the resumed run sees exactly what the straight
+run saw.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import random
 import tarfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from vlpdist.errors import UserError
+
+STATS_SUFFIX = "_stats.json"
+"""The processing stage writes `<shard>_stats.json` beside `<shard>.tar`; its `written` is the sample count."""
+
+Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+"""captions -> (input_ids (B, T), attention_mask (B, T)), run in the loader workers."""
 
 
 def list_feature_shards(features_dir: str | Path) -> list[Path]:
@@ -41,7 +62,7 @@ def list_feature_shards(features_dir: str | Path) -> list[Path]:
 
 
 def split_heldout(shards: list[Path], heldout_shards: int) -> tuple[list[Path], list[Path]]:
-    """(training shards, held-out shards): the last `heldout_shards` are held out."""
+    """(training shards, held-out shards): the last `heldout_shards` are held out (0 holds none out)."""
     if heldout_shards < 0 or heldout_shards >= len(shards):
         raise UserError(
             f"config key 'train.heldout_shards' is {heldout_shards}; the feature folder has {len(shards)} shards "
@@ -58,19 +79,30 @@ def count_shard_samples(shard: Path) -> int:
     return len(keys)
 
 
+def shard_sample_counts(shards: list[Path]) -> tuple[list[int], int]:
+    """(samples per shard, how many shards had no stats file): from `<shard>_stats.json`'s `written`,
+    else (shards made by another tool) by reading the tar's member names."""
+    counts, counted = [], 0
+    for shard in shards:
+        stats = shard.with_name(shard.stem + STATS_SUFFIX)
+        if stats.is_file():
+            counts.append(int(json.loads(stats.read_text())["written"]))
+        else:
+            counts.append(count_shard_samples(shard))
+            counted += 1
+    return counts, counted
+
+
 def _epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, *more])
 
 
-def deal_shards(num_shards: int, num_slots: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shard indices of each slot in `epoch`: a seeded permutation dealt round-robin."""
-    order = _epoch_rng(seed, epoch).permutation(num_shards)
-    return [order[slot::num_slots].tolist() for slot in range(num_slots)]
-
-
 @dataclass
 class ShardPlan:
-    """What every slot reads: the training shards and their sample counts, the slot layout, the seed."""
+    """What every slot reads: the training shards and their sample counts, the slot layout, the seed.
+
+    Epochs are numbered from `first_epoch` (a plan made when resuming with a changed data plan
+    starts at the epoch after the checkpoint's), and seeded by that absolute number."""
 
     shards: list[str]
     counts: list[int]
@@ -78,46 +110,122 @@ class ShardPlan:
     num_workers: int
     micro_batch_size: int
     seed: int
+    heldout: list[str] = field(default_factory=list)
     shuffle_buffer: int = 1000
+    first_epoch: int = 0
+
+    @property
+    def workers_per_rank(self) -> int:
+        return max(self.num_workers, 1)
 
     @property
     def num_slots(self) -> int:
-        return self.world_size * max(self.num_workers, 1)
+        return self.world_size * self.workers_per_rank
 
-    def batches_per_slot(self, epoch: int) -> int:
-        """Micro-batches every slot yields in `epoch` (the smallest slot decides)."""
-        slots = deal_shards(len(self.shards), self.num_slots, self.seed, epoch)
-        return min(sum(self.counts[index] for index in slot) for slot in slots) // self.micro_batch_size
+    @property
+    def total_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def batches_per_slot(self) -> int:
+        """Micro-batches every slot yields per epoch (the same in every epoch and every slot)."""
+        return self.total_samples // self.num_slots // self.micro_batch_size
+
+    @property
+    def batches_per_rank(self) -> int:
+        """Micro-batches a rank consumes per epoch (all its workers')."""
+        return self.batches_per_slot * self.workers_per_rank
+
+    @property
+    def left_out_per_epoch(self) -> int:
+        """Samples not read in an epoch: fewer than num_slots x micro_batch_size."""
+        return self.total_samples - self.num_slots * self.batches_per_slot * self.micro_batch_size
 
     def check(self) -> None:
-        if len(self.shards) < self.num_slots:
+        if self.batches_per_slot < 1:
             raise UserError(
-                f"{len(self.shards)} training shards cannot feed {self.world_size} ranks x "
-                f"{max(self.num_workers, 1)} loader workers (one shard per slot at least); lower train.num_workers"
+                f"{self.total_samples} training samples cannot make one micro-batch of {self.micro_batch_size} for each "
+                f"of {self.world_size} ranks x {self.workers_per_rank} loader workers; lower train.micro_batch_size "
+                "or train.num_workers"
             )
-        if self.batches_per_slot(0) < 1:
-            raise UserError(
-                f"too few training samples for micro-batches of {self.micro_batch_size} on "
-                f"{self.num_slots} rank x worker slots; lower train.micro_batch_size"
-            )
+
+    def slot_pieces(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
+        """(shard index, first sample, end sample) of the pieces of shards slot `slot` reads in `epoch`, in order."""
+        span = self.batches_per_slot * self.micro_batch_size
+        begin, end = slot * span, (slot + 1) * span  # of the epoch's sample sequence
+        pieces, start = [], 0
+        for index in _epoch_rng(self.seed, epoch).permutation(len(self.shards)).tolist():
+            stop = start + self.counts[index]
+            if stop > begin and start < end:
+                pieces.append((index, max(begin, start) - start, min(end, stop) - start))
+            if stop >= end:
+                break
+            start = stop
+        return pieces
 
     def locate(self, slot_batch: int) -> tuple[int, int]:
-        """(epoch, batch within the epoch) of a slot's `slot_batch`-th batch counted from the start."""
-        epoch = 0
-        while slot_batch >= (per_epoch := self.batches_per_slot(epoch)):
-            slot_batch -= per_epoch
-            epoch += 1
-        return epoch, slot_batch
+        """(absolute epoch, batch within the epoch) of a slot's `slot_batch`-th batch counted from the plan's start."""
+        return self.first_epoch + slot_batch // self.batches_per_slot, slot_batch % self.batches_per_slot
+
+    def epoch_of_position(self, data_position: int) -> tuple[int, int]:
+        """(absolute epoch, micro-batches into it) of a rank's data position."""
+        return self.first_epoch + data_position // self.batches_per_rank, data_position % self.batches_per_rank
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint records of the plan: shard names (not paths, so a moved folder still
+        matches) and counts, held-out names, layout, seed and shuffle buffer; `first_epoch` apart."""
+        return {
+            "shards": [[Path(path).name, count] for path, count in zip(self.shards, self.counts)],
+            "heldout": [Path(path).name for path in self.heldout],
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "micro_batch_size": self.micro_batch_size,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def fingerprint(self) -> str:
+        return plan_fingerprint(self.describe())
 
 
-def build_shard_plan(shards: list[Path], world_size: int, num_workers: int, micro_batch_size: int, seed: int) -> ShardPlan:
+def plan_fingerprint(description: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What changed between two `ShardPlan.describe()` results, one phrase each (empty when equal)."""
+    changes = [
+        f"{key} {saved.get(key)} -> {current.get(key)}"
+        for key in ("world_size", "num_workers", "micro_batch_size", "seed", "shuffle_buffer")
+        if saved.get(key) != current.get(key)
+    ]
+    before, after = dict(map(tuple, saved.get("shards", []))), dict(map(tuple, current.get("shards", [])))
+    if before != after:
+        added, removed = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
+        recounted = sorted(name for name in after.keys() & before.keys() if after[name] != before[name])
+        parts = [f"{len(names)} {what} (e.g. {names[0]})" for names, what in
+                 ((added, "added"), (removed, "removed"), (recounted, "with other sample counts")) if names]
+        changes.append(f"training shards: {', '.join(parts)}")
+    if saved.get("heldout", []) != current.get("heldout", []):
+        changes.append(f"held-out shards {saved.get('heldout', [])[:3]} -> {current.get('heldout', [])[:3]}")
+    return changes
+
+
+def build_shard_plan(
+    shards: list[Path], world_size: int, num_workers: int, micro_batch_size: int, seed: int,
+    heldout: list[Path] = (), counts: list[int] | None = None,
+) -> ShardPlan:
+    """The plan over `shards` (counts from the processing stats unless given). Run it on one rank and broadcast."""
+    if counts is None:
+        counts, _ = shard_sample_counts(shards)
     plan = ShardPlan(
         shards=[str(path) for path in shards],
-        counts=[count_shard_samples(path) for path in shards],
+        counts=list(counts),
         world_size=world_size,
         num_workers=num_workers,
         micro_batch_size=micro_batch_size,
         seed=seed,
+        heldout=[str(path) for path in heldout],
     )
     plan.check()
     return plan
@@ -131,18 +239,18 @@ def _raw_samples(shards: list[str]) -> Iterator[dict[str, Any]]:
     return iter(pipeline)
 
 
-def _shuffled(samples: Iterator[dict[str, Any]], buffer_size: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-    """A seeded shuffle buffer: fill, then emit a random element and put the next sample in its place."""
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        index = int(rng.integers(len(buffer)))
-        yield buffer[index]
-        buffer[index] = sample
-    while buffer:
-        yield buffer.pop(int(rng.integers(len(buffer))))
+def _slot_samples(plan: ShardPlan, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
+    """The undecoded samples of slot `slot` in `epoch`, shuffled by a buffer seeded by (seed, epoch, slot)."""
+    import webdataset as wds
+
+    def pieces() -> Iterator[dict[str, Any]]:
+        for index, first, end in plan.slot_pieces(epoch, slot):
+            # Skipping into a shard reads the skipped members' bytes: feature samples are KBs.
+            yield from itertools.islice(_raw_samples([plan.shards[index]]), first, end)
+
+    seed = int(np.random.SeedSequence([plan.seed, epoch, slot]).generate_state(1)[0])
+    shuffle = wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(seed))
+    return iter(shuffle(pieces()))
 
 
 def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
@@ -161,33 +269,31 @@ def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
     }
 
 
-def collate_features(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Decoded samples -> a batch: `clip` (B, D) float32 and per-sample lists."""
-    return {
+def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = None) -> dict[str, Any]:
+    """Decoded samples -> a batch: `clip` (B, D) float32, per-sample lists, and with `tokenize`
+    the chosen captions' `input_ids` / `attention_mask` (B, T), so tokenising happens in the loader workers."""
+    batch = {
         "clip": torch.from_numpy(np.stack([sample["clip"] for sample in samples]).astype(np.float32)),
         "caption": [sample["caption"] for sample in samples],
         "captions": [sample["captions"] for sample in samples],
         "keys": [sample["key"] for sample in samples],
         "labels": [sample["labels"] for sample in samples],
     }
+    if tokenize is not None:
+        batch["input_ids"], batch["attention_mask"] = tokenize(batch["caption"])
+    return batch
 
 
-def slot_batches(plan: ShardPlan, slot: int, start_batch: int) -> Iterator[dict[str, Any]]:
+def slot_batches(plan: ShardPlan, slot: int, start_batch: int, tokenize: Tokenize | None = None) -> Iterator[dict[str, Any]]:
     """Slot `slot`'s micro-batches forever (epoch after epoch), from its `start_batch`-th on."""
     epoch, skip = plan.locate(start_batch)
     while True:
-        per_epoch = plan.batches_per_slot(epoch)
-        shard_ids = deal_shards(len(plan.shards), plan.num_slots, plan.seed, epoch)[slot]
-        stream = _shuffled(
-            _raw_samples([plan.shards[index] for index in shard_ids]),
-            plan.shuffle_buffer,
-            _epoch_rng(plan.seed, epoch, slot),
-        )
-        for batch_index in range(per_epoch):
+        stream = _slot_samples(plan, epoch, slot)
+        for batch_index in range(plan.batches_per_slot):
             raw = [next(stream) for _ in range(plan.micro_batch_size)]
             if batch_index < skip:  # replaying up to the resume point: no decoding
                 continue
-            batch = collate_features([_decode(sample, epoch) for sample in raw])
+            batch = collate_features([_decode(sample, epoch) for sample in raw], tokenize)
             batch["epoch"] = epoch
             yield batch
         skip = 0
@@ -201,49 +307,57 @@ class FeatureBatchStream(torch.utils.data.IterableDataset):
     position). Each yielded batch carries `position`, its index in the rank's sequence.
     """
 
-    def __init__(self, plan: ShardPlan, rank: int, start_position: int = 0):
+    def __init__(self, plan: ShardPlan, rank: int, start_position: int = 0, tokenize: Tokenize | None = None):
         super().__init__()
         self.plan = plan
         self.rank = rank
         self.start_position = start_position
+        self.tokenize = tokenize
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         loader_worker = info.id if info is not None else 0
-        workers = max(self.plan.num_workers, 1)
+        workers = self.plan.workers_per_rank
         # Rotate so that DataLoader worker 0 (asked first) holds the rank's next batch.
         worker = (loader_worker + self.start_position) % workers
         first = self.start_position // workers + (1 if worker < self.start_position % workers else 0)
         slot = self.rank * workers + worker
-        for offset, batch in enumerate(slot_batches(self.plan, slot, first)):
+        for offset, batch in enumerate(slot_batches(self.plan, slot, first, self.tokenize)):
             batch["position"] = (first + offset) * workers + worker
             yield batch
 
 
-def build_train_loader(plan: ShardPlan, rank: int, start_position: int) -> torch.utils.data.DataLoader:
-    """An endless DataLoader over this rank's micro-batches, starting after `start_position`."""
+def build_train_loader(
+    plan: ShardPlan, rank: int, start_position: int, tokenize: Tokenize | None = None, pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """An endless DataLoader over this rank's micro-batches, starting after `start_position`
+    (`pin_memory` on GPUs, so the copies to the device can be non-blocking)."""
     return torch.utils.data.DataLoader(
-        FeatureBatchStream(plan, rank, start_position),
+        FeatureBatchStream(plan, rank, start_position, tokenize),
         batch_size=None,
         num_workers=plan.num_workers,
         persistent_workers=plan.num_workers > 0,
+        pin_memory=pin_memory,
         # Its own generator: starting workers must not draw from the global torch RNG, which
         # training restores from the checkpoint (MoE token selection draws from it).
         generator=torch.Generator().manual_seed(plan.seed),
     )
 
 
-def iterate_heldout(shards: list[Path], batch_size: int, max_samples: int) -> Iterator[dict[str, Any]]:
-    """Held-out batches in file order (first caption as the target, all kept captions as references)."""
+def iterate_heldout(
+    shards: list[Path], batch_size: int, max_samples: int, rank: int = 0, world_size: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Held-out batches in file order (first caption as the target, all kept captions as references):
+    of the first `max_samples` samples, those with index % world_size == rank (one rank's share)."""
     samples: list[dict[str, Any]] = []
-    seen = 0
-    for raw in _raw_samples([str(path) for path in shards]):
-        if seen >= max_samples:
+    for index, raw in enumerate(_raw_samples([str(path) for path in shards])):
+        if index >= max_samples:
             break
+        if index % world_size != rank:
+            continue
         sample = _decode(raw, epoch=0)
         sample["caption"] = sample["captions"][0]
         samples.append(sample)
-        seen += 1
         if len(samples) == batch_size:
             yield collate_features(samples)
             samples = []

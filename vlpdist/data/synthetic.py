@@ -31,13 +31,15 @@ def synthetic_captions(count: int, seed: int) -> list[str]:
 def write_synthetic_feature_shards(
     folder: str | Path,
     num_shards: int,
-    samples_per_shard: int,
+    samples_per_shard: int | list[int],
     dim: int = 32,
     seed: int = 0,
     nan_keys: frozenset[str] = frozenset(),
     repeat_first: bool = False,
 ) -> list[Path]:
-    """Write `num_shards` feature shards of `samples_per_shard` samples each; `nan_keys` get NaN embeddings.
+    """Write `num_shards` feature shards of `samples_per_shard` samples each (or, given a list, of
+    `samples_per_shard[i]` in shard i), each with the processing stage's `<shard>_stats.json`
+    beside it; `nan_keys` get NaN embeddings.
 
     `repeat_first` makes every sample a copy of the first (same caption and embedding), so every
     batch is the same fixed batch."""
@@ -45,21 +47,27 @@ def write_synthetic_feature_shards(
 
     from data_ingest.process.feature_format import encode_feature_sample
 
+    from vlpdist.atomic import atomic_write_json
+    from vlpdist.data.feature_shards import STATS_SUFFIX
+
+    sizes = [samples_per_shard] * num_shards if isinstance(samples_per_shard, int) else list(samples_per_shard)
+    if len(sizes) != num_shards:
+        raise ValueError(f"{len(sizes)} shard sizes given for {num_shards} shards")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     vocabulary = sorted({word for phrase in ["a"] + COLOURS + SHAPES + PLACES for word in phrase.split()})
     word_vectors = {word: rng.standard_normal(dim) for word in vocabulary}
-    captions = synthetic_captions(num_shards * samples_per_shard, seed + 1)
+    captions = synthetic_captions(sum(sizes), seed + 1)
     if repeat_first:
         captions = captions[:1] * len(captions)
     paths = []
     for shard in range(num_shards):
         path = folder / f"{shard:05d}.tar"
         with wds.TarWriter(str(path)) as writer:
-            for index in range(samples_per_shard):
+            for index in range(sizes[shard]):
                 key = f"{shard:05d}{index:04d}"
-                caption = captions[shard * samples_per_shard + index]
+                caption = captions[sum(sizes[:shard]) + index]
                 words = caption.split()
                 noise = rng.standard_normal(dim)
                 if repeat_first:
@@ -82,5 +90,6 @@ def write_synthetic_feature_shards(
                         original_caption=caption,
                     )
                 )
+        atomic_write_json(folder / f"{path.stem}{STATS_SUFFIX}", {"shard": path.stem, "written": sizes[shard]})
         paths.append(path)
     return paths

@@ -47,17 +47,17 @@ def load_itm(name_or_path: str, device: str = "cpu"):
 
 
 def generate_captions(
-    model, processor, images: list, num_captions: int, top_p: float, max_new_tokens: int, device: str
+    model, processor, pixel_values_B3HW, num_captions: int, top_p: float, max_new_tokens: int, device: str
 ) -> list[list[str]]:
-    """Nucleus-sampled captions: for each of B images, `num_captions` strings (a sample may be empty)."""
+    """Nucleus-sampled captions: for each of B images (as `processor` preprocessed them), `num_captions`
+    strings (a sample may be empty)."""
     import torch
 
     from data_ingest.process.clip_model import inference_autocast
 
-    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, H, W)
     with torch.no_grad(), inference_autocast(device):
         token_ids = model.generate(
-            pixel_values=pixel_values,
+            pixel_values=pixel_values_B3HW.to(device),
             do_sample=True,
             top_p=top_p,
             top_k=0,
@@ -65,21 +65,35 @@ def generate_captions(
             max_new_tokens=max_new_tokens,
         )  # (B * n, T), the n samples of an image adjacent
     texts = [text.strip() for text in processor.batch_decode(token_ids, skip_special_tokens=True)]
-    return [texts[i * num_captions : (i + 1) * num_captions] for i in range(len(images))]
+    return [texts[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values_B3HW))]
 
 
-def itm_probabilities(model, processor, images: list, texts: list[str], device: str) -> list[float]:
-    """P(image i matches text i) from the ITM head, for aligned lists of N images and N texts."""
+def itm_probabilities(model, processor, pixel_values_B3HW, texts_per_image: list[int], texts: list[str],
+                      device: str) -> list[float]:
+    """P(image matches text) from the ITM head for N texts, the first `texts_per_image[0]` about image 0,
+    the next about image 1, and so on (B images as `processor` preprocessed them).
+
+    The vision model runs once per image, and its patch embeddings are repeated for each of that
+    image's texts into the ITM text encoder: what `BlipForImageTextRetrieval.forward` computes for
+    N (image, text) pairs (as LAVIS does), without encoding an image once per caption.
+    """
     import torch
 
     from data_ingest.process.clip_model import inference_autocast
 
     if not texts:
         return []
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True, truncation=True)
-    inputs = {name: value.to(device) for name, value in inputs.items()}
+    tokens = processor(text=texts, return_tensors="pt", padding=True, truncation=True)
     with torch.no_grad(), inference_autocast(device):
-        logits_N2 = model(**inputs, use_itm_head=True).itm_score  # (N, 2): [no match, match]
+        image_BSW = model.vision_model(pixel_values=pixel_values_B3HW.to(device)).last_hidden_state  # (B, S, W)
+        image_NSW = torch.repeat_interleave(image_BSW, torch.tensor(texts_per_image, device=image_BSW.device), dim=0)
+        text_NTW = model.text_encoder(
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+            encoder_hidden_states=image_NSW,
+            encoder_attention_mask=torch.ones(image_NSW.shape[:-1], dtype=torch.long, device=image_NSW.device),
+        ).last_hidden_state  # (N, T, W)
+        logits_N2 = model.itm_head(text_NTW[:, 0, :])  # [no match, match]
     return torch.softmax(logits_N2.float(), dim=-1)[:, 1].cpu().tolist()
 
 

@@ -1,21 +1,33 @@
-"""One raw shard -> one feature shard: the unit of work a Ray task runs (and a GPU check calls).
+"""One raw shard -> one feature shard: the unit of work a Ray actor runs (and a GPU check calls).
 
-Reads `raw/NNNNN.tar` as a stream (a truncated tar yields what was complete), decodes images,
-embeds images and candidate captions with CLIP in batches, runs CapFilt, extracts labels, and
-writes `features/NNNNN.tar`, `NNNNN_decisions.parquet` (one row per raw sample: written, dropped
-or failed with a reason) and, last, `NNNNN_stats.json`, whose presence marks the shard done.
-Every file is written under a temporary name and renamed.
+A task streams its shard. A first pass over `raw/NNNNN.tar` (a plain tar, as img2dataset writes
+it) notes where each member's bytes lie and where the archive ends early, if it does. Then a torch
+`DataLoader` reads the samples in key order, a chunk of `batch_size` at a time, and its worker
+processes decode the images and run every model's image preprocessing (the clip-retrieval habit),
+while the task's own thread runs CLIP, the captioner and the filter on batches. So a task holds a
+few chunks of images, never the whole shard, and a GPU is fed while the next chunks decode. The
+loader gets `floor(process.cpus_per_task) - 1` workers: one CPU drives the models, the others
+decode (with one CPU the loader runs in the task's thread).
+
+Outputs: `features/NNNNN.tar`, `NNNNN_decisions.parquet` (one row per raw sample: written, dropped
+or failed with a reason) and, last, `NNNNN_stats.json`, whose presence marks the shard done. Every
+file is written under a temporary name and renamed.
+
+Only a cut archive (`tarfile.ReadError`, `EOFError`) is a data failure (`truncated_tar`, the
+samples it lost named from img2dataset's parquet). Any other `OSError` (a file system hiccup, a
+shard not yet readable) propagates: the task fails and the driver retries it.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
+import math
 import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +35,10 @@ import numpy as np
 from data_ingest.process.feature_format import encode_feature_sample
 from vlpdist.atomic import atomic_path, atomic_write_json, remove_stale_staging
 from vlpdist.config import ProcessConfig
+from vlpdist.errors import UserError
 
-HOOK_DIR_ENV = "VLPDIST_PROCESS_HOOK_DIR"
-"""Fault-injection hook for tests: after its first batch a task writes `<dir>/<shard>.<pid>.started` and waits while `<dir>/hold` exists."""
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+"""Members that can hold a sample's image, in the order they are looked for."""
 
 
 @dataclass
@@ -36,40 +49,66 @@ class RawSample:
     members: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes
 
 
+@dataclass
+class IndexedSample:
+    """Where the members of one sample lie in its raw tar."""
+
+    key: str
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)  # extension -> (byte offset, size)
+
+
 def stats_path(features_dir: Path, shard_name: str) -> Path:
     return features_dir / f"{shard_name}_stats.json"
 
 
-def read_raw_shard(tar_path: Path) -> tuple[list[RawSample], str | None]:
-    """Samples in key order, and an error text if the tar ended early (the cut sample is left out).
+def index_raw_shard(tar_path: Path) -> tuple[list[IndexedSample], str | None]:
+    """The samples of a raw tar in key order, and an error text if the tar ended early (the cut sample is left out).
 
     Key order, not tar order: img2dataset writes a shard's samples as its download threads finish,
     so tar order differs run to run; in key order every later stage (and the seeded demo CLIP)
-    repeats run to run.
+    repeats run to run. Every member is read through (and dropped) with tarfile's stream reader,
+    so a cut is found wherever it is, header or data. An `OSError` opening or reading the file is
+    not a cut: it propagates.
     """
-    samples: list[RawSample] = []
-    current: RawSample | None = None
+    samples: list[IndexedSample] = []
+    current: IndexedSample | None = None
     tar_error = None
-    try:
-        with tarfile.open(tar_path, mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                directory, _, base = member.name.rpartition("/")
-                stem, _, extension = base.partition(".")
-                key = f"{directory}/{stem}" if directory else stem
-                data = archive.extractfile(member).read()
-                if current is None or current.key != key:
-                    if current is not None:
-                        samples.append(current)
-                    current = RawSample(key)
-                current.members[extension] = data
-    except (tarfile.TarError, EOFError, OSError) as err:
-        tar_error = f"{type(err).__name__}: {err}"
-    else:
-        if current is not None:
-            samples.append(current)
+    with open(tar_path, "rb") as raw_file:
+        try:
+            with tarfile.open(fileobj=raw_file, mode="r|*") as archive:
+                if archive.fileobj.comptype != "tar":  # offsets would point into the compressed stream
+                    raise UserError(f"raw shard {tar_path} is {archive.fileobj.comptype}-compressed; "
+                                    "the processing stage reads plain tars, as img2dataset writes them")
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    directory, _, base = member.name.rpartition("/")
+                    stem, _, extension = base.partition(".")
+                    key = f"{directory}/{stem}" if directory else stem
+                    content = archive.extractfile(member)
+                    while content.read(1 << 20):
+                        pass
+                    if current is None or current.key != key:
+                        if current is not None:
+                            samples.append(current)
+                        current = IndexedSample(key)
+                    current.members[extension] = (member.offset_data, member.size)
+        except (tarfile.ReadError, EOFError) as err:
+            tar_error = f"{type(err).__name__}: {err}"
+        else:
+            if current is not None:
+                samples.append(current)
     return sorted(samples, key=lambda sample: sample.key), tar_error
+
+
+def _read_sample(raw_file, tar_path: Path, indexed: IndexedSample) -> RawSample:
+    sample = RawSample(indexed.key)
+    for extension, (offset, size) in indexed.members.items():
+        raw_file.seek(offset)
+        sample.members[extension] = raw_file.read(size)
+        if len(sample.members[extension]) != size:  # the file changed since it was indexed: try again later
+            raise OSError(f"{tar_path}: member {indexed.key}.{extension} is shorter than when the shard was indexed")
+    return sample
 
 
 def _expected_keys(tar_path: Path) -> list[str] | None:
@@ -83,26 +122,153 @@ def _expected_keys(tar_path: Path) -> list[str] | None:
     return [key for key, status in zip(table["key"], table["status"]) if status == "success"]
 
 
-_MODEL_CACHE: dict[tuple, object] = {}
+def _truncation_failures(tar_path: Path, indexed: list[IndexedSample], tar_error: str | None) -> list[tuple[str, str, str]]:
+    """(key, url, "truncated_tar") for each sample a cut tar lost (one "<unknown>" row without img2dataset's parquet)."""
+    if tar_error is None:
+        return []
+    expected = _expected_keys(tar_path)
+    seen = {sample.key for sample in indexed}
+    lost = [key for key in expected if key not in seen] if expected is not None else ["<unknown>"]
+    return [(key, "", "truncated_tar") for key in lost]
 
 
-def _models(settings: ProcessConfig, device: str):
-    """CLIP, captioner and ITM models, loaded once per worker process and reused across shards."""
+def _sample_meta(sample: RawSample) -> dict:
+    try:
+        return json.loads(sample.members.get("json", b"{}"))
+    except ValueError:
+        return {}
+
+
+def _decode(sample: RawSample):
+    """(RGB image, web caption, "") for a usable sample, (None, caption, reason) for one that is not."""
+    from PIL import Image
+
+    caption = sample.members.get("txt", b"").decode("utf-8", "replace").strip()
+    image_bytes = next((sample.members[ext] for ext in IMAGE_EXTENSIONS if sample.members.get(ext)), None)
+    if not image_bytes:
+        return None, caption, "missing_image"
+    try:
+        image = Image.open(io.BytesIO(image_bytes))
+        image.load()
+        return image.convert("RGB"), caption, ""
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None, caption, "decode_error"
+
+
+def read_inputs(raw_path: Path, captioner_on: bool):
+    """The whole shard at once, for callers that need every pair (the demo CLIP's training): usable
+    samples as (sample, RGB image, caption), failures as (key, url, reason), and the tar error if
+    the tar was cut short. The processing task streams instead (`_DecodedChunks`)."""
+    indexed, tar_error = index_raw_shard(raw_path)
+    failures = _truncation_failures(raw_path, indexed, tar_error)
+    good, undecodable = [], []
+    with open(raw_path, "rb") as raw_file:
+        for entry in indexed:
+            sample = _read_sample(raw_file, raw_path, entry)
+            image, caption, reason = _decode(sample)
+            if reason:
+                undecodable.append((sample, reason))
+            else:
+                good.append((sample, image, caption))
+    if not captioner_on:  # without a captioner, a sample with no web caption has nothing to keep
+        undecodable += [(sample, "empty_caption") for sample, _, caption in good if not caption]
+        good = [item for item in good if item[2]]
+    failures += [(sample.key, _sample_meta(sample).get("url", ""), reason) for sample, reason in undecodable]
+    return good, failures, tar_error
+
+
+@dataclass
+class DecodedSample:
+    """A usable sample, ready for the models: its image as each model's preprocessing made it."""
+
+    key: str
+    url: str
+    caption: str
+    pixels: dict[str, object]  # model name ("clip", "captioner", "itm") -> (3, H, W) tensor
+
+
+@dataclass
+class DecodedChunk:
+    """What a loader worker returns for a chunk of raw samples (in key order)."""
+
+    samples: list[DecodedSample] = field(default_factory=list)
+    undecodable: list[tuple[str, str, str]] = field(default_factory=list)  # (key, url, missing_image/decode_error)
+    empty_caption: list[tuple[str, str, str]] = field(default_factory=list)  # (key, url, "empty_caption")
+
+
+def _clip_pixels(preprocess, images: list):
+    """open_clip's transform of each image -> (B, 3, H, W)."""
+    import torch
+
+    return torch.stack([preprocess(image) for image in images])
+
+
+def _blip_pixels(processor, images: list):
+    """A BLIP processor's image transform -> (B, 3, H, W)."""
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class _DecodedChunks:
+    """Map-style dataset: chunk i is raw samples [i n, (i + 1) n) in key order, read, decoded and
+    preprocessed by every model's transform (in a loader worker, or the task's thread)."""
+
+    def __init__(self, tar_path: Path, indexed: list[IndexedSample], chunk_size: int, transforms: dict,
+                 drop_empty_captions: bool):
+        self.tar_path, self.indexed, self.chunk_size = tar_path, indexed, chunk_size
+        self.transforms, self.drop_empty_captions = transforms, drop_empty_captions
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indexed) / self.chunk_size)
+
+    def __getitem__(self, chunk_index: int) -> DecodedChunk:
+        chunk = DecodedChunk()
+        images = []
+        with open(self.tar_path, "rb") as raw_file:
+            for entry in self.indexed[chunk_index * self.chunk_size : (chunk_index + 1) * self.chunk_size]:
+                sample = _read_sample(raw_file, self.tar_path, entry)
+                url = _sample_meta(sample).get("url", "")
+                image, caption, reason = _decode(sample)
+                if reason:
+                    chunk.undecodable.append((sample.key, url, reason))
+                elif self.drop_empty_captions and not caption:  # no captioner: nothing it could keep
+                    chunk.empty_caption.append((sample.key, url, "empty_caption"))
+                else:
+                    chunk.samples.append(DecodedSample(sample.key, url, caption, {}))
+                    images.append(image)
+        if images:
+            for name, transform in self.transforms.items():
+                pixels_B3HW = transform(images)
+                for decoded, pixels_3HW in zip(chunk.samples, pixels_B3HW):
+                    decoded.pixels[name] = pixels_3HW
+        return chunk
+
+
+def _as_is(chunk: DecodedChunk) -> DecodedChunk:
+    """The loader's collate: a chunk is already what the task wants (a module function, so workers can pickle it)."""
+    return chunk
+
+
+def load_models(settings: ProcessConfig, device: str) -> dict:
+    """CLIP, captioner and ITM models on `device`, and the label vocabulary."""
     from data_ingest.process.capfilt import load_captioner, load_itm
     from data_ingest.process.clip_model import load_clip
     from data_ingest.process.labels import load_vocabulary
 
-    cache_key = (settings.clip_model, settings.clip_pretrained, settings.captioner, settings.filter,
-                 settings.itm_model, settings.vocab, device)
-    if cache_key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()
-        _MODEL_CACHE[cache_key] = {
-            "clip": load_clip(settings.clip_model, settings.clip_pretrained, device),
-            "captioner": load_captioner(settings.captioner, device) if settings.captioner else None,
-            "itm": load_itm(settings.itm_model, device) if settings.filter == "itm" else None,
-            "vocab": load_vocabulary(settings.vocab),
-        }
-    return _MODEL_CACHE[cache_key]
+    return {
+        "clip": load_clip(settings.clip_model, settings.clip_pretrained, device),
+        "captioner": load_captioner(settings.captioner, device) if settings.captioner else None,
+        "itm": load_itm(settings.itm_model, device) if settings.filter == "itm" else None,
+        "vocab": load_vocabulary(settings.vocab),
+    }
+
+
+def _image_transforms(models: dict) -> dict:
+    """Model name -> its image preprocessing, run in the loader workers."""
+    transforms = {"clip": partial(_clip_pixels, models["clip"][1])}
+    for name in ("captioner", "itm"):
+        if models[name] is not None:
+            transforms[name] = partial(_blip_pixels, models[name][1])
+    return transforms
 
 
 def pick_device(settings: ProcessConfig) -> str:
@@ -113,57 +279,30 @@ def pick_device(settings: ProcessConfig) -> str:
     return settings.device
 
 
-def _run_hook(hook_dir: str, shard_name: str) -> None:
-    hook = Path(hook_dir)
-    hook.mkdir(parents=True, exist_ok=True)
-    (hook / f"{shard_name}.{os.getpid()}.started").write_text(str(os.getpid()))
-    deadline = time.time() + 120
-    while (hook / "hold").exists() and time.time() < deadline:
-        time.sleep(0.05)
+def loader_workers(settings: ProcessConfig) -> int:
+    """Decoding processes beside the task's thread: all the task's CPUs but the one that drives the models."""
+    return max(0, math.floor(settings.cpus_per_task) - 1)
 
 
-def _decode_samples(samples: list[RawSample]):
-    """(decodable samples with their RGB image and web caption, failures as (sample, reason))."""
-    from PIL import Image
+def _stack(batch: list[DecodedSample], name: str):
+    import torch
 
-    good, failed = [], []
-    for sample in samples:
-        image_bytes = sample.members.get("jpg") or sample.members.get("png") or sample.members.get("webp")
-        if not image_bytes:
-            failed.append((sample, "missing_image"))
-            continue
-        try:
-            image = Image.open(io.BytesIO(image_bytes))
-            image.load()
-            image = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            failed.append((sample, "decode_error"))
-            continue
-        caption = sample.members.get("txt", b"").decode("utf-8", "replace").strip()
-        good.append((sample, image, caption))
-    return good, failed
+    return torch.stack([sample.pixels[name] for sample in batch])  # (B, 3, H, W)
 
 
-def _sample_meta(sample: RawSample) -> dict:
-    try:
-        return json.loads(sample.members.get("json", b"{}"))
-    except ValueError:
-        return {}
-
-
-def _propose_captions(images: list, settings: ProcessConfig, models, device: str) -> list[list[str]]:
+def _propose_captions(batch: list[DecodedSample], settings: ProcessConfig, models, device: str) -> list[list[str]]:
     """Synthetic captions per image (none when the captioner is off); empty samples are no caption."""
     from data_ingest.process.capfilt import generate_captions
 
     if models["captioner"] is None:
-        return [[] for _ in images]
+        return [[] for _ in batch]
     captioner, processor = models["captioner"]
-    proposals = generate_captions(captioner, processor, images, settings.num_synthetic_captions,
+    proposals = generate_captions(captioner, processor, _stack(batch, "captioner"), settings.num_synthetic_captions,
                                   settings.top_p, settings.max_caption_tokens, device)
     return [[text for text in per_image if text] for per_image in proposals]
 
 
-def _score_candidates(images: list, image_BD: np.ndarray, owners: list[int], texts: list[str],
+def _score_candidates(batch: list[DecodedSample], image_BD: np.ndarray, owners: list[int], texts: list[str],
                       settings: ProcessConfig, models, device: str):
     """CLIP text embeddings (N, D), CLIP cosines (N,), ITM probabilities (N,) or None, pass flags (N,)."""
     from data_ingest.process.capfilt import itm_probabilities
@@ -177,7 +316,9 @@ def _score_candidates(images: list, image_BD: np.ndarray, owners: list[int], tex
     itm_N = None
     if models["itm"] is not None:
         itm_model, itm_processor = models["itm"]
-        itm_N = np.asarray(itm_probabilities(itm_model, itm_processor, [images[i] for i in owners], texts, device))
+        candidates_B = np.bincount(owners, minlength=len(batch))  # owners are ascending: image i's texts are adjacent
+        itm_N = np.asarray(itm_probabilities(itm_model, itm_processor, _stack(batch, "itm"), candidates_B.tolist(),
+                                             texts, device))
     if settings.filter == "clip":
         passes_N = clip_N >= settings.clip_threshold
     elif settings.filter == "itm":
@@ -187,30 +328,26 @@ def _score_candidates(images: list, image_BD: np.ndarray, owners: list[int], tex
     return text_ND, clip_N, itm_N, passes_N
 
 
-def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[dict]:
+def _process_batch(batch: list[DecodedSample], settings: ProcessConfig, models, device: str) -> list[dict]:
     """CLIP + CapFilt + labels for a batch of decoded samples -> one result dict per sample."""
-    import torch
-
     from data_ingest.process.capfilt import apply_caption_policy
     from data_ingest.process.clip_model import encode_images
     from data_ingest.process.labels import extract_labels
 
-    clip_model, preprocess, _ = models["clip"]
-    images = [image for _, image, _ in batch]
-    image_BD = encode_images(clip_model, torch.stack([preprocess(image) for image in images]), device)
-    synthetic = _propose_captions(images, settings, models, device)
+    image_BD = encode_images(models["clip"][0], _stack(batch, "clip"), device)
+    synthetic = _propose_captions(batch, settings, models, device)
     # Candidates flattened over the batch: sample i's web caption (if any), then its synthetic ones.
     owners, texts, rows_of = [], [], []
-    for index, ((_, _, web), proposals) in enumerate(zip(batch, synthetic)):
-        candidates = ([web] if web else []) + proposals
+    for index, (sample, proposals) in enumerate(zip(batch, synthetic)):
+        candidates = ([sample.caption] if sample.caption else []) + proposals
         rows_of.append(list(range(len(texts), len(texts) + len(candidates))))
         owners += [index] * len(candidates)
         texts += candidates
-    text_ND, clip_N, itm_N, passes_N = _score_candidates(images, image_BD, owners, texts, settings, models, device)
+    text_ND, clip_N, itm_N, passes_N = _score_candidates(batch, image_BD, owners, texts, settings, models, device)
 
     results = []
-    for index, ((sample, _, web), proposals) in enumerate(zip(batch, synthetic)):
-        rows = rows_of[index]
+    for index, (sample, proposals) in enumerate(zip(batch, synthetic)):
+        web, rows = sample.caption, rows_of[index]
         web_row = rows[0] if web else None
         synthetic_rows = rows[1:] if web else rows
         choice = apply_caption_policy(settings.caption_policy, web, web_row is not None and bool(passes_N[web_row]),
@@ -227,28 +364,11 @@ def _process_batch(batch, settings: ProcessConfig, models, device: str) -> list[
         kept_rows = ([web_row] if choice.web_kept else []) + [synthetic_rows[i] for i in choice.kept_synthetic]
         labels = sorted({label for n in kept_rows for label in extract_labels(texts[n], models["vocab"])})
         results.append({
-            "sample": sample, "web": web, "choice": choice, "scores": scores,
+            "sample": sample, "choice": choice, "scores": scores,
             "image_D": image_BD[index], "kept_text_CD": text_ND[kept_rows], "kept_captions": [texts[n] for n in kept_rows],
             "labels": labels, "label_names": [models["vocab"].names[label] for label in labels],
         })
     return results
-
-
-def read_inputs(raw_path: Path, captioner_on: bool):
-    """Usable samples, failures as (key, url, reason), and the tar error if the tar was cut short."""
-    samples, tar_error = read_raw_shard(raw_path)
-    failures: list[tuple[str, str, str]] = []
-    if tar_error is not None:
-        expected = _expected_keys(raw_path)
-        seen = {sample.key for sample in samples}
-        lost = [key for key in expected if key not in seen] if expected is not None else ["<unknown>"]
-        failures += [(key, "", "truncated_tar") for key in lost]
-    good, undecodable = _decode_samples(samples)
-    if not captioner_on:  # without a captioner, a sample with no web caption has nothing to keep
-        undecodable += [(sample, "empty_caption") for sample, _, caption in good if not caption]
-        good = [item for item in good if item[2]]
-    failures += [(sample.key, _sample_meta(sample).get("url", ""), reason) for sample, reason in undecodable]
-    return good, failures, tar_error
 
 
 def _write_decisions(rows: list[dict], path: Path) -> None:
@@ -263,8 +383,21 @@ def _write_decisions(rows: list[dict], path: Path) -> None:
         ])), staging)
 
 
-def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook_dir: str = "") -> dict:
-    """Turn one raw shard into its feature shard; returns (and writes) the shard's stats."""
+def _batches(chunks, batch_size: int):
+    """Consecutive batches of `batch_size` usable samples (the last may be short) from the loader's chunks."""
+    waiting: list[DecodedSample] = []
+    for chunk in chunks:
+        waiting += chunk.samples
+        while len(waiting) >= batch_size:
+            yield waiting[:batch_size]
+            del waiting[:batch_size]
+    if waiting:
+        yield waiting
+
+
+def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models: dict, device: str) -> dict:
+    """Turn one raw shard into its feature shard with loaded models; returns (and writes) the shard's stats."""
+    import torch
     import webdataset as wds
 
     started = time.time()
@@ -274,32 +407,46 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
     feature_tar, decisions_file = out_dir / f"{shard_name}.tar", out_dir / f"{shard_name}_decisions.parquet"
     for output in (feature_tar, decisions_file, stats_path(out_dir, shard_name)):
         remove_stale_staging(output)  # left by an attempt whose worker died
-    device = pick_device(settings)
-    models = _models(settings, device)
-    good, failures, tar_error = read_inputs(raw_path, captioner_on=bool(settings.captioner))
+    indexed, tar_error = index_raw_shard(raw_path)
+    chunks = _DecodedChunks(raw_path, indexed, settings.batch_size, _image_transforms(models),
+                            drop_empty_captions=not settings.captioner)
+    workers = loader_workers(settings)
+    # Its own generator: a loader draws its workers' base seed from it, which from the global one
+    # would shift the captioner's sampling.
+    loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                         prefetch_factor=2 if workers else None, generator=torch.Generator())
+    undecodable, empty_caption = [], []
 
-    rows = [{"key": key, "url": url, "status": "failed", "reason": reason, "decision": "", "web_clip": None,
-             "web_kept": False} for key, url, reason in failures]
+    def counted(loaded_chunks):  # the failures of each chunk, kept aside as its samples go on to the batches
+        for chunk in loaded_chunks:
+            undecodable.extend(chunk.undecodable)
+            empty_caption.extend(chunk.empty_caption)
+            yield chunk
+
+    processed_rows: list[dict] = []
     decision_counts, captions_kept, synthetic_kept = Counter(), 0, 0
     with atomic_path(feature_tar) as staged_tar, wds.TarWriter(str(staged_tar)) as sink:
-        for start in range(0, len(good), settings.batch_size):
-            for result in _process_batch(good[start : start + settings.batch_size], settings, models, device):
+        for batch in _batches(counted(loader), settings.batch_size):
+            for result in _process_batch(batch, settings, models, device):
                 sample, choice = result["sample"], result["choice"]
-                url = _sample_meta(sample).get("url", "")
                 decision_counts[choice.decision] += 1
                 if choice.kept:
                     sink.write(encode_feature_sample(
                         key=sample.key, image_embedding=result["image_D"], text_embeddings=result["kept_text_CD"],
                         captions=result["kept_captions"], labels=result["labels"], label_names=result["label_names"],
-                        scores=result["scores"], decision=choice.decision, url=url, original_caption=result["web"],
+                        scores=result["scores"], decision=choice.decision, url=sample.url,
+                        original_caption=sample.caption,
                     ))
                     captions_kept += len(choice.kept)
                     synthetic_kept += len(choice.kept_synthetic)
-                rows.append({"key": sample.key, "url": url, "status": "written" if choice.kept else "dropped",
-                             "reason": "", "decision": choice.decision, "web_clip": result["scores"]["web_clip"],
-                             "web_kept": choice.web_kept})
-            if hook_dir and start == 0:
-                _run_hook(hook_dir, shard_name)  # tests kill the worker here, mid-shard
+                processed_rows.append({"key": sample.key, "url": sample.url,
+                                       "status": "written" if choice.kept else "dropped", "reason": "",
+                                       "decision": choice.decision, "web_clip": result["scores"]["web_clip"],
+                                       "web_kept": choice.web_kept})
+    # Failures first, as (key, url, reason): what the cut lost, then undecodable, then captionless samples.
+    failures = _truncation_failures(raw_path, indexed, tar_error) + undecodable + empty_caption
+    rows = [{"key": key, "url": url, "status": "failed", "reason": reason, "decision": "", "web_clip": None,
+             "web_kept": False} for key, url, reason in failures] + processed_rows
     _write_decisions(rows, decisions_file)
 
     stats = {
@@ -317,3 +464,38 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, hook
     }
     atomic_write_json(stats_path(out_dir, shard_name), stats)  # last: its presence marks the shard done
     return stats
+
+
+class ShardProcessor:
+    """The models of one device, loaded once, and the shards processed with them.
+
+    The stage runs one as a Ray actor per GPU (or per `cpus_per_task` CPUs): an actor keeps the
+    device Ray gave it for its whole life, so its models never sit on another task's GPU.
+    """
+
+    def __init__(self, settings: ProcessConfig):
+        self.settings = settings
+        self.device = pick_device(settings)
+        self.models = load_models(settings, self.device)
+
+    def ready(self) -> str:
+        """Answers once the models are loaded (the driver hands out shards only to ready actors)."""
+        return self.device
+
+    def process(self, raw_tar: str, features_dir: str) -> dict:
+        return _run_shard(raw_tar, features_dir, self.settings, self.models, self.device)
+
+
+_MODEL_CACHE: dict[tuple, dict] = {}
+
+
+def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig) -> dict:
+    """One shard in this process, outside Ray (the benchmark, a GPU check, tests); the models are
+    loaded once per process and model settings."""
+    device = pick_device(settings)
+    cache_key = (settings.clip_model, settings.clip_pretrained, settings.captioner, settings.filter,
+                 settings.itm_model, settings.vocab, device)
+    if cache_key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[cache_key] = load_models(settings, device)
+    return _run_shard(raw_tar, features_dir, settings, _MODEL_CACHE[cache_key], device)

@@ -1,10 +1,14 @@
-"""The processing stage's driver: one Ray task per raw shard, then a summary over all shards.
+"""The processing stage's driver: a pool of Ray actors runs the raw shards, then a summary over all shards.
 
 `run_process(config)` starts Ray in-process (`process.ray_address: ""`) or joins a cluster
-("auto" / an address), submits a task for every raw shard without a finished feature shard, lets
-Ray retry a task whose worker died (`max_retries`) while the other shards go on, and aggregates
-the per-shard stats: samples in/out, failures by reason, decisions, throughput and, given ground
-truth, the filter's precision and recall in catching mismatched captions.
+("auto" / an address), starts one `ShardProcessor` actor per `cpus_per_task`/`gpus_per_task`
+slot the cluster has (on GPUs, one per GPU: each holds its models on the device Ray gave it),
+hands every raw shard without a finished feature shard to the next idle actor, retries a shard
+whose actor died or whose read hit a transient `OSError` (`max_retries`) while the other shards
+go on, and aggregates the per-shard stats: samples in/out, failures by reason, decisions,
+throughput and, given ground truth, the filter's precision and recall in catching mismatched
+captions. A shard that fails every attempt is reported (`shards_failed`; the CLI exits 1) and
+is not marked done, so a rerun tries it again.
 
 On a cluster of several nodes, `root` must be a folder every node sees (a shared file system):
 tasks read `raw/` and write `features/` there directly.
@@ -12,14 +16,16 @@ tasks read `raw/` and write `features/` there directly.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from data_ingest.download import list_raw_shards
 from data_ingest.process.clip_model import check_clip_checkpoint
-from data_ingest.process.shard import HOOK_DIR_ENV, process_shard, stats_path
+from data_ingest.process.shard import ShardProcessor, stats_path
 from vlpdist.atomic import atomic_write_json
 from vlpdist.config import Config, ProcessConfig
 from vlpdist.errors import UserError
@@ -78,29 +84,96 @@ def start_ray(settings: ProcessConfig) -> bool:
     return True
 
 
-def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig) -> tuple[list[dict], dict[str, str]]:
-    """Run the shard tasks; returns (the stats of each shard that finished, shard name -> error for
-    each that failed after all retries)."""
+def _actor_slots(settings: ProcessConfig, shards: int) -> int:
+    """How many shard actors the cluster holds now (at least one, at most one per shard)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = [shards]
+    for name, per_actor in (("CPU", settings.cpus_per_task), ("GPU", settings.gpus_per_task)):
+        if per_actor > 0:
+            slots.append(math.floor(resources.get(name, 0.0) / per_actor + 1e-9))
+    return max(1, min(slots))
+
+
+def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig) -> tuple[list[dict], dict[str, str], dict[str, int]]:
+    """Run the shards on a pool of `ShardProcessor` actors; returns (the stats of each shard that
+    finished, shard name -> error for each that failed after all retries, shard name -> attempts for
+    each shard that needed more than one).
+
+    An attempt fails when its actor dies (worker killed, node lost): the actor is replaced and the
+    shard goes back to the queue; or when the task raised an `OSError` (a transient read error):
+    the shard goes back to the queue. Each shard has `1 + process.max_retries` attempts; any other
+    exception is a bug or a bad input and fails the shard at once. A shard is taken as done only
+    from its own stats file or the attempt's answer, so it is never done twice.
+    """
     import ray
     from tqdm import tqdm
 
-    task = ray.remote(process_shard).options(
-        num_cpus=settings.cpus_per_task, num_gpus=settings.gpus_per_task, max_retries=settings.max_retries,
-    )
-    hook_dir = os.environ.get(HOOK_DIR_ENV, "")
-    refs = {task.remote(str(raw), str(features_dir), settings, hook_dir): raw.stem for raw in pending}
-    finished_stats: list[dict] = []
+    actor_class = ray.remote(num_cpus=settings.cpus_per_task, num_gpus=settings.gpus_per_task,
+                             max_restarts=0)(ShardProcessor)
+    starting: dict = {}  # ready() ref -> actor still loading its models
+
+    def start_actor() -> None:
+        actor = actor_class.remote(settings)
+        starting[actor.ready.remote()] = actor
+
+    for _ in range(_actor_slots(settings, len(pending))):
+        start_actor()
+    queue, idle, running = deque(pending), [], {}  # running: process() ref -> (actor, raw shard)
+    attempts: Counter = Counter()
+    finished: dict[str, dict] = {}
     errors: dict[str, str] = {}
-    with tqdm(total=len(refs), desc="process shards", unit="shard") as progress:
-        waiting = list(refs)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            try:
-                finished_stats.append(ray.get(done[0]))
-            except (ray.exceptions.RayError, UserError) as err:
-                errors[refs[done[0]]] = str(err).strip().splitlines()[-1][:300]
+
+    def failed_attempt(raw: Path, err: Exception) -> None:
+        if stats_path(features_dir, raw.stem).is_file():  # the attempt finished before its actor was lost
+            finished[raw.stem] = json.loads(stats_path(features_dir, raw.stem).read_text())
             progress.update(1)
-    return finished_stats, errors
+        elif attempts[raw.stem] <= settings.max_retries:
+            queue.append(raw)
+        else:
+            errors[raw.stem] = str(err).strip().splitlines()[-1][:300]
+            progress.update(1)
+
+    with tqdm(total=len(pending), desc="process shards", unit="shard") as progress:
+        try:
+            while queue or running:
+                while idle and queue:
+                    actor, raw = idle.pop(), queue.popleft()
+                    attempts[raw.stem] += 1
+                    running[actor.process.remote(str(raw), str(features_dir))] = (actor, raw)
+                if not running and not starting:
+                    raise RuntimeError("no shard actor could start")  # unreachable while actors get replaced
+                (done,), _ = ray.wait([*running, *starting], num_returns=1)
+                if done in starting:
+                    actor = starting.pop(done)
+                    try:
+                        ray.get(done)
+                        idle.append(actor)
+                    except ray.exceptions.RayActorError:  # its node went away before the models loaded
+                        start_actor()
+                    continue
+                actor, raw = running.pop(done)
+                try:
+                    finished[raw.stem] = ray.get(done)
+                    idle.append(actor)
+                    progress.update(1)
+                except ray.exceptions.RayActorError as err:
+                    ray.kill(actor, no_restart=True)  # make sure it is gone before its shard runs elsewhere
+                    start_actor()
+                    failed_attempt(raw, err)
+                except ray.exceptions.RayTaskError as err:
+                    idle.append(actor)
+                    if isinstance(err.cause, OSError):
+                        failed_attempt(raw, err)
+                    else:
+                        errors[raw.stem] = str(err).strip().splitlines()[-1][:300]
+                        progress.update(1)
+        finally:
+            for actor in [*idle, *starting.values(), *(actor for actor, _ in running.values())]:
+                ray.kill(actor, no_restart=True)
+    retried = {name: count for name, count in sorted(attempts.items()) if count > 1}
+    return list(finished.values()), errors, retried
 
 
 def filter_precision_recall(web_dropped: list[bool], is_mismatched: list[bool]) -> dict:
@@ -138,8 +211,6 @@ def score_against_truth(features_dir: Path, truth_path: str) -> dict:
 
 def summarize(features_dir: Path, shard_names: list[str]) -> dict:
     """Totals over the per-shard stats files of `shard_names` (those present)."""
-    import json
-
     totals = Counter(dict.fromkeys(("shards_done", *SUMMED_STATS), 0))
     failed, decisions = Counter(), Counter()
     seconds = 0.0
@@ -173,10 +244,11 @@ def run_process(config: Config) -> dict:
     started = time.time()
     finished_stats: list[dict] = []
     errors: dict[str, str] = {}
+    retried: dict[str, int] = {}
     if pending:
         started_ray = start_ray(settings)
         try:
-            finished_stats, errors = _run_shards(pending, features_dir, settings)
+            finished_stats, errors, retried = _run_shards(pending, features_dir, settings)
         finally:
             if started_ray:
                 import ray
@@ -189,6 +261,7 @@ def run_process(config: Config) -> dict:
         "shards_total": len(raw_shards),
         "shards_skipped": len(raw_shards) - len(pending),
         "shards_failed": errors,
+        "shards_retried": retried,
         "wall_seconds": round(wall, 2),
         "samples_per_second": round(samples_processed_now / wall, 1) if pending and wall > 0 else None,
     })
@@ -215,6 +288,8 @@ def print_summary(summary: dict) -> None:
         truth = summary["filter_vs_truth"]
         lines.append(f"[process] filter vs ground truth: precision {truth['precision']:.3f} recall {truth['recall']:.3f} "
                      f"(tp {truth['tp']} fp {truth['fp']} fn {truth['fn']} tn {truth['tn']})")
+    for name, attempts in summary["shards_retried"].items():
+        lines.append(f"[process] shard {name} took {attempts} attempts")
     for name, error in summary["shards_failed"].items():
         lines.append(f"[process] shard {name} FAILED: {error}")
     print("\n".join(lines), flush=True)

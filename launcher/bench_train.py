@@ -1,4 +1,4 @@
-"""Benchmark: one full training step (loader + tokenize + mapper/MoE + LM + DeepSpeed backward and
+"""Benchmark: one full training step (loader with tokenising workers + mapper/MoE + LM + DeepSpeed backward and
 optimizer step) vs a bare LM forward+backward over the same tokens, side by side in one run
 (with the plain mapper+LM forward/backward between them, to split the overhead).
 
@@ -77,16 +77,21 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
     (work / "run").mkdir()
     engine, _ = build_model_and_engine(config, info, work / "run", args.clip_dim)
     captioner = engine.module
+    from functools import partial
+
+    from vlpdist.models.captioner import tokenize_captions
+
     plan = build_shard_plan(list_feature_shards(features), 1, 1, args.batch, 0)
-    loader = iter(build_train_loader(plan, 0, 0))
+    # As in training: captions tokenised in the loader worker, pinned batches copied without blocking.
+    tokenize = partial(tokenize_captions, captioner.tokenizer, config.model.max_caption_tokens)
+    loader = iter(build_train_loader(plan, 0, 0, tokenize, pin_memory=info.on_gpu))
     synchronize = torch.cuda.synchronize if info.on_gpu else (lambda: None)
     tokens_per_step = []
 
     def full_step() -> None:
         batch = next(loader)
-        ids_BT, mask_BT = captioner.tokenize(batch["caption"])
-        tokens_per_step.append(int(mask_BT.sum()))
-        out = engine(batch["clip"].to(device), ids_BT.to(device), mask_BT.to(device))
+        tokens_per_step.append(int(batch["attention_mask"].sum()))
+        out = engine(*(batch[key].to(device, non_blocking=True) for key in ("clip", "input_ids", "attention_mask")))
         engine.backward(out["loss"])
         engine.step()
 

@@ -12,6 +12,19 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need a CUDA device: where there is none they are skipped with that reason
+    (listed by -ra), and run with `pytest -m gpu` on a machine that has one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run `pytest -m gpu` (or launcher/gpu_smoke.sh) where one is")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip checkpoint file (random weights, seeded) with its model config beside it."""

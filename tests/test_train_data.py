@@ -36,10 +36,9 @@ def _take(loader, count):
     return list(itertools.islice(iter(loader), count))
 
 
-def _epoch_samples(plan: ShardPlan, epoch: int) -> list[tuple[int, int]]:
-    """(shard, sample index) of everything every slot reads in `epoch`, from the plan alone."""
-    return [(index, sample) for slot in range(plan.num_slots)
-            for index, first, end in plan.slot_pieces(epoch, slot) for sample in range(first, end)]
+def _epoch_pieces(plan: ShardPlan, epoch: int) -> list[tuple[int, int, int]]:
+    """(shard, first, end) of every piece any slot reads in `epoch`, from the plan alone, sorted."""
+    return sorted(piece for slot in range(plan.num_slots) for piece in plan.slot_pieces(epoch, slot))
 
 
 @pytest.mark.parametrize("num_shards,world_size,num_workers,micro_batch,max_left_fraction", [
@@ -57,15 +56,18 @@ def test_plan_at_real_counts_reads_every_sample_once_but_less_than_a_micro_batch
     plan.check()
     slots = world_size * num_workers
     for epoch in (0, 1):
-        read = _epoch_samples(plan, epoch)
-        assert len(read) == len(set(read)) == slots * plan.batches_per_slot * micro_batch
-        assert all(sample < counts[index] for index, sample in read)
-        left_out = sum(counts) - len(read)
+        pieces = _epoch_pieces(plan, epoch)
+        assert all(0 <= first < end <= counts[index] for index, first, end in pieces)
+        # No sample twice: pieces of one shard do not overlap.
+        assert all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(pieces, pieces[1:]))
+        read = sum(end - first for _, first, end in pieces)
+        assert read == slots * plan.batches_per_slot * micro_batch
+        left_out = sum(counts) - read
         assert left_out == plan.left_out_per_epoch < slots * micro_batch
     # What that bound means at these sizes (slots x micro-batch / samples, worked out per case).
     assert plan.left_out_per_epoch / sum(counts) < max_left_fraction
     # Another epoch, another order: the left-out tail moves.
-    assert set(_epoch_samples(plan, 0)) != set(_epoch_samples(plan, 1))
+    assert _epoch_pieces(plan, 0) != _epoch_pieces(plan, 1)
 
 
 def test_counts_come_from_the_processing_stats_and_tars_without_stats_are_counted(shards, tmp_path):

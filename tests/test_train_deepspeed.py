@@ -1,5 +1,6 @@
 """Real DeepSpeed training on 2 CPU ranks (gloo): ZeRO 1/2, expert parallelism 2/1, exact resume,
-damaged-checkpoint fallback, the consolidated export reloaded at another size, TensorBoard."""
+resume refused (or re-planned) when the data plan changed, damaged-checkpoint fallback, the
+consolidated export reloaded at another size, TensorBoard, one collective per step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import shutil
 
 import pytest
 from common_fixtures import free_port
-from train_fixtures import TINY_CONFIG, launch, read_metrics, run_train_main, tiny_features, tiny_overrides
+from train_fixtures import (
+    TINY_CONFIG,
+    collective_probe_env,
+    launch,
+    read_metrics,
+    run_train_main,
+    tiny_features,
+    tiny_overrides,
+)
 
 from vlpdist.parallel.launch import run_deepspeed
 
@@ -26,12 +35,31 @@ def world(tmp_path_factory, tiny_lm):
 
 @pytest.fixture(scope="module")
 def ep2_run(world, tmp_path_factory):
-    """12 steps, ZeRO-2, experts spread over both ranks (ep_size 2); checkpoints at 6 and 12."""
+    """12 steps, ZeRO-2, experts spread over both ranks (ep_size 2); checkpoints at 6 and 12; the
+    tensor collectives vlpdist issues recorded into <run>/../collectives."""
     features, lm_dir = world
     run_dir = tmp_path_factory.mktemp("ep2_run")
-    result = launch(tiny_overrides(features, lm_dir, run_dir, "train.zero_stage=2", "train.ep_size=2"))
+    env = collective_probe_env(run_dir.parent / f"{run_dir.name}_collectives")
+    result = launch(tiny_overrides(features, lm_dir, run_dir, "train.zero_stage=2", "train.ep_size=2"), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result
+
+
+def test_vlpdist_issues_one_collective_per_optimizer_step_on_the_engine_device(ep2_run):
+    run_dir, _ = ep2_run
+    metrics = read_metrics(run_dir)
+    steps_taken = len(metrics) + metrics[-1]["nan_skipped"]  # applied and skipped steps
+    for rank in (0, 1):
+        calls = json.loads((run_dir.parent / f"{run_dir.name}_collectives" / f"rank{rank}.json").read_text())
+        # The loop's only tensor collective is the fused per-step all-reduce (terms, load, flags);
+        # the rest are DeepSpeed's own (e.g. gathering fp32 masters for the export), on the same device.
+        per_step = [call for call in calls if call["caller"] == "engine.py:sum_over_ranks"]
+        assert len(per_step) == steps_taken and {call["op"] for call in per_step} == {"all_reduce"}
+        assert {call["device"] for call in calls} == {"cpu"}  # the engine's device here; tests/test_gpu.py checks cuda
+
+
+def result_text(ep2_run) -> str:
+    return ep2_run[1].stdout
 
 
 def test_ep2_zero2_trains_with_finite_decreasing_loss_and_skips_nan_batches(ep2_run):
@@ -41,7 +69,9 @@ def test_ep2_zero2_trains_with_finite_decreasing_loss_and_skips_nan_batches(ep2_
     losses = [m["loss"] for m in metrics]
     assert all(abs(loss) < 1e6 for loss in losses)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    # Two NaN embeddings in training shard 0: their steps were skipped (not counted as steps) on both ranks.
     assert metrics[-1]["nan_skipped"] >= 1
+    assert "plan" in result_text(ep2_run) and "0 samples (0.00 %) left out per epoch" in result_text(ep2_run)
     ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == 2
     assert ds_config["train_batch_size"] == 8 * 1 * 2
@@ -78,6 +108,8 @@ def test_resume_mid_epoch_matches_straight_run_and_skips_damaged_latest(ep2_run,
     damaged = checkpoints / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     damaged.write_bytes(damaged.read_bytes()[:100])
     (checkpoints / "latest").write_text("step_00000012")
+    # The events of the straight run up to step 12 are there, as after a run killed past step 6.
+    shutil.copytree(straight_dir / "tb", tmp_path / "tb")
     # Steps 1..6 were 96 samples per rank of 240 training samples: resuming mid-epoch.
     result = launch(tiny_overrides(features, lm_dir, tmp_path, "train.eval_at_end=false", "train.export_at_end=false"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -89,6 +121,40 @@ def test_resume_mid_epoch_matches_straight_run_and_skips_damaged_latest(ep2_run,
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in straight]
     assert (checkpoints / "latest").read_text() == "step_00000012"
+    # TensorBoard: the resumed writer purges from step 7, so the curve is steps 2..12 once, not doubled back.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    newest = max((tmp_path / "tb").glob("events.out.tfevents.*"), key=lambda path: path.stat().st_mtime)
+    accumulator = EventAccumulator(str(newest.parent), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("loss/cap")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_with_another_data_plan_is_refused_naming_the_change_or_replanned(ep2_run, world, tmp_path):
+    straight_dir, _ = ep2_run
+    features, lm_dir = world
+    shutil.copytree(straight_dir / "checkpoints" / "step_00000006", tmp_path / "checkpoints" / "step_00000006")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000006")
+    refused = launch(tiny_overrides(features, lm_dir, tmp_path, "train.micro_batch_size=4", "train.num_workers=2"))
+    assert refused.returncode != 0
+    assert ("error: checkpoint step_00000006 was made with another data plan (num_workers 1 -> 2; micro_batch_size 8 -> 4)"
+            in refused.stderr), refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # Another shard list (shard 00004 gone), re-planned on request: the new plan starts at epoch 1
+    # (step 6 was 6 of the 15 micro-batches of epoch 0).
+    fewer = tmp_path / "fewer_features"
+    fewer.mkdir()
+    for path in features.iterdir():
+        if not path.name.startswith("00004"):
+            shutil.copy(path, fewer / path.name)
+    replanned = launch(tiny_overrides(fewer, lm_dir, tmp_path, "train.replan_on_resume=true", "train.eval_at_end=false",
+                                      "train.export_at_end=false"))
+    assert replanned.returncode == 0, replanned.stdout[-3000:] + replanned.stderr[-3000:]
+    assert ("re-planned on resume from step_00000006 (training shards: 1 removed (e.g. 00004.tar)): the new plan "
+            "starts at epoch 1 (the rest of epoch 0 is not read)") in replanned.stdout
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(7, 13)) and {m["epoch"] for m in metrics} == {1}
 
 
 def test_export_from_ep2_reloads_in_one_rank_with_ep1_and_same_eval_loss(ep2_run, world, tmp_path):
@@ -133,7 +199,19 @@ def test_ep1_zero1_loss_decreases_on_a_fixed_batch(world, tmp_path):
     assert run_deepspeed(TINY_CONFIG, overrides, num_procs=2, master_port=free_port()) == 0
     losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 6
-    # DeepSpeed's WarmupCosineLR gives the first two steps lr 0; from then on every step lowers the loss.
-    assert all(later < earlier for earlier, later in zip(losses[2:], losses[3:])), losses
+    # The warmup starts above zero: the first step already lowers the loss, and every step after it.
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     ds_config = json.loads((tmp_path / "run" / "deepspeed_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == 1
+
+
+def test_no_heldout_shards_trains_and_skips_evaluation(world, tmp_path):
+    features, lm_dir = world
+    overrides = tiny_overrides(features, lm_dir, tmp_path / "run", "train.heldout_shards=0", "train.ep_size=1",
+                               "train.max_steps=2", "train.caption_log_every=0")
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    result = run_train_main(["--config", str(TINY_CONFIG), *overrides], timeout_s=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no held-out shards (train.heldout_shards=0): evaluation skipped" in result.stdout
+    assert "288 training samples in 6 shards" in result.stdout
+    assert not (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "export").is_dir()

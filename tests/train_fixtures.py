@@ -41,10 +41,20 @@ def tiny_overrides(features: Path, lm_dir: Path, output_dir: Path, *extra: str) 
     ]
 
 
-def launch(overrides: list[str], num_procs: int = 2, timeout_s: float = 400) -> subprocess.CompletedProcess:
+def launch(overrides: list[str], num_procs: int = 2, timeout_s: float = 400, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`deepspeed launcher/train.py` with TINY_CONFIG and `overrides` on `num_procs` local ranks, output captured."""
     command = deepspeed_train_command(TINY_CONFIG, overrides, num_procs, free_port())
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def collective_probe_env(log_dir: Path) -> dict[str, str]:
+    """The environment under which rank processes record the tensor collectives vlpdist issues
+    (tests/collective_probe/sitecustomize.py) into `log_dir`/rank<N>.json."""
+    import os
+
+    probe = str(REPO / "tests" / "collective_probe")
+    return {**os.environ, "VLPDIST_COLLECTIVE_LOG": str(log_dir),
+            "PYTHONPATH": os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH", "")]))}
 
 
 def run_train_main(args: list[str], timeout_s: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -198,7 +198,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr x this ratio at max_steps."""
     warmup_steps: int = 20
-    """Linear warmup from 0 to lr over this many optimizer steps (>= 1; DeepSpeed's WarmupCosineLR)."""
+    """Linear warmup from lr / warmup_steps (the first step learns) to lr over this many optimizer steps (>= 1)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -219,6 +219,10 @@ class TrainConfig:
     """How many of the most recent checkpoints to keep."""
     resume: bool = True
     """Resume from the latest valid checkpoint in output_dir/checkpoints when there is one."""
+    replan_on_resume: bool = False
+    """When the data plan (shards, held-out shards, workers, micro-batch, seed) differs from the
+    checkpoint's: false refuses to resume, naming what changed; true starts the new plan at the
+    next epoch boundary (the rest of the interrupted epoch is not read). The world size cannot change."""
     log_every: int = 10
     """Write scalars to TensorBoard and the terminal every N optimizer steps."""
     caption_log_every: int = 100

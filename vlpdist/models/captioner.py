@@ -59,6 +59,20 @@ def load_language_model(name: str) -> nn.Module:
         raise UserError(f"cannot load language model {name!r}: {str(err).splitlines()[0]}") from None
 
 
+def tokenize_captions(tokenizer, max_caption_tokens: int, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (input_ids (B, T), attention_mask (B, T)): EOS appended, truncated to
+    `max_caption_tokens`, right-padded. A plain function, so loader workers can run it."""
+    encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    rows = [ids[: max_caption_tokens - 1] + [tokenizer.eos_token_id] for ids in encoded]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
 class PrefixCaptioner(nn.Module):
     """mapper + causal LM + tokenizer; `forward` returns the named loss terms the training loop sums and logs."""
 
@@ -75,16 +89,8 @@ class PrefixCaptioner(nn.Module):
         self.lm.requires_grad_(not cfg.freeze_lm)
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions -> (input_ids (B, T), attention_mask (B, T)): EOS appended, truncated to max_caption_tokens, right-padded."""
-        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        rows = [ids[: self.max_caption_tokens - 1] + [self.tokenizer.eos_token_id] for ids in encoded]
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        return input_ids, attention_mask
+        """Captions -> (input_ids (B, T), attention_mask (B, T)): see `tokenize_captions`."""
+        return tokenize_captions(self.tokenizer, self.max_caption_tokens, captions)
 
     def map_prefix(self, clip_emb_BC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(prefix_BPD in the LM's dtype, moe_aux, expert_load_E)."""

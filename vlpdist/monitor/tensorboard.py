@@ -2,7 +2,8 @@
 
 Tags written by training: `loss/<term>` for each loss term, `opt/lr`, `opt/grad_norm`,
 `throughput/samples_per_s`, `throughput/tokens_per_s`, `moe/expert_load/<e>` (fraction of
-samples routed to expert e), `data/nan_skipped`, `data/epoch`, and `captions/sample` (text).
+samples routed to expert e), `data/nan_skipped` (optimizer steps skipped), `data/epoch`,
+`data/left_out_per_epoch` (samples the plan leaves out of each epoch), and `captions/sample` (text).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 class TensorBoardLogger:
     """A `SummaryWriter` on rank 0; every method is a no-op on other ranks."""
 
-    def __init__(self, log_dir: Path, enabled: bool):
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None):
+        """`purge_step`: on resume, the first step not in the checkpoint; events logged at or after
+        it by the run that was cut off are hidden, so curves do not double back."""
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:

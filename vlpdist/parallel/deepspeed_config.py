@@ -53,7 +53,10 @@ def build_deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool) ->
             "reduce_bucket_size": 50_000_000,
             "allgather_bucket_size": 50_000_000,
         },
-        "bf16": {"enabled": precision == "bf16"},
+        # A non-finite loss makes non-finite gradients; DeepSpeed then skips the optimizer step on
+        # every rank (its grad-norm check is a collective), which is how NaN batches are skipped.
+        # fp16 and fp32 check always; bf16 only when asked.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
             "type": "AdamW",
@@ -72,7 +75,8 @@ def build_deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool) ->
                 "total_num_steps": train.max_steps,
                 "warmup_num_steps": train.warmup_steps,
                 "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
+                # The first step runs at lr / warmup_steps, not 0 (see build_engine's scheduler.step(0)).
+                "warmup_min_ratio": 1.0 / max(train.warmup_steps, 2),
                 "cos_min_ratio": train.min_lr_ratio,
             },
         },

@@ -1,6 +1,10 @@
-"""DeepSpeed engine set-up: process group, MoE optimizer groups, the engine; and the collectives the loop needs.
+"""DeepSpeed engine set-up: process group, optimizer groups, the engine; and the collectives the loop needs.
 
 This is the one place that wraps the model for distribution (the model only receives `ep_size`).
+Tensor collectives take the engine's device explicitly and refuse a tensor elsewhere: NCCL, the
+backend DeepSpeed creates on GPUs, accepts CUDA tensors only, so a CPU tensor reduced there
+crashes the run; gloo on CPU would never show it. Object collectives (plans, manifests,
+checksums) let torch place their buffers on the current device.
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ def device_of(info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if info.on_gpu else torch.device("cpu")
 
 
+def no_decay_parameter(name: str, param: nn.Parameter) -> bool:
+    """Norm weights, biases (anything under 2-D) and the MoE routers take no weight decay:
+    decaying a router's logits pulls it towards uniform routing, and norms/biases are not weights."""
+    return param.ndim < 2 or ".gate." in name
+
+
 def build_engine(model: nn.Module, train: TrainConfig, info: DistInfo, run_dir: Path):
     """The DeepSpeed engine over `model`'s trainable parameters, MoE experts in their own groups.
 
@@ -67,30 +77,63 @@ def build_engine(model: nn.Module, train: TrainConfig, info: DistInfo, run_dir: 
     ds_config = build_deepspeed_config(train, info.world_size, info.on_gpu)
     if info.is_main:
         atomic_write_json(run_dir / "deepspeed_config.json", ds_config)
-    trainable = [param for param in model.parameters() if param.requires_grad]
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    decay = [param for name, param in trainable if not no_decay_parameter(name, param)]
+    no_decay = [param for name, param in trainable if no_decay_parameter(name, param)]
     # Expert params are reduced over the expert-data-parallel group, not the whole world, so
     # DeepSpeed needs them in separate optimizer groups (one per expert group name).
-    groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "dense"})
+    groups = split_params_into_different_moe_groups_for_optimizer([
+        {"params": decay, "name": "decay"},
+        {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
+    ])
+    groups = [group for group in groups if group["params"]]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    # DeepSpeed's WarmupCosineLR starts at iteration -1, where its lr is 0: the first step would
+    # be wasted. From iteration 0 the warmup starts at its floor (warmup_min_ratio > 0); a resume
+    # overwrites this with the saved scheduler state.
+    scheduler.step(0)
     return engine, scheduler
 
 
-def all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (a MAX all-reduce)."""
+def _check_device(tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise RuntimeError(f"collective on a {tensor.device} tensor; the engine runs on {device} (NCCL takes CUDA tensors only)")
+
+
+def sum_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Element-wise sum over all ranks of a tensor already on the engine's `device`: one all-reduce, no host sync."""
     import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
-
-
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean of a small float tensor over all ranks."""
-    import torch.distributed as dist
-
-    values = values.detach().float().clone()
+    _check_device(values, device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size()
+    return values
+
+
+def broadcast_from_main(value, device: torch.device):
+    """Rank 0's `value` on every rank (pickled, so only between our own ranks)."""
+    import torch.distributed as dist
+
+    holder = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0, device=device)
+    return holder[0]
+
+
+def gather_to_main(value) -> list | None:
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def all_gather_values(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def expert_parallel_rank(ep_size: int) -> int:
@@ -134,10 +177,8 @@ def consolidated_state_dict(module: nn.Module, ep_size: int, include_lm: bool) -
         for name, tensor in local_to_global_expert_state(state, expert_parallel_rank(ep_size), module.experts_per_rank).items()
         if sent_by_this_rank(name)
     }
-    is_main = rank == 0
-    gathered: list[dict | None] = [None] * dist.get_world_size()
-    dist.gather_object(local, gathered if is_main else None, dst=0)
-    if not is_main:
+    gathered = gather_to_main(local)
+    if gathered is None:
         return None
     merged: dict[str, torch.Tensor] = {}
     for part in gathered:

@@ -4,14 +4,22 @@ Layout under `<run>/checkpoints/`:
 
     step_00000100/          engine.save_checkpoint output (module, experts per EP rank, ZeRO
                             optimizer partitions, scheduler), rng_rank00000.pt ... (one per
-                            rank), manifest.json (train_state, world size, size + crc32 of every
-                            file; written last)
+                            rank), manifest.json (train_state, world size, the data plan and its
+                            fingerprint, size + crc32 of every file; written last)
     latest                  the newest complete tag, DeepSpeed's own format, updated last
 
-All ranks write into `.tmp_step_00000100`; after a barrier rank 0 writes the manifest, renames the
-folder to its final name and only then rewrites `latest`. A crash at any point leaves either the
-previous checkpoint as latest or a complete new one. On load, a tag whose manifest is missing or
-does not match the files (a damaged latest) is skipped with a warning and the previous one used.
+All ranks write into `.tmp_step_00000100`; after a barrier every rank checksums its share of the
+files (rank 0 lists them once; rank r takes every world_size-th name from the r-th), rank 0
+gathers the sums, writes the manifest, renames the folder to its final name and only then rewrites
+`latest`. Spreading the checksums keeps a tuned LM's GBs from being read by one rank while the
+others wait at a barrier bounded by the distributed timeout. A crash at any point leaves either
+the previous checkpoint as latest or a complete new one. On load, a tag whose manifest is missing
+or does not match the files (a damaged latest; each rank checks its share and the verdicts are
+gathered) is skipped with a warning and the previous one used.
+
+Trust boundary: DeepSpeed's `load_checkpoint` reads its `.pt` files with `torch.load`
+(weights_only=False), i.e. unpickles them. Resume only from checkpoints your own runs wrote; the
+safetensors export is the format to share.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ import logging
 import shutil
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from vlpdist.atomic import atomic_write_json, atomic_write_text
 from vlpdist.errors import UserError
+from vlpdist.parallel.engine import all_gather_values, broadcast_from_main, gather_to_main
 from vlpdist.train.state import TrainState, capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -47,30 +57,42 @@ def _crc32(path: Path) -> int:
     return checksum
 
 
-def _describe_files(folder: Path) -> dict[str, dict[str, int]]:
-    return {
-        str(path.relative_to(folder)): {"bytes": path.stat().st_size, "crc32": _crc32(path)}
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
-    }
+def _list_files(folder: Path) -> list[str]:
+    return [str(path.relative_to(folder)) for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST]
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why the checkpoint folder is not usable, or None when every file matches its manifest."""
+def _describe(path: Path) -> dict[str, int]:
+    return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
+
+
+def _file_problem(folder: Path, name: str, expected: dict[str, int]) -> str | None:
+    path = folder / name
+    if not path.is_file():
+        return f"missing {name}"
+    if path.stat().st_size != expected["bytes"] or _crc32(path) != expected["crc32"]:
+        return f"{name} does not match its manifest (damaged)"
+    return None
+
+
+def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, why the folder is not a finished checkpoint)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        return "no manifest (unfinished write)"
+        return None, "no manifest (unfinished write)"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        return json.loads(manifest_path.read_text()), None
     except ValueError:
-        return "unreadable manifest"
-    for name, expected in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            return f"missing {name}"
-        if path.stat().st_size != expected["bytes"] or _crc32(path) != expected["crc32"]:
-            return f"{name} does not match its manifest (damaged)"
-    return None
+        return None, "unreadable manifest"
+
+
+def checkpoint_problem(folder: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why the checkpoint folder is not usable, or None when every file of this rank's share
+    (every world_size-th file from the rank-th; all of them by default) matches its manifest."""
+    manifest, problem = read_manifest(folder)
+    if problem is not None:
+        return problem
+    share = sorted(manifest["files"].items())[rank::world_size]
+    return next((found for name, expected in share if (found := _file_problem(folder, name, expected))), None)
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[str]:
@@ -89,11 +111,16 @@ def _resume_candidates(checkpoint_dir: Path) -> list[str]:
     return tags
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, state: TrainState, keep: int, exclude_frozen: bool) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+def save_checkpoint(
+    engine, checkpoint_dir: Path, state: TrainState, keep: int, exclude_frozen: bool, data_plan: dict, device: torch.device,
+) -> Path:
+    """Collective: every rank calls it. `data_plan` (the loader plan's description) is recorded
+    with its fingerprint, so a resume can refuse a plan its data position does not fit. Returns the final folder."""
     import torch.distributed as dist
 
-    rank = dist.get_rank()
+    from vlpdist.data.feature_shards import plan_fingerprint
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     tag = tag_for_step(state.step)
     final = checkpoint_dir / tag
     tmp_tag = f".tmp_{tag}"
@@ -111,11 +138,14 @@ def save_checkpoint(engine, checkpoint_dir: Path, state: TrainState, keep: int, 
     )
     torch.save(capture_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     dist.barrier()
+    names = broadcast_from_main(_list_files(tmp) if rank == 0 else None, device)
+    shares = gather_to_main({name: _describe(tmp / name) for name in names[rank::world_size]})
     if rank == 0:
-        atomic_write_json(
-            tmp / MANIFEST,
-            {"tag": tag, "world_size": dist.get_world_size(), "train_state": state.to_dict(), "files": _describe_files(tmp)},
-        )
+        files = {name: described for share in shares for name, described in share.items()}
+        atomic_write_json(tmp / MANIFEST, {
+            "tag": tag, "world_size": world_size, "train_state": state.to_dict(),
+            "data_plan": data_plan, "data_plan_fingerprint": plan_fingerprint(data_plan), "files": dict(sorted(files.items())),
+        })
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         atomic_write_text(checkpoint_dir / LATEST, tag)
@@ -125,27 +155,35 @@ def save_checkpoint(engine, checkpoint_dir: Path, state: TrainState, keep: int, 
     return final
 
 
-def load_latest_checkpoint(engine, checkpoint_dir: Path, exclude_frozen: bool) -> TrainState | None:
-    """Collective: restore engine, RNG and TrainState from the newest usable checkpoint (None if none)."""
+def load_latest_checkpoint(
+    engine, checkpoint_dir: Path, exclude_frozen: bool, device: torch.device, resume_state: Callable[[dict], TrainState],
+) -> TrainState | None:
+    """Collective: restore engine, RNG and TrainState from the newest usable checkpoint (None if none).
+
+    `resume_state(manifest)` turns the manifest into the state to continue from, or raises a
+    UserError (e.g. the data plan changed); it sees the same manifest on every rank, so every
+    rank decides alike before any rank loads."""
     import torch.distributed as dist
 
-    rank = dist.get_rank()
-    for tag in _resume_candidates(checkpoint_dir):
-        # Rank 0 reads the files once and tells the others, so all ranks try the same tag.
-        verdict = [checkpoint_problem(checkpoint_dir / tag) if rank == 0 else None]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    # Rank 0 lists the folder once, so all ranks try the same tags in the same order.
+    for tag in broadcast_from_main(_resume_candidates(checkpoint_dir) if rank == 0 else None, device):
+        folder = checkpoint_dir / tag
+        verdicts = all_gather_values(checkpoint_problem(folder, rank, world_size))
+        problem = next((verdict for verdict in verdicts if verdict is not None), None)
+        if problem is not None:
             if rank == 0:
-                log.warning("checkpoint %s skipped: %s; falling back to the previous one", checkpoint_dir / tag, verdict[0])
+                log.warning("checkpoint %s skipped: %s; falling back to the previous one", folder, problem)
             continue
-        manifest = json.loads((checkpoint_dir / tag / MANIFEST).read_text())
-        if manifest["world_size"] != dist.get_world_size():
+        manifest = broadcast_from_main(read_manifest(folder)[0] if rank == 0 else None, device)
+        if manifest["world_size"] != world_size:
             raise UserError(
-                f"checkpoint {checkpoint_dir / tag} was written by {manifest['world_size']} ranks, this run has "
-                f"{dist.get_world_size()}; resume with the same world size or start a new train.output_dir "
+                f"checkpoint {folder} was written by {manifest['world_size']} ranks, this run has "
+                f"{world_size}; resume with the same world size or start a new train.output_dir "
                 "(the fp32 export reloads at any size)"
             )
+        state = resume_state(manifest)
         engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_strict=not exclude_frozen)
-        restore_rng_state(torch.load(checkpoint_dir / tag / f"rng_rank{rank:05d}.pt", weights_only=True))
-        return TrainState.from_dict(manifest["train_state"])
+        restore_rng_state(torch.load(folder / f"rng_rank{rank:05d}.pt", weights_only=True))
+        return state
     return None

@@ -1,11 +1,14 @@
 """Held-out evaluation after training: caption loss vs the LM without the image, and caption metrics.
 
-Every rank evaluates the same held-out samples (the expert-parallel all-to-all needs all ranks in
-every forward), so the numbers do not depend on the world size or `ep_size`; rank 0 writes them.
+The held-out samples are shared over the ranks (sample i to rank i % world_size); every rank runs
+the same number of batches, a rank with a shorter share repeating a batch whose results it drops,
+because the expert-parallel all-to-all needs every rank in every mapper forward. Rank 0 gathers
+the shares and scores them, so the numbers do not depend on the world size or `ep_size`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -15,37 +18,66 @@ from vlpdist.data.feature_shards import iterate_heldout
 
 @torch.no_grad()
 def evaluate_heldout(
-    captioner, heldout_shards: list[Path], batch_size: int, max_samples: int, max_new_tokens: int, device: torch.device,
-    baseline_lm: torch.nn.Module | None = None,
+    captioner, heldout_shards: list[Path], batch_size: int, num_samples: int, max_new_tokens: int, device: torch.device,
+    baseline_lm: torch.nn.Module | None = None, rank: int = 0, world_size: int = 1,
 ) -> dict:
-    """Collective (every rank, same samples): token-weighted caption loss with the image, greedy
-    captions with their references keyed by sample key, and, where `baseline_lm` is given, the
-    caption loss of that LM alone without the image (None elsewhere: it has no collectives, so
-    only the rank that reports it computes it)."""
+    """Collective (every rank, `num_samples` held-out samples in all): this rank's share of the
+    token-weighted caption loss sums with the image and, where `baseline_lm` is given, of that LM
+    alone without the image; greedy captions with their references keyed by sample key."""
     was_training = captioner.training
     captioner.eval()
     loss_sum = text_only_sum = 0.0
     tokens = 0
     references: dict[str, list[str]] = {}
     predictions: dict[str, str] = {}
-    for batch in iterate_heldout(heldout_shards, batch_size, max_samples):
+    batches = list(iterate_heldout(heldout_shards, batch_size, num_samples, rank, world_size))
+    # The longest share (rank 0's) decides how many forwards every rank runs.
+    rounds = math.ceil(math.ceil(num_samples / world_size) / batch_size)
+    filler = batches[0] if batches else next(iterate_heldout(heldout_shards, batch_size, 1))
+    for index in range(rounds):
+        real = index < len(batches)
+        batch = batches[index] if real else filler
         clip_BC = batch["clip"].to(device)
         ids_BT, mask_BT = (t.to(device) for t in captioner.tokenize(batch["caption"]))
         # The LM averages over the caption tokens it predicts (all of them, EOS included).
         count = int(mask_BT.sum())
-        loss_sum += float(captioner(clip_BC, ids_BT, mask_BT)["cap"]) * count
-        if baseline_lm is not None:
-            text_only_sum += float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count
-        tokens += count
-        predictions.update(zip(batch["keys"], captioner.generate_captions(clip_BC, max_new_tokens)))
+        loss = float(captioner(clip_BC, ids_BT, mask_BT)["cap"]) * count
+        text_only = float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count if baseline_lm is not None else 0.0
+        generated = captioner.generate_captions(clip_BC, max_new_tokens)
+        if not real:
+            continue
+        loss_sum, text_only_sum, tokens = loss_sum + loss, text_only_sum + text_only, tokens + count
+        predictions.update(zip(batch["keys"], generated))
         references.update(zip(batch["keys"], batch["captions"]))
     captioner.train(was_training)
     return {
-        "samples": len(predictions),
-        "caption_loss": loss_sum / tokens,
-        "lm_without_image_loss": text_only_sum / tokens if baseline_lm is not None else None,
+        "loss_sum": loss_sum,
+        "text_only_sum": text_only_sum if baseline_lm is not None else None,
+        "tokens": tokens,
         "references": references,
         "predictions": predictions,
+    }
+
+
+def merge_heldout(share: dict) -> dict | None:
+    """Collective: every rank's `evaluate_heldout` share, merged on rank 0 into the held-out
+    losses (token-weighted over all shares), references and predictions; None on other ranks."""
+    from vlpdist.parallel.engine import gather_to_main
+
+    shares = gather_to_main(share)
+    if shares is None:
+        return None
+    tokens = sum(part["tokens"] for part in shares)
+    references = {key: value for part in shares for key, value in part["references"].items()}
+    predictions = {key: value for part in shares for key, value in part["predictions"].items()}
+    with_baseline = all(part["text_only_sum"] is not None for part in shares)
+    return {
+        "samples": len(predictions),
+        "caption_loss": sum(part["loss_sum"] for part in shares) / tokens,
+        "lm_without_image_loss": sum(part["text_only_sum"] for part in shares) / tokens if with_baseline else None,
+        # In held-out order (sample i came from rank i % world_size), so examples do not depend on the world size.
+        "references": dict(sorted(references.items())),
+        "predictions": dict(sorted(predictions.items())),
     }
 
 

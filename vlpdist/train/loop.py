@@ -2,8 +2,10 @@
 skipping, preemption, and at the end a checkpoint, the consolidated fp32 export and evaluation.
 
 Every rank runs this function (launched by `deepspeed`, `srun` or `torchrun`); rank 0 alone writes
-the run folder's shared files. Decisions that must be the same on all ranks (skip a NaN batch,
-stop for preemption) go through an all-reduce so no rank is left waiting in a collective.
+the run folder's shared files and builds the data plan, which it sends to the others. Decisions
+that must be the same on all ranks (stop for preemption, the logged terms) ride on one all-reduce
+per optimizer step, on the engine's device; skipping a non-finite step is decided by DeepSpeed's
+own global grad-norm check, the same on every rank.
 """
 
 from __future__ import annotations
@@ -13,36 +15,41 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from vlpdist.atomic import atomic_path, atomic_write_json, atomic_write_text
 from vlpdist.config import Config, save_config
 from vlpdist.data.feature_shards import (
+    ShardPlan,
     build_shard_plan,
     build_train_loader,
     iterate_heldout,
     list_feature_shards,
+    plan_differences,
+    shard_sample_counts,
     split_heldout,
 )
+from vlpdist.errors import UserError
 from vlpdist.parallel.deepspeed_config import check_train_config
 from vlpdist.parallel.engine import (
     DistInfo,
-    all_ranks_agree,
+    broadcast_from_main,
     build_engine,
     consolidated_state_dict,
     device_of,
     expert_parallel_rank,
     init_distributed,
-    mean_over_ranks,
+    sum_over_ranks,
 )
-from vlpdist.train.checkpoint import load_latest_checkpoint, save_checkpoint, tag_for_step
+from vlpdist.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from vlpdist.train.state import TrainState
 
 PREEMPTED_EXIT_CODE = 3
 """Exit code of a run stopped by SIGUSR2/SIGTERM after writing its checkpoint (requeue me)."""
-LOSS_TERMS = ("loss", "cap", "moe_aux")
 EXPORT_WEIGHTS = "model_fp32.safetensors"
 
 
@@ -63,11 +70,24 @@ class PreemptionSignal:
 
 
 @dataclass
-class StepWindow:
-    """Sums since the last TensorBoard write, for means and throughput."""
+class DataWorld:
+    """What rank 0 reads of the feature folder and sends to every rank: the training plan (with
+    the held-out shard names), the held-out sample count, the CLIP width, or the user error that
+    stops every rank alike."""
 
-    terms: dict[str, float] = field(default_factory=lambda: {term: 0.0 for term in LOSS_TERMS})
-    expert_load: torch.Tensor | None = None
+    plan: ShardPlan | None = None
+    heldout_samples: int = 0
+    clip_dim: int = 0
+    counted_from_tars: int = 0
+    error: str | None = None
+
+
+@dataclass
+class StepWindow:
+    """Sums over ranks since the last TensorBoard write, for means and throughput."""
+
+    terms: dict[str, float] = field(default_factory=dict)
+    expert_load: list[float] | None = None
     steps: int = 0
     samples: int = 0
     tokens: int = 0
@@ -80,8 +100,28 @@ def _paths(config: Config) -> tuple[Path, Path]:
     return run_dir, features
 
 
-def _clip_dim(shard: Path) -> int:
-    return next(iterate_heldout([shard], batch_size=1, max_samples=1))["clip"].shape[1]
+def _read_data_world(config: Config, world_size: int, features_dir: Path) -> DataWorld:
+    """On rank 0 only: list and count the shards (from the processing stats) and build the plan."""
+    train = config.train
+    try:
+        train_shards, heldout_shards = split_heldout(list_feature_shards(features_dir), train.heldout_shards)
+        counts, counted = shard_sample_counts(train_shards)
+        plan = build_shard_plan(
+            train_shards, world_size, train.num_workers, train.micro_batch_size, train.seed, heldout_shards, counts,
+        )
+    except UserError as err:
+        return DataWorld(error=str(err))
+    clip_dim = next(iterate_heldout(train_shards[:1], batch_size=1, max_samples=1))["clip"].shape[1]
+    heldout_samples = sum(shard_sample_counts(heldout_shards)[0])
+    return DataWorld(plan, heldout_samples, clip_dim, counted)
+
+
+def share_data_world(config: Config, info: DistInfo, features_dir: Path) -> DataWorld:
+    """Collective: rank 0's DataWorld on every rank (so ranks can never disagree about the plan)."""
+    world = broadcast_from_main(_read_data_world(config, info.world_size, features_dir) if info.is_main else None, device_of(info))
+    if world.error is not None:
+        raise UserError(world.error)
+    return world
 
 
 def _sample_captions(shards: list[Path], count: int) -> list[str]:
@@ -89,11 +129,64 @@ def _sample_captions(shards: list[Path], count: int) -> list[str]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (a run killed after it)."""
+    """Drop lines logged after the checkpoint we resume from (a run killed after it), and a torn
+    last line (a run killed mid-write)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _describe_plan(plan: ShardPlan, counted_from_tars: int) -> str:
+    left = plan.left_out_per_epoch
+    counted = f" ({counted_from_tars} counted from their tars: no processing stats)" if counted_from_tars else ""
+    return (
+        f"data plan {plan.fingerprint()}: {plan.total_samples} training samples in {len(plan.shards)} shards{counted} over "
+        f"{plan.world_size} ranks x {plan.workers_per_rank} loader workers: {plan.batches_per_slot} micro-batches of "
+        f"{plan.micro_batch_size} per slot and epoch; {left} samples ({100 * left / plan.total_samples:.2f} %) left out per epoch"
+    )
+
+
+def resume_state_for(plan: ShardPlan, replan: bool, is_main: bool) -> Callable[[dict], TrainState]:
+    """The checkpoint loader's `resume_state`: the saved state if the data plan is unchanged; else a
+    one-line error naming what changed, or, with `replan`, the state moved to the next epoch
+    boundary under the new plan (its data position counts from there)."""
+
+    def resume_state(manifest: dict) -> TrainState:
+        state = TrainState.from_dict(manifest["train_state"])
+        saved = manifest.get("data_plan") or {}
+        changes = plan_differences(saved, plan.describe()) if saved else ["the checkpoint records no data plan"]
+        if not changes:
+            return state
+        tag = manifest.get("tag", "?")
+        if not replan:
+            raise UserError(
+                f"checkpoint {tag} was made with another data plan ({'; '.join(changes)}), so its data position would "
+                "point at other samples; restore that plan, or set train.replan_on_resume=true to start the new plan "
+                "at the next epoch boundary"
+            )
+        if not saved:
+            next_epoch = 0
+        else:
+            old = ShardPlan([name for name, _ in saved["shards"]], [count for _, count in saved["shards"]],
+                            saved["world_size"], saved["num_workers"], saved["micro_batch_size"], saved["seed"],
+                            shuffle_buffer=saved["shuffle_buffer"], first_epoch=state.plan_first_epoch)
+            epoch, into = old.epoch_of_position(state.data_position)
+            next_epoch = epoch + (1 if into else 0)
+        state.plan_first_epoch, state.data_position = next_epoch, 0
+        if is_main:
+            print(f"re-planned on resume from {tag} ({'; '.join(changes)}): the new plan starts at epoch {next_epoch}"
+                  + (f" (the rest of epoch {next_epoch - 1} is not read)" if saved and into else ""), flush=True)
+        return state
+
+    return resume_state
 
 
 def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_dim: int, consolidated=None):
@@ -117,42 +210,55 @@ def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_d
 
 def run_training(config: Config) -> int:
     """Train (resuming if a checkpoint exists), then checkpoint, export and evaluate. Returns the exit code."""
+    from vlpdist.models.captioner import tokenize_captions
+
     train = config.train
     check_train_config(train, int(os.environ.get("WORLD_SIZE", "1")))  # fail fast, before any heavy set-up
     info = init_distributed(train.dist_timeout_s)
+    device = device_of(info)
     run_dir, features_dir = _paths(config)
-    train_shards, heldout_shards = split_heldout(list_feature_shards(features_dir), train.heldout_shards)
-    plan = build_shard_plan(train_shards, info.world_size, train.num_workers, train.micro_batch_size, train.seed)
+    world = share_data_world(config, info, features_dir)
+    plan = world.plan
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
-    clip_dim = _clip_dim(train_shards[0])
-    engine, scheduler = build_model_and_engine(config, info, run_dir, clip_dim)
+        print(_describe_plan(plan, world.counted_from_tars), flush=True)
+    engine, scheduler = build_model_and_engine(config, info, run_dir, world.clip_dim)
     checkpoint_dir = run_dir / "checkpoints"
     exclude_frozen = config.model.freeze_lm
-    state = (load_latest_checkpoint(engine, checkpoint_dir, exclude_frozen) if train.resume else None) or TrainState()
+    state = None
+    if train.resume:
+        state = load_latest_checkpoint(engine, checkpoint_dir, exclude_frozen, device, resume_state_for(plan, train.replan_on_resume, info.is_main))
+    state = state or TrainState()
+    plan.first_epoch = state.plan_first_epoch
     if info.is_main:
         if state.step:
             print(f"resumed from step {state.step} (data position {state.data_position}) in {checkpoint_dir}", flush=True)
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
     from vlpdist.monitor.tensorboard import TensorBoardLogger
 
-    tb = TensorBoardLogger(run_dir / "tb", info.is_main)
+    # Past the resumed step, events of the run that was cut off are dropped, so curves do not double back.
+    tb = TensorBoardLogger(run_dir / "tb", info.is_main, purge_step=state.step + 1 if state.step else None)
+    tb.scalars({"data/left_out_per_epoch": plan.left_out_per_epoch}, state.step)
     preemption = PreemptionSignal()
-    loader = iter(build_train_loader(plan, info.rank, state.data_position))
+    # Captions are tokenised in the loader workers; pinned batches copy to the GPU without blocking.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
+    tokenize = partial(tokenize_captions, engine.module.tokenizer, config.model.max_caption_tokens)
+    loader = iter(build_train_loader(plan, info.rank, state.data_position, tokenize, pin_memory=info.on_gpu))
+    last_saved_step = state.step  # what is on disk, known from this loop's memory (not from a shared file system)
     try:
-        stopped = _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir)
-        if state.step > 0 and not (checkpoint_dir / tag_for_step(state.step)).is_dir():
-            save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen)
+        stopped, last_saved_step = _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan, last_saved_step)
+        if state.step > last_saved_step:
+            save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen, plan.describe(), device)
         if stopped:
             if info.is_main:
                 cause = preemption.received or "a signal to another rank"
                 print(f"stopped by {cause} at step {state.step}; checkpoint written, exit {PREEMPTED_EXIT_CODE}", flush=True)
             return PREEMPTED_EXIT_CODE
         if train.export_at_end:
-            export_consolidated(engine.module, config, run_dir / "export", info, clip_dim, state.step)
+            export_consolidated(engine.module, config, run_dir / "export", info, world.clip_dim, state.step)
         if train.eval_at_end:
-            result = evaluate(engine.module, config, heldout_shards, train_shards, info)
+            result = evaluate(engine.module, config, world, info)
             if result is not None:
                 atomic_write_json(run_dir / "eval.json", result)
                 _print_eval(result)
@@ -161,77 +267,102 @@ def run_training(config: Config) -> int:
     return 0
 
 
-def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir) -> bool:
-    """Optimizer steps until max_steps; True if stopped early by a preemption signal."""
+def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan, last_saved_step) -> tuple[bool, int]:
+    """Optimizer steps until max_steps; (stopped early by a preemption signal, last step saved).
+
+    Per micro-batch: forward, backward, `engine.step()`; the loss terms and expert load stay on
+    the device. Per optimizer step: ONE all-reduce of [terms of finite micro-batches, finite
+    micro-batch count, expert load, tokens, samples, stop flag] and one host sync to read it.
+    A non-finite loss gives non-finite gradients, and DeepSpeed then skips that optimizer step
+    on every rank alike (its global grad-norm check is a collective): the loop counts it from
+    `engine.was_step_applied()`, so no flag needs a collective of its own."""
     train = config.train
     device = device_of(info)
     window = StepWindow()
     metrics_path = run_dir / "metrics.jsonl"
+    term_names: list[str] | None = None
     while state.step < train.max_steps:
-        step_terms = torch.zeros(len(LOSS_TERMS))
-        micro_batches = 0
-        batch = None
+        sums_device = None
+        tokens = samples = 0
         while True:
             batch = next(loader)
             if batch["position"] != state.data_position:
                 raise RuntimeError(f"data stream at {batch['position']}, expected {state.data_position}")
             state.data_position += 1
-            state.samples_seen += len(batch["keys"]) * info.world_size
-            ids_BT, mask_BT = engine.module.tokenize(batch["caption"])
-            out = engine(batch["clip"].to(device), ids_BT.to(device), mask_BT.to(device))
-            if all_ranks_agree(not bool(torch.isfinite(out["loss"])), device):
-                state.nan_skipped += 1
-                state.consecutive_nan += 1
-                if state.consecutive_nan >= train.max_consecutive_nan_steps:
-                    raise TrainingDiverged(
-                        f"{state.consecutive_nan} micro-batches in a row had a non-finite loss (at step {state.step}, "
-                        f"data position {state.data_position}); stopping (train.max_consecutive_nan_steps="
-                        f"{train.max_consecutive_nan_steps}). Lower train.lr or check the feature shards."
-                    )
-                continue
-            state.consecutive_nan = 0
+            out = engine(
+                batch["clip"].to(device, non_blocking=True),
+                batch["input_ids"].to(device, non_blocking=True),
+                batch["attention_mask"].to(device, non_blocking=True),
+            )
+            if term_names is None:  # every scalar the model returns is a loss term to log
+                term_names = [name for name, value in out.items() if value.ndim == 0]
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(out["loss"])
             engine.step()
-            step_terms += torch.stack([out[term].detach().float() for term in LOSS_TERMS]).cpu()  # one device sync
-            micro_batches += 1
-            load_E = out["expert_load"].detach().float().cpu()
-            window.expert_load = load_E if window.expert_load is None else window.expert_load + load_E
-            window.samples += len(batch["keys"]) * info.world_size
-            window.tokens += int(mask_BT.sum()) * info.world_size
+            terms = torch.stack([out[name].detach().float() for name in term_names])
+            finite = torch.isfinite(terms).all()
+            micro_stats = torch.cat([torch.where(finite, terms, torch.zeros_like(terms)), finite.float()[None],
+                                     out["expert_load"].detach().float()])
+            sums_device = micro_stats if sums_device is None else sums_device + micro_stats
+            tokens += int(batch["attention_mask"].sum())  # a CPU tensor from the loader: no device sync
+            samples += len(batch["keys"])
             if boundary:
                 break
-        state.step += 1
-        window.steps += 1
-        means = mean_over_ranks(step_terms / micro_batches).tolist()
-        for term, value in zip(LOSS_TERMS, means):
-            window.terms[term] += value
-        grad_norm = engine.get_global_grad_norm()
-        record = {
-            "step": state.step,
-            **dict(zip(LOSS_TERMS, means)),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "nan_skipped": state.nan_skipped,
-            "samples_seen": state.samples_seen,
-        }
-        if info.is_main:
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if state.step % train.log_every == 0 or state.step == train.max_steps:
-            _log_window(tb, window, record, info, batch)
-            window = StepWindow()
-        if train.caption_log_every and state.step % train.caption_log_every == 0:
-            _log_captions(engine.module, tb, batch, device, train.eval_max_new_tokens, state.step)
-        stop = all_ranks_agree(preemption.received is not None, device)
-        if state.step % train.checkpoint_every == 0 or stop:
-            save_checkpoint(engine, run_dir / "checkpoints", state, train.keep_checkpoints, config.model.freeze_lm)
+        host_part = torch.tensor([tokens, samples, float(preemption.received is not None)], device=device)
+        totals = sum_over_ranks(torch.cat([sums_device, host_part]), device).tolist()  # the step's collective and sync
+        num_terms = len(term_names)
+        finite_micro_batches = totals[num_terms]
+        load_E = totals[num_terms + 1 : -3]
+        step_tokens, step_samples, stop = int(totals[-3]), int(totals[-2]), totals[-1] > 0
+        state.samples_seen += step_samples
+        if engine.was_step_applied():
+            state.consecutive_nan = 0
+            state.step += 1
+            means = {name: totals[i] / max(finite_micro_batches, 1) for i, name in enumerate(term_names)}
+            window.steps += 1
+            window.samples += step_samples
+            window.tokens += step_tokens
+            for name, value in means.items():
+                window.terms[name] = window.terms.get(name, 0.0) + value
+            window.expert_load = load_E if window.expert_load is None else [a + b for a, b in zip(window.expert_load, load_E)]
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": state.step,
+                **means,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "nan_skipped": state.nan_skipped,
+                "samples_seen": state.samples_seen,
+                "epoch": batch["epoch"],
+            }
+            if info.is_main:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if state.step % train.log_every == 0 or state.step == train.max_steps:
+                _log_window(tb, window, record, info)
+                window = StepWindow()
+            if train.caption_log_every and state.step % train.caption_log_every == 0:
+                _log_captions(engine.module, tb, batch, device, train.eval_max_new_tokens, state.step)
+        else:
+            state.nan_skipped += 1
+            state.consecutive_nan += 1
+            if state.consecutive_nan >= train.max_consecutive_nan_steps:
+                raise TrainingDiverged(
+                    f"{state.consecutive_nan} optimizer steps in a row had a non-finite loss or gradient and were skipped "
+                    f"(after step {state.step}, data position {state.data_position}); stopping (train.max_consecutive_nan_steps="
+                    f"{train.max_consecutive_nan_steps}). Lower train.lr or check the feature shards."
+                )
+        due = state.step > last_saved_step and state.step % train.checkpoint_every == 0
+        if due or (stop and state.step > last_saved_step):
+            save_checkpoint(engine, run_dir / "checkpoints", state, train.keep_checkpoints, config.model.freeze_lm,
+                            plan.describe(), device)
+            last_saved_step = state.step
         if stop:
-            return True
-    return False
+            return True, last_saved_step
+    return False, last_saved_step
 
 
-def _log_window(tb, window: StepWindow, record: dict, info: DistInfo, batch) -> None:
+def _log_window(tb, window: StepWindow, record: dict, info: DistInfo) -> None:
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     scalars = {f"loss/{term}": total / window.steps for term, total in window.terms.items()}
     scalars.update({
@@ -239,20 +370,20 @@ def _log_window(tb, window: StepWindow, record: dict, info: DistInfo, batch) -> 
         "throughput/samples_per_s": window.samples / elapsed,
         "throughput/tokens_per_s": window.tokens / elapsed,
         "data/nan_skipped": record["nan_skipped"],
-        "data/epoch": batch["epoch"],
+        "data/epoch": record["epoch"],
     })
     if record["grad_norm"] is not None:
         scalars["opt/grad_norm"] = record["grad_norm"]
     step = record["step"]
     tb.scalars(scalars, step)
-    if window.expert_load is not None and window.expert_load.numel():
-        # Per-rank loads summed over the window's micro-batches, averaged over ranks, as fractions.
-        load = mean_over_ranks(window.expert_load)
-        tb.expert_load((load / load.sum()).tolist(), step)
+    if window.expert_load:
+        # Loads summed over ranks and the window's micro-batches (in the per-step all-reduce), as fractions.
+        total = sum(window.expert_load) or 1.0
+        tb.expert_load([load / total for load in window.expert_load], step)
     tb.flush()
     if info.is_main:
         print(
-            f"step {step} loss {scalars['loss/loss']:.4f} cap {scalars['loss/cap']:.4f} lr {record['lr']:.2e} "
+            f"step {step} loss {scalars['loss/loss']:.4f} cap {scalars.get('loss/cap', float('nan')):.4f} lr {record['lr']:.2e} "
             f"{scalars['throughput/samples_per_s']:.0f} samples/s {scalars['throughput/tokens_per_s']:.0f} tokens/s",
             flush=True,
         )
@@ -279,23 +410,28 @@ def export_consolidated(captioner, config: Config, export_dir: Path, info: DistI
     print(f"exported consolidated fp32 model ({len(state)} tensors) to {export_dir}", flush=True)
 
 
-def evaluate(captioner, config: Config, heldout_shards, train_shards, info: DistInfo) -> dict | None:
-    """Collective: held-out losses and greedy captions on every rank; rank 0 scores them and returns the result."""
+def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dict | None:
+    """Collective: each data-parallel rank evaluates its share of the held-out samples; rank 0
+    gathers, scores and returns the result (None elsewhere, and None everywhere without held-out shards)."""
     from vlpdist.models.captioner import load_language_model
-    from vlpdist.train.evaluate import evaluate_heldout, score_captions
+    from vlpdist.train.evaluate import evaluate_heldout, merge_heldout, score_captions
 
     train = config.train
-    baseline_lm = None  # the LM alone, on the rank that reports it
-    if info.is_main:
-        # A tuned LM has learnt to expect the prefix: the baseline is then the LM as loaded, before training.
-        baseline_lm = captioner.lm if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()
-    heldout = evaluate_heldout(
-        captioner, heldout_shards, train.micro_batch_size, train.eval_max_samples, train.eval_max_new_tokens, device_of(info),
-        baseline_lm,
-    )
-    if not info.is_main:
+    heldout_shards = [Path(path) for path in world.plan.heldout]
+    if not heldout_shards:
+        if info.is_main:
+            print("no held-out shards (train.heldout_shards=0): evaluation skipped", flush=True)
         return None
-    return score_captions(heldout, _sample_captions(train_shards, train.eval_max_samples))
+    # A tuned LM has learnt to expect the prefix: the baseline is then the LM as loaded, before training.
+    baseline_lm = captioner.lm if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()
+    share = evaluate_heldout(
+        captioner, heldout_shards, train.micro_batch_size, min(train.eval_max_samples, world.heldout_samples),
+        train.eval_max_new_tokens, device_of(info), baseline_lm, info.rank, info.world_size,
+    )
+    heldout = merge_heldout(share)
+    if heldout is None:
+        return None
+    return score_captions(heldout, _sample_captions([Path(path) for path in world.plan.shards], train.eval_max_samples))
 
 
 def _print_eval(result: dict) -> None:
@@ -311,20 +447,20 @@ def run_export_evaluation(config: Config, export_dir: Path) -> int:
     """Reload a consolidated export at this launch's world size and `ep_size`; evaluate it on the held-out shards."""
     from safetensors.torch import load_file
 
-    from vlpdist.errors import UserError
-
     weights = export_dir / EXPORT_WEIGHTS
     if not weights.is_file():
         raise UserError(f"export {export_dir} has no {EXPORT_WEIGHTS}")
     info = init_distributed(config.train.dist_timeout_s)
     run_dir, features_dir = _paths(config)
-    train_shards, heldout_shards = split_heldout(list_feature_shards(features_dir), config.train.heldout_shards)
+    world = share_data_world(config, info, features_dir)
+    if not world.plan.heldout:
+        raise UserError("train.heldout_shards is 0: there is nothing to evaluate the export on")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
     meta = json.loads((export_dir / "export.json").read_text())
     engine, _ = build_model_and_engine(config, info, run_dir, meta["clip_dim"], consolidated=load_file(str(weights)))
-    result = evaluate(engine.module, config, heldout_shards, train_shards, info)
+    result = evaluate(engine.module, config, world, info)
     if result is not None:
         atomic_write_json(run_dir / "eval.json", result)
         _print_eval(result)

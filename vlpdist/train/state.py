@@ -14,15 +14,17 @@ class TrainState:
     """Everything besides model/optimizer/scheduler that a resumed run needs to continue exactly."""
 
     step: int = 0
-    """Optimizer steps taken."""
+    """Optimizer steps applied (a step skipped for a non-finite loss does not count)."""
     data_position: int = 0
-    """Micro-batches this rank has consumed from its stream (the loader resumes right after)."""
+    """Micro-batches this rank has consumed from its stream under the current data plan (the loader resumes right after)."""
+    plan_first_epoch: int = 0
+    """The epoch the current data plan started at (0, or later after a re-plan on resume)."""
     samples_seen: int = 0
-    """Training samples consumed over all ranks (skipped NaN batches included)."""
+    """Training samples consumed over all ranks (those of skipped steps included)."""
     nan_skipped: int = 0
-    """Micro-batches skipped because the loss was not finite."""
+    """Optimizer steps skipped because a loss or gradient was not finite on some rank."""
     consecutive_nan: int = 0
-    """Non-finite micro-batches in a row right now (reset by a finite one)."""
+    """Skipped steps in a row right now (reset by an applied one)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,61 @@
+"""On one CUDA device (`pytest -m gpu`; skipped, saying so, where there is none): DeepSpeed on
+NCCL in bf16 for 20 steps at ep_size 1 with every collective vlpdist issues checked to be on the
+GPU, and the folded mapper equal to the MoE mapper on the GPU. `launcher/gpu_smoke.sh` runs these
+and the training benchmark in one short run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from common_fixtures import free_port
+from train_fixtures import TINY_CONFIG, collective_probe_env, read_metrics, run_train_main, tiny_features, tiny_overrides
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
+
+
+def test_one_rank_bf16_trains_20_steps_on_nccl_with_collectives_on_the_gpu(tiny_lm, tmp_path):
+    features = tiny_features(tmp_path / "features")
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        features, tiny_lm, run_dir, "train.ep_size=1", "train.precision=bf16", "train.max_steps=20",
+        "train.checkpoint_every=10", "train.log_every=5", "train.caption_log_every=10",
+    )
+    probe_log = tmp_path / "collectives"
+    env = {**collective_probe_env(probe_log), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = run_train_main(["--config", str(TINY_CONFIG), *overrides], timeout_s=500, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert all(abs(m["loss"]) < 1e4 for m in metrics)
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["bf16"]["enabled"]
+    calls = json.loads((probe_log / "rank0.json").read_text())
+    step_reductions = [call for call in calls if call["caller"] == "engine.py:sum_over_ranks"]
+    assert len(step_reductions) == 20 + metrics[-1]["nan_skipped"]
+    assert {call["device"] for call in calls} == {"cuda:0"}, calls
+    assert (run_dir / "export" / "model_fp32.safetensors").is_file()
+    assert json.loads((run_dir / "eval.json").read_text())["samples"] == 48
+
+
+def test_folded_mapper_equals_the_moe_mapper_on_the_gpu():
+    from vlpdist.config import ModelConfig
+    from vlpdist.models import build_mapper, fold_mapper
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(prefix_length=10, mapper_depth=2, num_experts=8, top_k=2, kernel_sizes=[3, 5])
+    mapper = build_mapper(cfg, 512, 768)
+    with torch.no_grad():
+        for param in mapper.parameters():
+            param.add_(0.02 * torch.randn_like(param))  # away from the identity-like init, as after training
+    mapper = mapper.cuda().eval()
+    folded = fold_mapper(mapper).cuda().eval()
+    for batch in (1, 64, 1024):
+        clip_BC = torch.randn(batch, 512, device="cuda")
+        with torch.no_grad():
+            expected_BPD, _, expected_load = mapper(clip_BC)
+            actual_BPD, _, actual_load = folded(clip_BC)
+        assert actual_BPD.device.type == "cuda"
+        assert float((actual_BPD - expected_BPD).norm() / expected_BPD.norm()) < 1e-4
+        assert torch.equal(actual_load, expected_load)

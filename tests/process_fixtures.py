@@ -105,3 +105,37 @@ def write_raw_shards(root: Path, num_samples: int, per_shard: int) -> list[Path]
         pq.write_table(pa.table(rows), tar_path.with_suffix(".parquet"))
         shards.append(tar_path)
     return shards
+
+
+def write_repeated_raw_shard(root: Path, num_samples: int, image_size: int, distinct: int = 16) -> Path:
+    """One img2dataset-shaped raw shard (tar + parquet) of `num_samples` samples, fast to build at any size:
+    `distinct` random-noise JPEGs (noise, so every image decodes to its full size) and demo-like captions, repeated."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(distinct):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        jpegs.append(buffer.getvalue())
+    shapes, colours = ["circle", "square", "triangle", "star"], ["red", "blue", "green", "yellow"]
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    tar_path = raw / "00000.tar"
+    rows = {"key": [], "status": [], "url": [], "caption": []}
+    with wds.TarWriter(str(tar_path)) as sink:
+        for index in range(num_samples):
+            key, url = f"00000{index:05d}", f"http://127.0.0.1:1/img/{index:06d}.jpg"
+            caption = f"a {colours[index % 4]} {shapes[(index // 4) % 4]} on the {('left', 'right')[index % 2]}"
+            sink.write({"__key__": key, "jpg": jpegs[index % distinct], "txt": caption.encode(),
+                        "json": json.dumps({"key": key, "url": url, "caption": caption}).encode()})
+            for column, value in zip(rows, (key, "success", url, caption)):
+                rows[column].append(value)
+    pq.write_table(pa.table(rows), tar_path.with_suffix(".parquet"))
+    return tar_path

@@ -28,18 +28,38 @@ def _images():
     return [Image.new("RGB", (40, 40), (220, 30, 30)), Image.new("RGB", (48, 48), (40, 70, 220))]
 
 
+def _pixels(processor, images):
+    return processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+
+
 def test_captioner_samples_n_captions_per_image(tiny_blip):
     model, processor = load_captioner(str(tiny_blip / "captioner"))
-    captions = generate_captions(model, processor, _images(), num_captions=3, top_p=0.9, max_new_tokens=6, device="cpu")
+    captions = generate_captions(model, processor, _pixels(processor, _images()), num_captions=3, top_p=0.9,
+                                 max_new_tokens=6, device="cpu")
     assert len(captions) == 2 and all(len(per_image) == 3 for per_image in captions)
     assert all(isinstance(text, str) for per_image in captions for text in per_image)
     assert any(text for per_image in captions for text in per_image)
 
 
-def test_itm_gives_probabilities(tiny_blip):
+def test_itm_encodes_each_image_once_and_equals_the_pairwise_forward(tiny_blip):
+    """3 captions of image 0 and 2 of image 1: one vision pass over the 2 images, and the very
+    probabilities of BLIP's own forward over the 5 (image, caption) pairs."""
+    import torch
+
     model, processor = load_itm(str(tiny_blip / "itm"))
-    probabilities = itm_probabilities(model, processor, _images(), ["a red circle", "the blue square on the left"], "cpu")
-    assert len(probabilities) == 2
+    images = _images()
+    texts = ["a red circle", "the red square on the left", "a dog", "the blue square", "a green star with a cat"]
+    vision_batches = []
+    hook = model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: vision_batches.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    probabilities = itm_probabilities(model, processor, _pixels(processor, images), [3, 2], texts, "cpu")
+    hook.remove()
+    assert vision_batches == [2]
+    pairs = processor(images=[images[0]] * 3 + [images[1]] * 2, text=texts, return_tensors="pt", padding=True,
+                      truncation=True)
+    with torch.no_grad():
+        pairwise = torch.softmax(model(**pairs, use_itm_head=True).itm_score.float(), dim=-1)[:, 1].tolist()
+    assert probabilities == pairwise
     assert all(0.0 <= p <= 1.0 for p in probabilities)
 
 

@@ -5,33 +5,47 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from common_fixtures import wait_for
+from process_fixtures import TINY_CLIP, write_raw_shards
+from process_ray_fixtures import attempts, clear_hold_dir, holding, init_ray_with_hold
 
 from data_ingest.process.feature_format import iterate_feature_shards
-from data_ingest.process.run import filter_precision_recall, run_process, score_against_truth, start_ray
-from data_ingest.process.shard import HOOK_DIR_ENV
-from process_fixtures import TINY_CLIP, write_raw_shards
-from vlpdist.config import ProcessConfig, load_config
+from data_ingest.process.run import filter_precision_recall, run_process, score_against_truth
+from data_ingest.run import main as ingest_main
+from vlpdist.config import load_config, save_config
 from vlpdist.errors import UserError
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the module; run_process joins it instead of starting its own."""
+def module_hold_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hold")
+
+
+@pytest.fixture
+def hold_dir(module_hold_dir, ray_session):
+    """The hold folder of the module's Ray workers, emptied for this test."""
+    return clear_hold_dir(module_hold_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_session(module_hold_dir):
+    """One local Ray for the module (2 CPUs, so 2 shard actors) with the test hold in its workers;
+    run_process joins it instead of starting its own."""
     ray = pytest.importorskip("ray", reason="ray is in the ingest extra, which CI installs")
-    # The defaults: a fresh local Ray (even when another runs on this machine) with 2 CPUs.
-    started = start_ray(ProcessConfig())
-    yield ray
-    if started:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        # address="local": a fresh Ray even when another runs on this machine.
+        init_ray_with_hold(module_hold_dir, monkeypatch, address="local", num_cpus=2, include_dashboard=False)
+        yield ray
         ray.shutdown()
 
 
@@ -104,37 +118,66 @@ def test_corrupt_image_and_truncated_tar_are_counted(tmp_path, ray_session, tiny
     _assert_accounted(summary)
 
 
-def test_killed_worker_is_retried_and_run_completes(tmp_path, ray_session, tiny_clip, monkeypatch):
+def test_killed_worker_is_retried_and_run_completes(tmp_path, hold_dir, tiny_clip):
     write_raw_shards(tmp_path, num_samples=40, per_shard=10)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "hold").touch()  # tasks announce their pid, then wait until the test lets them go
-    monkeypatch.setenv(HOOK_DIR_ENV, str(hook))
+    (hold_dir / "hold").touch()  # actors wait before a shard's second batch until the test lets them go
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(
         run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=-1.0", "process.max_retries=2"))))
     runner.start()
     features = tmp_path / "features"
     try:
-        deadline = time.time() + 180
-        while not list(hook.glob("*.started")) and time.time() < deadline:
-            time.sleep(0.1)
-        started = sorted(hook.glob("*.started"))[0]
-        shard, victim = started.name.split(".")[0], int(started.read_text())
-        os.kill(victim, signal.SIGKILL)  # the worker dies mid-shard, its first batch in a temporary tar
-        assert list(features.glob(f".{shard}.tar.tmp.*")) and not (features / f"{shard}.tar").exists()
+        wait_for(lambda: holding(hold_dir), 180, "a shard actor in the hold")
+        victim, shard = sorted(holding(hold_dir).items())[0]
+        os.kill(victim, signal.SIGKILL)  # the actor dies mid-shard, its first batch in a temporary tar
+        assert list(features.glob(f".{shard}.tar.tmp.{victim}")) and not (features / f"{shard}.tar").exists()
     finally:
-        (hook / "hold").unlink()
+        (hold_dir / "hold").unlink()
     runner.join(timeout=240)
     assert not runner.is_alive()
 
-    attempts = list(hook.glob(f"{shard}.*.started"))
-    assert len(attempts) == 2 and started in attempts  # the killed attempt and its retry
-    assert result["shards_done"] == 4 and not result["shards_failed"]
+    tried_by = attempts(hold_dir, shard)
+    assert len(tried_by) == 2 and victim in tried_by  # the killed attempt and its retry
+    assert result["shards_done"] == 4 and not result["shards_failed"] and result["shards_retried"] == {shard: 2}
     assert result["raw_samples"] == 40 and result["written"] == 40 and result["failed"] == {}
     assert sorted(p.name for p in features.glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
     assert not [p for p in features.iterdir() if ".tmp." in p.name]
     assert len(list(iterate_feature_shards(str(features / f"{shard}.tar")))) == 10
+
+
+def test_transient_read_error_is_retried_and_permanent_one_fails_the_stage(tmp_path, hold_dir, tiny_clip):
+    """An OSError reading a raw shard is not lost data: the shard is retried; one that never reads fails the run."""
+    _, transient, permanent = write_raw_shards(tmp_path, num_samples=30, per_shard=10)
+    # 00001: a directory where the tar should be (IsADirectoryError) for the first attempt; the hold
+    # hook in the worker moves the real tar back after that attempt failed.
+    good_copy = tmp_path / "good_00001.tar"
+    shutil.move(transient, good_copy)
+    transient.mkdir()
+    (hold_dir / "00001.repair").write_text(str(good_copy))
+    # 00002: a dangling symlink (FileNotFoundError) on every attempt.
+    kept_aside = tmp_path / "kept_00002.tar"
+    shutil.move(permanent, kept_aside)
+    permanent.symlink_to(tmp_path / "nowhere.tar")
+    config = _config(tmp_path, tiny_clip, "process.clip_threshold=-1.0", "process.max_retries=2")
+    config_file = save_config(config, tmp_path / "run")
+
+    with pytest.raises(SystemExit) as exited:  # the CLI's exit status: non-zero, finished shards kept
+        ingest_main(["--config", str(config_file), "--stage", "process"])
+    assert exited.value.code == 1
+    summary = json.loads((tmp_path / "features" / "process_summary.json").read_text())
+    assert summary["shards_done"] == 2 and list(summary["shards_failed"]) == ["00002"]
+    assert "FileNotFoundError" in summary["shards_failed"]["00002"]
+    assert summary["shards_retried"] == {"00001": 2, "00002": 3}
+    assert len(attempts(hold_dir, "00002")) >= 1 and not (hold_dir / "00001.repair").exists()
+    assert summary["raw_samples"] == summary["written"] == 20 and summary["failed"] == {}  # no sample counted lost
+    assert not (tmp_path / "features" / "00002_stats.json").exists()  # not marked done
+    assert not list((tmp_path / "features").glob("00002*"))
+
+    permanent.unlink()
+    shutil.move(kept_aside, permanent)
+    rerun = run_process(config)  # only the failed shard runs again
+    assert rerun["shards_skipped"] == 2 and rerun["shards_done"] == 3 and not rerun["shards_failed"]
+    assert rerun["raw_samples"] == rerun["written"] == 30
 
 
 def test_precision_recall_hand_made_case():

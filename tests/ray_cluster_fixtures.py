@@ -5,19 +5,25 @@ Import the fixtures explicitly in a test module: `from ray_cluster_fixtures impo
 
 * `ray_head`: `ray start --head --block` on 127.0.0.1 with free ports and its own `--temp-dir`,
   so that no other `ray.init()` on this machine connects to it by accident (Ray finds "the
-  latest cluster" through `<temp dir>/ray_current_cluster`). Stopped by signalling the blocking
-  `ray start`, then by killing what is left of *its* processes (found by its temp dir): never
-  `ray stop`, which stops every Ray process on the machine, other people's included.
+  latest cluster" through `<temp dir>/ray_current_cluster`). It runs in a session of its own
+  (`start_new_session`); stopping it signals the blocking `ray start`, then ends whatever is left
+  in *that session* (every process it started, however deep: Ray's workers change their process
+  group but not their session). Never `ray stop`, which stops every Ray process on the machine.
 * `loopback_sshd`: a private `sshd` on 127.0.0.1:22 (the cluster launcher has no port option)
   with its host key and one authorized key in a temp folder; `ray up` with the `local` provider
-  logs in with that key. It also puts back what the cluster launcher leaves in the SSH user's
-  home: `~/ray_bootstrap_*`, submitted scripts, and `~/.bashrc` edits.
+  logs in with that key. The sshd runs as init of a PID namespace of its own, with a private
+  `/tmp/ray` mounted over the machine's: everything started over its logins (the launcher's
+  `ray stop` and `ray start`, submitted drivers) sees only the processes and Ray state of that
+  namespace, so the `ray stop` that `ray up` and `ray down` run cannot stop anyone else's Ray,
+  and stopping the sshd ends every process left in it. It also puts back what the cluster
+  launcher leaves in the SSH user's home: `~/ray_bootstrap_*`, submitted scripts, `~/.bashrc` edits.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from common_fixtures import free_ports, port_is_open
+from common_fixtures import free_ports_for_servers, port_is_open
 
 VENV_BIN = Path(sys.executable).parent
 RAY_CLI = str(VENV_BIN / "ray")
@@ -67,43 +73,63 @@ def ray_start_port_flags(ports: list[int]) -> list[str]:
 RAY_START_PORTS = 9
 
 
-def kill_processes_mentioning(marker: str, grace_s: float = 5.0) -> int:
-    """SIGTERM (then SIGKILL) the processes whose command line contains `marker`; return how many."""
+def session_members(leader_pid: int) -> list:
+    """The live processes of the session that `leader_pid` leads, other than the leader (psutil.Process).
+
+    Only processes started by the leader (or by those, however deep, re-parented or not) can be
+    in its session, unless one of them made a session of its own.
+    """
     import psutil
 
-    victims = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or ())
-        if marker in cmdline and proc.pid != os.getpid():
-            victims.append(proc)
-    for proc in victims:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != leader_pid and os.getsid(proc.pid) == leader_pid:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return members
+
+
+def _has_exited(process: subprocess.Popen) -> bool:
+    """Whether `process` has ended, without reaping it: while it is unreaped its pid (and so its
+    session id) cannot be handed to another process."""
+    if process.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def stop_session(leader: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM `leader` (started with `start_new_session=True`) and wait; then SIGTERM, and after
+    a grace period SIGKILL, whatever is left of its session; reap the leader last."""
+    import psutil
+
+    if not _has_exited(leader):
+        leader.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while not _has_exited(leader) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _has_exited(leader):
+            leader.kill()
+            while not _has_exited(leader):
+                time.sleep(0.1)
+    leftovers = session_members(leader.pid)
+    for proc in leftovers:
         try:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(victims, timeout=grace_s)
+    _, alive = psutil.wait_procs(leftovers, timeout=5)
     for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    return len(victims)
-
-
-def session_dirs_of_head(gcs_port: int, dashboard_port: int) -> set[Path]:
-    """Session folders of the Ray head on these ports, read from its processes' command lines."""
-    import re
-
-    import psutil
-
-    # GCS (its port flag), dashboard (its port flag), and every process given the GCS address (host:port).
-    markers = (f"--gcs_server_port={gcs_port}", f"--port={dashboard_port}", f":{gcs_port} ")
-    sessions = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or ()) + " "
-        if any(marker in cmdline for marker in markers):
-            sessions.update(Path(match) for match in re.findall(r"(/[^ =]*/session_[0-9_-]+)", cmdline))
-    return sessions
+    psutil.wait_procs(alive, timeout=5)
+    leader.wait()
 
 
 def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, token: str = "") -> None:
@@ -112,8 +138,8 @@ def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen | None =
     deadline = time.monotonic() + timeout_s
     last_error = "no answer"
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        if process is not None and _has_exited(process):
+            raise RuntimeError(f"{process.args[0]} exited before {url} answered")
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
@@ -147,7 +173,7 @@ class RayHead:
 def start_ray_head(num_cpus: int = 2, timeout_s: float = 120) -> tuple[RayHead, subprocess.Popen]:
     # Short path under /tmp: Ray's unix sockets live in the temp dir and sockets have a ~107-byte limit.
     temp_dir = Path(tempfile.mkdtemp(prefix="vlpray", dir="/tmp"))
-    ports = free_ports(RAY_START_PORTS)
+    ports = free_ports_for_servers(RAY_START_PORTS)
     log_path = temp_dir / "ray_start.log"
     auth_token_path = temp_dir / "auth_token"
     auth_token_path.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
@@ -171,13 +197,8 @@ def start_ray_head(num_cpus: int = 2, timeout_s: float = 120) -> tuple[RayHead, 
 
 
 def stop_ray_head(head: RayHead, process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    kill_processes_mentioning(str(head.temp_dir))
+    """Stop the blocking `ray start` and every process of its session (only those), then remove its temp dir."""
+    stop_session(process)
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
@@ -198,6 +219,8 @@ class LoopbackSSH:
     user: str
     private_key: Path
     home: Path
+    ray_dir: Path
+    """What the logins see as /tmp/ray (Ray's default temp dir: session folders, `ray_current_cluster`)."""
     submitted_scripts: list[str] = field(default_factory=list)
     """File names `ray submit` copies into the home folder; the fixture removes them afterwards."""
 
@@ -224,6 +247,19 @@ UsePAM no
 Subsystem sftp internal-sftp
 """
 
+RAY_DEFAULT_TEMP_DIR = Path("/tmp/ray")
+# init of a new PID namespace (with its own /proc) and mount namespace; SIGKILLed if unshare dies.
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--propagation", "private", "--"]
+
+
+def _namespaces_unavailable_reason() -> str | None:
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is missing"
+    probe = subprocess.run([*UNSHARE, "mount", "--bind", "/tmp", "/tmp"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot make PID and mount namespaces here ({probe.stderr.strip()[-200:]})"
+    return None
+
 
 def _sshd_unavailable_reason() -> str | None:
     if not Path(SSHD).exists():
@@ -234,6 +270,10 @@ def _sshd_unavailable_reason() -> str | None:
         return "a private sshd on port 22 (the only port Ray's cluster launcher uses) needs root"
     if port_is_open(22):
         return "port 22 on 127.0.0.1 is already taken by another sshd"
+    reason = _namespaces_unavailable_reason()
+    if reason:
+        # Without them the launcher's `ray stop` would stop every Ray process on this machine.
+        return f"the sshd for `ray up` runs in its own PID namespace, and {reason}"
     return None
 
 
@@ -253,9 +293,30 @@ def _restore_home(ssh: "LoopbackSSH", existed_before: set[str], bashrc_before: b
         bashrc.write_bytes(bashrc_before)
 
 
+def _stop_namespace(unshare: subprocess.Popen) -> None:
+    """End the sshd (init of the namespace): the kernel then kills every process left in the namespace."""
+    import psutil
+
+    try:
+        inits = psutil.Process(unshare.pid).children()
+    except psutil.NoSuchProcess:
+        inits = []
+    for init in inits:
+        try:
+            init.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        unshare.wait(timeout=15)  # returns once its child, the namespace's init, has ended
+    except subprocess.TimeoutExpired:
+        unshare.kill()  # --kill-child: the namespace's init gets SIGKILL
+        unshare.wait(timeout=10)
+
+
 @pytest.fixture
 def loopback_sshd():
-    """A private sshd on 127.0.0.1:22 for `ray up` with the local provider; the home folder is put back after."""
+    """A private sshd on 127.0.0.1:22 for `ray up` with the local provider, in PID and mount namespaces
+    of its own (see the module docstring); its processes are ended and the home folder put back after."""
     reason = _sshd_unavailable_reason()
     if reason:
         pytest.skip(reason)
@@ -267,14 +328,21 @@ def loopback_sshd():
     shutil.copy(folder / "client_ed25519.pub", folder / "authorized_keys")
     (folder / "sshd_config").write_text(SSHD_CONFIG.format(folder=folder))
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    ray_dir = folder / "ray"
+    ray_dir.mkdir()
+    ray_dir.chmod(0o777)  # as Ray makes /tmp/ray
+    made_mount_point = not RAY_DEFAULT_TEMP_DIR.exists()
+    RAY_DEFAULT_TEMP_DIR.mkdir(mode=0o777, exist_ok=True)
 
     home = Path.home()
     bashrc = home / ".bashrc"
     bashrc_before = bashrc.read_bytes() if bashrc.exists() else None
     existed_before = {p.name for p in home.iterdir()}
     log = open(folder / "sshd.log", "wb")
-    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
-    ssh = LoopbackSSH(getpass.getuser(), folder / "client_ed25519", home)
+    in_namespace = f"mount --bind {shlex.quote(str(ray_dir))} {RAY_DEFAULT_TEMP_DIR} && exec {SSHD} -D -e -f {shlex.quote(str(folder / 'sshd_config'))}"
+    sshd = subprocess.Popen([*UNSHARE, "sh", "-c", in_namespace], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    ssh = LoopbackSSH(getpass.getuser(), folder / "client_ed25519", home, ray_dir)
     try:
         deadline = time.monotonic() + 15
         while ssh.run("true").returncode != 0:
@@ -283,11 +351,12 @@ def loopback_sshd():
             time.sleep(0.3)
         yield ssh
     finally:
-        sshd.terminate()
-        try:
-            sshd.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sshd.kill()
+        _stop_namespace(sshd)
         log.close()
         _restore_home(ssh, existed_before, bashrc_before)
         shutil.rmtree(folder, ignore_errors=True)
+        if made_mount_point:
+            try:
+                RAY_DEFAULT_TEMP_DIR.rmdir()  # only if nothing else has written into it since
+            except OSError:
+                pass

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,17 +18,15 @@ import pandas as pd
 import pytest
 import webdataset as wds
 import yaml
-from common_fixtures import REPO, free_ports, port_is_open
+from common_fixtures import REPO, free_ports_for_servers, port_is_open
 from process_fixtures import TINY_CLIP
 from ray_cluster_fixtures import (  # noqa: F401 (fixtures)
     RAY_CLI,
     RAY_START_PORTS,
-    kill_processes_mentioning,
     loopback_sshd,
     ray_env,
     ray_head,
     ray_start_port_flags,
-    session_dirs_of_head,
 )
 
 from data_ingest.download import SUMMARY_FILENAME
@@ -116,27 +115,31 @@ def test_ray_job_submit_runs_ingestion_and_reports_failure(ray_head, demo_source
     assert "failed" in (failed.stdout + failed.stderr).lower()
 
 
+# The environment running these tests, wherever it lives (not necessarily <repo>/.venv).
+ENV_BIN = Path(sys.executable).parent
+
+
 def render_local_cluster(ssh, cluster_name: str, ports: list[int]) -> dict:
-    """configs/ray/local.yaml, pointed at this checkout, the fixture's SSH key and free ports."""
+    """configs/ray/local.yaml, pointed at this checkout, this interpreter's environment, the fixture's SSH key and free ports."""
     cluster = yaml.safe_load(LOCAL_CLUSTER_FILE.read_text())
     cluster["cluster_name"] = cluster_name
     cluster["auth"] = {"ssh_user": ssh.user, "ssh_private_key": str(ssh.private_key)}
+
+    def localize(command: str) -> str:
+        if not (ENV_BIN / "activate").is_file():  # not a venv (e.g. a conda or system interpreter): PATH does it
+            command = command.replace("source ~/vlpdist/.venv/bin/activate", f"export PATH={ENV_BIN}:$PATH")
+        return command.replace("~/vlpdist/.venv/bin", str(ENV_BIN)).replace("~/vlpdist", str(REPO))
+
     command_keys = ("initialization_commands", "setup_commands", "head_setup_commands", "head_start_ray_commands")
     for key in command_keys:
-        cluster[key] = [command.replace("~/vlpdist", str(REPO)) for command in cluster[key]]
+        cluster[key] = [localize(command) for command in cluster[key]]
+        assert not any("~/vlpdist" in command for command in cluster[key]), cluster[key]
     # Later flags win with Ray's CLI (click): the head keeps the file's command, on free ports.
     cluster["head_start_ray_commands"] = [
         f"{command} {' '.join(ray_start_port_flags(ports))}" if "ray start --head" in command else command
         for command in cluster["head_start_ray_commands"]
     ]
     return cluster
-
-
-def remove_head(gcs_port: int, dashboard_port: int, known_sessions: set[Path]) -> None:
-    """Whatever `ray down` left of this head (only its processes, found by its ports), and its session logs."""
-    for session_dir in known_sessions | session_dirs_of_head(gcs_port, dashboard_port):
-        kill_processes_mentioning(str(session_dir))
-        shutil.rmtree(session_dir, ignore_errors=True)
 
 
 def remove_launcher_state(cluster_name: str, config_caches_before: set[Path]) -> None:
@@ -165,11 +168,11 @@ def run_ray_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProce
 def test_ray_up_submit_down_with_the_local_cluster_file(loopback_sshd, demo_source, tiny_clip, tmp_path):
     """configs/ray/local.yaml for real over loopback SSH: `ray up`, `ray submit data_ingest/run.py`, `ray down`.
 
-    `ray down` runs `ray stop` on the head, which stops every Ray process on this machine: do not
-    run this test beside other Ray work.
+    `ray up` and `ray down` run `ray stop` on the head, which stops every Ray process it can see:
+    the fixture's sshd runs in a PID namespace (and with a /tmp/ray) of its own, so it sees only this cluster.
     """
     cluster_name = f"vlpdist-test-{os.getpid()}"
-    ports = free_ports(RAY_START_PORTS)
+    ports = free_ports_for_servers(RAY_START_PORTS)
     gcs_port, dashboard_port = ports[0], ports[1]
     cluster_file = tmp_path / "cluster.yaml"
     cluster_file.write_text(yaml.safe_dump(render_local_cluster(loopback_sshd, cluster_name, ports)))
@@ -177,12 +180,11 @@ def test_ray_up_submit_down_with_the_local_cluster_file(loopback_sshd, demo_sour
     config = write_ingest_config(tmp_path, root, demo_source, tiny_clip)
     loopback_sshd.submitted_scripts.append("run.py")
     config_caches_before = set(Path(tempfile.gettempdir()).glob("ray-config-*"))
-    sessions: set[Path] = set()
     try:
         up = run_ray_cli("up", "-y", "--no-config-cache", str(cluster_file))
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert port_is_open(gcs_port)
-        sessions = session_dirs_of_head(gcs_port, dashboard_port)
+        assert list(loopback_sshd.ray_dir.glob("session_*")), "the head did not start behind the fixture's sshd"
 
         script = str(REPO / "data_ingest" / "run.py")
         submitted = run_ray_cli("submit", str(cluster_file), script, "--", "--config", str(config), "--stage", "all")
@@ -195,5 +197,5 @@ def test_ray_up_submit_down_with_the_local_cluster_file(loopback_sshd, demo_sour
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
         assert not port_is_open(gcs_port) and not port_is_open(dashboard_port)
     finally:
-        remove_head(gcs_port, dashboard_port, sessions)
+        # What is left of the head goes with the fixture's namespace, its session folders with its /tmp/ray.
         remove_launcher_state(cluster_name, config_caches_before)

@@ -229,6 +229,8 @@ class TrainConfig:
     """Write greedy sample captions to TensorBoard every N optimizer steps (0 disables)."""
     dist_timeout_s: float = 300.0
     """torch.distributed timeout: a collective waiting this long on a dead rank fails the job."""
+    rendezvous_timeout_s: float = 900.0
+    """How long ranks wait at start for every rank to join (uneven starts on a busy cluster are not a dead rank)."""
     max_consecutive_nan_steps: int = 5
     """Non-finite-loss micro-batches are skipped and counted; this many in a row abort the run."""
     eval_at_end: bool = True

@@ -24,8 +24,8 @@ def check_train_config(train: TrainConfig, world_size: int) -> None:
         raise UserError("config keys 'train.num_workers', 'train.caption_log_every' must be >= 0")
     if not 0.0 <= train.min_lr_ratio <= 1.0:
         raise UserError("config key 'train.min_lr_ratio' must be in [0, 1]")
-    if train.dist_timeout_s <= 0:
-        raise UserError("config key 'train.dist_timeout_s' must be > 0")
+    if train.dist_timeout_s <= 0 or train.rendezvous_timeout_s <= 0:
+        raise UserError("config keys 'train.dist_timeout_s', 'train.rendezvous_timeout_s' must be > 0")
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:

@@ -34,10 +34,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: float) -> DistInfo:
+def init_distributed(timeout_s: float, rendezvous_timeout_s: float | None = None) -> DistInfo:
     """Join the process group from the launcher's env (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-    The timeout bounds every collective: if a peer dies, the survivors fail instead of hanging."""
+    `timeout_s` bounds every collective: if a peer dies, the survivors fail instead of hanging.
+    Joining waits up to `rendezvous_timeout_s` (default: the same) for every rank to arrive: ranks
+    start unevenly on a busy cluster (images, imports, a shared file system), which says nothing
+    about a dead peer. So the TCP store is made here with the joining patience, then DeepSpeed
+    takes over the initialised group."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -47,8 +51,16 @@ def init_distributed(timeout_s: float) -> DistInfo:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     accelerator = get_accelerator()
+    backend = accelerator.communication_backend_name()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=rank == 0,
+            timeout=timedelta(seconds=max(rendezvous_timeout_s or timeout_s, timeout_s)),
+        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     on_gpu = accelerator.device_name() == "cuda"
     local_rank = int(os.environ["LOCAL_RANK"])
     if on_gpu:

@@ -214,7 +214,7 @@ def run_training(config: Config) -> int:
 
     train = config.train
     check_train_config(train, int(os.environ.get("WORLD_SIZE", "1")))  # fail fast, before any heavy set-up
-    info = init_distributed(train.dist_timeout_s)
+    info = init_distributed(train.dist_timeout_s, train.rendezvous_timeout_s)
     device = device_of(info)
     run_dir, features_dir = _paths(config)
     world = share_data_world(config, info, features_dir)
@@ -418,15 +418,17 @@ def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dic
 
     train = config.train
     heldout_shards = [Path(path) for path in world.plan.heldout]
-    if not heldout_shards:
+    num_samples = min(train.eval_max_samples, world.heldout_samples)
+    if not heldout_shards or num_samples == 0:
         if info.is_main:
-            print("no held-out shards (train.heldout_shards=0): evaluation skipped", flush=True)
+            why = "no held-out shards (train.heldout_shards=0)" if not heldout_shards else "the held-out shards hold no samples"
+            print(f"{why}: evaluation skipped", flush=True)
         return None
     # A tuned LM has learnt to expect the prefix: the baseline is then the LM as loaded, before training.
     baseline_lm = captioner.lm if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()
     share = evaluate_heldout(
-        captioner, heldout_shards, train.micro_batch_size, min(train.eval_max_samples, world.heldout_samples),
-        train.eval_max_new_tokens, device_of(info), baseline_lm, info.rank, info.world_size,
+        captioner, heldout_shards, train.micro_batch_size, num_samples, train.eval_max_new_tokens, device_of(info),
+        baseline_lm, info.rank, info.world_size,
     )
     heldout = merge_heldout(share)
     if heldout is None:
@@ -450,7 +452,7 @@ def run_export_evaluation(config: Config, export_dir: Path) -> int:
     weights = export_dir / EXPORT_WEIGHTS
     if not weights.is_file():
         raise UserError(f"export {export_dir} has no {EXPORT_WEIGHTS}")
-    info = init_distributed(config.train.dist_timeout_s)
+    info = init_distributed(config.train.dist_timeout_s, config.train.rendezvous_timeout_s)
     run_dir, features_dir = _paths(config)
     world = share_data_world(config, info, features_dir)
     if not world.plan.heldout:

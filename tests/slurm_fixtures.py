@@ -17,9 +17,9 @@ one on a single machine, all of it done here:
   expired: `AuthInfo=cred_expire` + 1 s. slurmd refuses ("Job credential revoked") any launch of
   the job whose credential is not strictly newer, in whole seconds, than the revocation of the
   previous run, so moving the begin time forward (`scontrol update StartTime=now`) can kill the
-  rerun. This config shortens the hold instead (`cred_expire`, minimum 5 s), and lets the
-  backfill scheduler look every second (`bf_interval=1`; default 30 s) so that the job starts
-  as soon as its begin time has passed.
+  rerun. This config shortens the hold instead (`cred_expire`, minimum 5 s), and has the
+  schedulers look every second or two (`sched_interval=2,bf_interval=1`; defaults 60 s and
+  30 s) so that the job starts soon after its begin time has passed.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ GresTypes=gpu
 SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:8 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-SchedulerParameters=bf_interval=1
+SchedulerParameters=sched_interval=2,bf_interval=1
 """
     )
     for sub in ("state", "spool"):

@@ -33,7 +33,7 @@ def test_pretrain_script_checkpoints_requeues_on_usr2_and_resumes(slurm, tmp_pat
         "train.caption_log_every=0", "train.eval_at_end=false", "train.export_at_end=false",
         # A rank can spend minutes loading DeepSpeed's JIT-built CPU comm op while another process
         # on the machine rebuilds it (they share ~/.cache/torch_extensions); the other rank waits
-        # at the rendezvous meanwhile, for at most this long.
+        # at the rendezvous meanwhile (train.dist_timeout_s bounds that wait, or is its floor).
         "train.dist_timeout_s=300",
     )
     env = {

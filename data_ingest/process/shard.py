@@ -93,6 +93,7 @@ def index_raw_shard(tar_path: Path) -> tuple[list[IndexedSample], str | None]:
                             samples.append(current)
                         current = IndexedSample(key)
                     current.members[extension] = (member.offset_data, member.size)
+                    archive.members = []  # tarfile keeps every header it read; the index is all this needs
         except (tarfile.ReadError, EOFError) as err:
             tar_error = f"{type(err).__name__}: {err}"
         else:
@@ -439,6 +440,7 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
                     ))
                     captions_kept += len(choice.kept)
                     synthetic_kept += len(choice.kept_synthetic)
+                    sink.tarstream.members = []  # tarfile keeps every header it wrote; nothing reads them back
                 processed_rows.append({"key": sample.key, "url": sample.url,
                                        "status": "written" if choice.kept else "dropped", "reason": "",
                                        "decision": choice.decision, "web_clip": result["scores"]["web_clip"],

@@ -2,9 +2,9 @@
 
 Import explicitly: `from process_ray_fixtures import ...` (pytest puts tests/ on sys.path).
 
-* The hold lives in test code only. `init_ray_with_hold` starts (or joins) Ray with a job-level
-  `worker_process_setup_hook` (a Ray runtime_env feature) that runs `install_hold` in every worker
-  of the job. It wraps two functions of `data_ingest.process.shard` in that worker:
+* The hold lives in test code only: a job-level `worker_process_setup_hook` (a Ray runtime_env
+  feature, `hold_runtime_env`, given to `ray.init` by `init_ray_with_hold` or to `ray job submit`)
+  runs `install_hold` in every worker of the job. It wraps two functions of `data_ingest.process.shard` in that worker:
   - `_run_shard`: each attempt at a shard writes `<hold dir>/<shard>.<pid>.started`; on an
     `OSError`, if `<hold dir>/<shard>.repair` names a file, that file is moved over the raw shard
     (which the test broke) before the error goes on to the driver, so the next attempt finds it;
@@ -20,13 +20,13 @@ Import explicitly: `from process_ray_fixtures import ...` (pytest puts tests/ on
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from common_fixtures import REPO, free_ports
+from ray_cluster_fixtures import RAY_CLI
 
 HOLD_DIR_ENV = "VLPDIST_TEST_HOLD_DIR"
 TESTS = Path(__file__).resolve().parent
@@ -37,15 +37,19 @@ def ray_pythonpath() -> str:
     return os.pathsep.join(filter(None, [str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]))
 
 
+def hold_runtime_env(hold_dir: Path) -> dict:
+    """The job-level runtime_env that runs `install_hold` in every worker of the job."""
+    hold_dir.mkdir(parents=True, exist_ok=True)
+    return {"worker_process_setup_hook": "process_ray_fixtures.install_hold", "env_vars": {HOLD_DIR_ENV: str(hold_dir)}}
+
+
 def init_ray_with_hold(hold_dir: Path, monkeypatch, **init_kwargs) -> None:
     """`ray.init(**init_kwargs)` with `install_hold` run in every worker of this job (PYTHONPATH set
     through `monkeypatch`, so that it is put back after the test)."""
     import ray
 
-    hold_dir.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("PYTHONPATH", ray_pythonpath())
-    ray.init(runtime_env={"worker_process_setup_hook": "process_ray_fixtures.install_hold",
-                          "env_vars": {HOLD_DIR_ENV: str(hold_dir)}}, **init_kwargs)
+    ray.init(runtime_env=hold_runtime_env(hold_dir), **init_kwargs)
 
 
 def install_hold() -> None:
@@ -128,11 +132,23 @@ def kill_tree(processes: list) -> None:
     psutil.wait_procs(processes, timeout=30)
 
 
+def alive_nodes(dashboard_url: str, token: str) -> list[dict]:
+    """The alive nodes of a cluster, from its dashboard's state API (each with `resources_total`)."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{dashboard_url}/api/v0/nodes?detail=1&limit=100",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        nodes = json.loads(response.read())["data"]["result"]["result"]
+    return [node for node in nodes if node["state"] == "ALIVE"]
+
+
 def start_second_node(gcs_address: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """`ray start --address <gcs> --block` with 1 CPU and a `node2` resource, on free ports."""
     node_manager, object_manager, metrics, agent_http, agent_grpc, runtime_env = free_ports(6)
     command = [
-        shutil.which("ray", path=env["PATH"]) or "ray", "start", f"--address={gcs_address}", "--block",
+        RAY_CLI, "start", f"--address={gcs_address}", "--block",
         "--node-ip-address=127.0.0.1", "--num-cpus=1", '--resources={"node2": 1}', "--disable-usage-stats",
         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
         f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",

@@ -217,5 +217,17 @@ def test_bad_settings_are_user_errors(tmp_path, tiny_clip):
         run_process(_config(tmp_path, tmp_path / "missing_clip.pt"))
     with pytest.raises(UserError, match="process.vocab"):
         run_process(_config(tmp_path, tiny_clip, "process.vocab=klingon"))
+    with pytest.raises(UserError, match="process.captioner.*no such folder"):
+        run_process(_config(tmp_path, tiny_clip, f"process.captioner={tmp_path / 'no_blip'}"))
     with pytest.raises(UserError, match="no raw shards"):
         run_process(_config(tmp_path / "empty", tiny_clip))
+
+
+def test_models_that_do_not_load_in_the_actors_fail_every_shard(tmp_path, ray_session, tiny_clip):
+    """A hub name that cannot be fetched (offline) fails inside each actor as it loads its models:
+    no actor is started again and again, and every shard is reported failed with the reason."""
+    write_raw_shards(tmp_path, num_samples=20, per_shard=10)
+    summary = run_process(_config(tmp_path, tiny_clip, "process.captioner=vlpdist-test/no-such-blip"))
+    assert summary["shards_done"] == 0 and sorted(summary["shards_failed"]) == ["00000", "00001"]
+    assert all("cannot load BLIP model 'vlpdist-test/no-such-blip'" in error for error in summary["shards_failed"].values())
+    assert not list((tmp_path / "features").glob("*_stats.json"))

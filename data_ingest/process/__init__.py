@@ -1,6 +1,6 @@
 """Processing stage: raw webdataset shards -> CLIP features, CapFilt decisions, object labels.
 
-`run_process(config)` is the entry point (Ray, one task per shard); `feature_format` is the
+`run_process(config)` is the entry point (a pool of Ray actors, one shard at a time each); `feature_format` is the
 contract with training.
 """
 

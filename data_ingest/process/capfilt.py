@@ -17,13 +17,18 @@ POLICIES = ("web", "synthetic", "web_and_synthetic", "web_else_synthetic")
 FILTERS = ("clip", "itm", "none")
 
 
-def _from_pretrained(model_class, name_or_path: str, device: str):
+def check_blip_folder(key: str, name_or_path: str) -> None:
+    """A BLIP model named by a path must be a folder (a hub name is `from_pretrained`'s to resolve)."""
     from pathlib import Path
 
+    if name_or_path.startswith((".", "/")) and not Path(name_or_path).is_dir():
+        raise UserError(f"config key '{key}': cannot load BLIP model {name_or_path!r}: no such folder")
+
+
+def _from_pretrained(model_class, name_or_path: str, device: str, key: str):
     from transformers import BlipProcessor
 
-    if name_or_path.startswith((".", "/")) and not Path(name_or_path).is_dir():
-        raise UserError(f"cannot load BLIP model {name_or_path!r}: no such folder")
+    check_blip_folder(key, name_or_path)
     try:
         processor = BlipProcessor.from_pretrained(name_or_path)
         model = model_class.from_pretrained(name_or_path)
@@ -36,14 +41,14 @@ def load_captioner(name_or_path: str, device: str = "cpu"):
     """(BlipForConditionalGeneration, BlipProcessor) from a HF name or a local folder."""
     from transformers import BlipForConditionalGeneration
 
-    return _from_pretrained(BlipForConditionalGeneration, name_or_path, device)
+    return _from_pretrained(BlipForConditionalGeneration, name_or_path, device, "process.captioner")
 
 
 def load_itm(name_or_path: str, device: str = "cpu"):
     """(BlipForImageTextRetrieval, BlipProcessor) from a HF name or a local folder."""
     from transformers import BlipForImageTextRetrieval
 
-    return _from_pretrained(BlipForImageTextRetrieval, name_or_path, device)
+    return _from_pretrained(BlipForImageTextRetrieval, name_or_path, device, "process.itm_model")
 
 
 def generate_captions(

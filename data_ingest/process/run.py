@@ -58,10 +58,14 @@ def check_process_config(settings: ProcessConfig) -> None:
 
 def _check_inputs_exist(settings: ProcessConfig) -> None:
     """Fail once in the driver, not once per shard task, on a missing checkpoint or vocabulary."""
+    from data_ingest.process.capfilt import check_blip_folder
     from data_ingest.process.labels import resolve_vocab_path
 
     check_clip_checkpoint(settings.clip_pretrained)
     resolve_vocab_path(settings.vocab)
+    for key, blip in (("process.captioner", settings.captioner),
+                      ("process.itm_model", settings.itm_model if settings.filter == "itm" else "")):
+        check_blip_folder(key, blip)
 
 
 def start_ray(settings: ProcessConfig) -> bool:
@@ -104,8 +108,9 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
     An attempt fails when its actor dies (worker killed, node lost): the actor is replaced and the
     shard goes back to the queue; or when the task raised an `OSError` (a transient read error):
     the shard goes back to the queue. Each shard has `1 + process.max_retries` attempts; any other
-    exception is a bug or a bad input and fails the shard at once. A shard is taken as done only
-    from its own stats file or the attempt's answer, so it is never done twice.
+    exception is a bug or a bad input and fails the shard at once. An actor whose models fail to
+    load is not replaced; when none is left, the waiting shards fail with its error. A shard is
+    taken as done only from its own stats file or the attempt's answer, so it is never done twice.
     """
     import ray
     from tqdm import tqdm
@@ -125,6 +130,10 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
     finished: dict[str, dict] = {}
     errors: dict[str, str] = {}
 
+    def fail(raw: Path, err: Exception) -> None:
+        errors[raw.stem] = str(err).strip().splitlines()[-1][:300]
+        progress.update(1)
+
     def failed_attempt(raw: Path, err: Exception) -> None:
         if stats_path(features_dir, raw.stem).is_file():  # the attempt finished before its actor was lost
             finished[raw.stem] = json.loads(stats_path(features_dir, raw.stem).read_text())
@@ -132,8 +141,7 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
         elif attempts[raw.stem] <= settings.max_retries:
             queue.append(raw)
         else:
-            errors[raw.stem] = str(err).strip().splitlines()[-1][:300]
-            progress.update(1)
+            fail(raw, err)
 
     with tqdm(total=len(pending), desc="process shards", unit="shard") as progress:
         try:
@@ -142,16 +150,18 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
                     actor, raw = idle.pop(), queue.popleft()
                     attempts[raw.stem] += 1
                     running[actor.process.remote(str(raw), str(features_dir))] = (actor, raw)
-                if not running and not starting:
-                    raise RuntimeError("no shard actor could start")  # unreachable while actors get replaced
                 (done,), _ = ray.wait([*running, *starting], num_returns=1)
                 if done in starting:
                     actor = starting.pop(done)
                     try:
                         ray.get(done)
                         idle.append(actor)
-                    except ray.exceptions.RayActorError:  # its node went away before the models loaded
-                        start_actor()
+                    except ray.exceptions.RayActorError as err:
+                        if not err.actor_init_failed:  # its node went away before the models loaded
+                            start_actor()
+                        elif not idle and not running and not starting:  # no actor loads the models
+                            while queue:
+                                fail(queue.popleft(), err)
                     continue
                 actor, raw = running.pop(done)
                 try:
@@ -167,8 +177,7 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
                     if isinstance(err.cause, OSError):
                         failed_attempt(raw, err)
                     else:
-                        errors[raw.stem] = str(err).strip().splitlines()[-1][:300]
-                        progress.update(1)
+                        fail(raw, err)
         finally:
             for actor in [*idle, *starting.values(), *(actor for actor, _ in running.values())]:
                 ray.kill(actor, no_restart=True)

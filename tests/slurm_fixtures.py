@@ -25,7 +25,6 @@ one on a single machine, all of it done here:
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 import subprocess
@@ -116,22 +115,24 @@ class LocalSlurm:
         wait_for(reached, timeout_s, what, log_path)
         return dict(seen)
 
-    def cancel_all_jobs(self, timeout_s: float = 60) -> None:
+    def cancel_all_jobs(self, timeout_s: float = 90) -> None:
         """End every job of this cluster (only this controller's) and wait until none is left.
 
-        A plain `scancel` sends SIGTERM, which slurm/pretrain.sh treats as preemption: it
-        checkpoints and requeues the job. So pending jobs are cancelled, running ones get SIGKILL
-        in every step and the batch shell (no trap runs), and this repeats until the queue is empty.
+        Cancelling sends SIGTERM (also `scancel --signal=KILL`, which Slurm treats as a cancel),
+        and slurm/pretrain.sh takes SIGTERM for preemption: it checkpoints and requeues the job.
+        So each job is first made non-requeueable (its own `scontrol requeue` then fails), then
+        cancelled, and this repeats until the queue is empty.
         """
-        user = pwd.getpwuid(os.geteuid()).pw_name
 
         def queue_empty() -> bool:
-            listed = subprocess.run(["squeue", "--noheader", "--all"], env=self.env, capture_output=True, text=True)
-            if listed.returncode != 0 or not listed.stdout.strip():  # no answer: the controller is gone
+            listed = subprocess.run(["squeue", "--noheader", "--all", "--format=%i"], env=self.env,
+                                    capture_output=True, text=True)
+            job_ids = listed.stdout.split()
+            if listed.returncode != 0 or not job_ids:  # no answer: the controller is gone
                 return True
-            for command in (["scancel", "--quiet", f"--user={user}", "--state=PENDING"],
-                            ["scancel", "--quiet", f"--user={user}", "--signal=KILL", "--full"]):
-                subprocess.run(command, env=self.env, capture_output=True)
+            for job_id in job_ids:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], env=self.env, capture_output=True)
+                subprocess.run(["scancel", "--quiet", job_id], env=self.env, capture_output=True)
             return False
 
         try:

@@ -63,7 +63,8 @@ def _assert_accounted(summary: dict) -> None:
 def test_run_writes_contract_shards_and_rerun_skips(tmp_path, ray_session, tiny_clip):
     write_raw_shards(tmp_path, num_samples=30, per_shard=10)
     # A random tiny CLIP scores around 0: the threshold splits samples into kept and dropped.
-    summary = run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=0.0"))
+    # 2 CPUs a task: one actor, decoding in a DataLoader worker beside it.
+    summary = run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=0.0", "process.cpus_per_task=2"))
     assert summary["shards_done"] == 3 and summary["shards_skipped"] == 0 and not summary["shards_failed"]
     assert summary["raw_samples"] == 30 and summary["failed"] == {}
     _assert_accounted(summary)

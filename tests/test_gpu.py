@@ -10,7 +10,15 @@ import json
 import pytest
 import torch
 from common_fixtures import free_port
-from train_fixtures import TINY_CONFIG, collective_probe_env, read_metrics, run_train_main, tiny_features, tiny_overrides
+from train_fixtures import (
+    TINY_CONFIG,
+    collective_probe_env,
+    read_metrics,
+    recorded_collectives,
+    run_train_main,
+    tiny_features,
+    tiny_overrides,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
@@ -31,9 +39,11 @@ def test_one_rank_bf16_trains_20_steps_on_nccl_with_collectives_on_the_gpu(tiny_
     assert [m["step"] for m in metrics] == list(range(1, 21))
     assert all(abs(m["loss"]) < 1e4 for m in metrics)
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["bf16"]["enabled"]
-    calls = json.loads((probe_log / "rank0.json").read_text())
-    step_reductions = [call for call in calls if call["caller"] == "engine.py:sum_over_ranks"]
-    assert len(step_reductions) == 20 + metrics[-1]["nan_skipped"]
+    calls = recorded_collectives(probe_log, 0)
+    direct = [call for call in calls if call["direct"]]
+    assert len(direct) == 20 + metrics[-1]["nan_skipped"]
+    assert {(call["op"], call["caller"]) for call in direct} == {("all_reduce", "engine.py:sum_over_ranks")}
+    # NCCL takes CUDA tensors only: every collective made from vlpdist code, DeepSpeed's included.
     assert {call["device"] for call in calls} == {"cuda:0"}, calls
     assert (run_dir / "export" / "model_fp32.safetensors").is_file()
     assert json.loads((run_dir / "eval.json").read_text())["samples"] == 48

@@ -48,13 +48,19 @@ def launch(overrides: list[str], num_procs: int = 2, timeout_s: float = 400, env
 
 
 def collective_probe_env(log_dir: Path) -> dict[str, str]:
-    """The environment under which rank processes record the tensor collectives vlpdist issues
-    (tests/collective_probe/sitecustomize.py) into `log_dir`/rank<N>.json."""
+    """The environment under which rank processes record the tensor collectives made from vlpdist
+    code (tests/collective_probe/sitecustomize.py) into `log_dir` (see `recorded_collectives`)."""
     import os
 
     probe = str(REPO / "tests" / "collective_probe")
     return {**os.environ, "VLPDIST_COLLECTIVE_LOG": str(log_dir),
             "PYTHONPATH": os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH", "")]))}
+
+
+def recorded_collectives(log_dir: Path, rank: int) -> list[dict]:
+    """What `collective_probe_env` recorded in rank `rank`'s process."""
+    (path,) = log_dir.glob(f"rank{rank}_*.json")
+    return json.loads(path.read_text())
 
 
 def run_train_main(args: list[str], timeout_s: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

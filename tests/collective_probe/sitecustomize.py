@@ -1,10 +1,10 @@
 """Loaded at interpreter start by the rank processes of one test (this folder first on PYTHONPATH):
-records every torch.distributed tensor collective that vlpdist's own code issues, with the
-tensor's device and the calling function, into $VLPDIST_COLLECTIVE_LOG/rank<N>.json at exit.
+records every torch.distributed tensor collective made while vlpdist code is on the stack, with
+the tensor's device, the nearest vlpdist function and whether vlpdist called torch.distributed
+itself (`direct`) or through DeepSpeed, into $VLPDIST_COLLECTIVE_LOG/rank<RANK>_<pid>.json at exit.
 
 DeepSpeed calls torch.distributed through its comm module, so wrapping the functions on the
-torch.distributed module catches every caller; only calls whose nearest project frame is under
-vlpdist/ are kept (DeepSpeed's own collectives are its business)."""
+torch.distributed module catches every caller."""
 
 import os
 
@@ -21,22 +21,23 @@ if os.environ.get("VLPDIST_COLLECTIVE_LOG"):
     calls: list[dict] = []
 
     def _vlpdist_caller():
-        frame = sys._getframe(2)
+        """(nearest vlpdist function, whether it called torch.distributed itself) or (None, False)."""
+        frame = direct = sys._getframe(2)  # the caller of the wrapped collective
         while frame is not None:
             if frame.f_code.co_filename.startswith(LIBRARY):
-                return f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+                return f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}", frame is direct
             frame = frame.f_back
-        return None
+        return None, False
 
     def _wrap(name):
         original = getattr(dist, name)
 
         @functools.wraps(original)
         def recorded(*args, **kwargs):
-            caller = _vlpdist_caller()
+            caller, direct = _vlpdist_caller()
             if caller is not None:
                 tensor = args[0] if args else next(iter(kwargs.values()))
-                calls.append({"op": name, "device": str(tensor.device), "caller": caller})
+                calls.append({"op": name, "device": str(tensor.device), "caller": caller, "direct": direct})
             return original(*args, **kwargs)
 
         setattr(dist, name, recorded)
@@ -46,6 +47,8 @@ if os.environ.get("VLPDIST_COLLECTIVE_LOG"):
 
     @atexit.register
     def _dump():
+        if not calls:  # the launcher processes, which run no vlpdist code
+            return
         folder = Path(os.environ["VLPDIST_COLLECTIVE_LOG"])
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(calls))
+        (folder / f"rank{os.environ.get('RANK', '0')}_{os.getpid()}.json").write_text(json.dumps(calls))

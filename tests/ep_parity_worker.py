@@ -207,8 +207,13 @@ def main(argv=None) -> int:
     from vlpdist.parallel.engine import init_distributed
 
     args = parse_args(argv)
-    # Generous: on a loaded machine a rank can wait minutes for DeepSpeed's shm op to build.
-    info = init_distributed(timeout_s=600)
+    # DeepSpeed's CPU shm collective serves only `inference_all_reduce`, never training; skip its JIT
+    # build, which otherwise waits on the shared torch_extensions lock, for minutes when another
+    # process (a Slurm-launched run) keeps rebuilding it with a different command line.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    info = init_distributed(timeout_s=600)  # generous: 2 busy cores can make a 4-rank start slow
     ep_sizes = [int(e) for e in args.ep_sizes.split(",") if e]
     for ep_size in ep_sizes:  # one process group serves several ep sizes: each has its own expert groups
         for stage in [int(s) for s in args.zero_stages.split(",") if s]:

@@ -52,6 +52,14 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float | None = None
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        # DeepSpeed's CPU shared-memory collective serves only `inference_all_reduce` (tensor-parallel
+        # inference), never training. Its JIT build takes a minute under a lock in the shared
+        # torch_extensions cache and is redone whenever another launcher's flags differ, so ranks
+        # would wait on it at start; mark it unavailable so DeepSpeed does not build it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = accelerator.communication_backend_name()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not dist.is_initialized():

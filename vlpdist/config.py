@@ -97,6 +97,9 @@ class ProcessConfig:
     """CPUs each shard task asks Ray for."""
     gpus_per_task: float = 0.0
     """GPUs each shard task asks Ray for; fractional (0.25) packs several tasks on one GPU."""
+    loader_workers: int = -1
+    """DataLoader worker processes decoding and preprocessing images inside each task; -1 means
+    floor(cpus_per_task) - 1 (one CPU drives the models, the rest feed them)."""
     max_retries: int = 3
     """Ray retries of a shard task whose worker died; other shards go on meanwhile."""
     batch_size: int = 64

@@ -6,7 +6,7 @@ it) notes where each member's bytes lie and where the archive ends early, if it 
 processes decode the images and run every model's image preprocessing (the clip-retrieval habit),
 while the task's own thread runs CLIP, the captioner and the filter on batches. So a task holds a
 few chunks of images, never the whole shard, and a GPU is fed while the next chunks decode. The
-loader gets `floor(process.cpus_per_task) - 1` workers: one CPU drives the models, the others
+loader gets `process.loader_workers` workers (default `floor(process.cpus_per_task) - 1`): one CPU drives the models, the others
 decode (with one CPU the loader runs in the task's thread).
 
 Outputs: `features/NNNNN.tar`, `NNNNN_decisions.parquet` (one row per raw sample: written, dropped
@@ -281,7 +281,9 @@ def pick_device(settings: ProcessConfig) -> str:
 
 
 def loader_workers(settings: ProcessConfig) -> int:
-    """Decoding processes beside the task's thread: all the task's CPUs but the one that drives the models."""
+    """Decoding processes beside the task's thread: process.loader_workers, or by default all the task's CPUs but the one that drives the models."""
+    if settings.loader_workers >= 0:
+        return settings.loader_workers
     return max(0, math.floor(settings.cpus_per_task) - 1)
 
 

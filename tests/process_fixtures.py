@@ -139,3 +139,18 @@ def write_repeated_raw_shard(root: Path, num_samples: int, image_size: int, dist
                 rows[column].append(value)
     pq.write_table(pa.table(rows), tar_path.with_suffix(".parquet"))
     return tar_path
+
+
+def replace_tar_member(tar_path: Path, name: str, data: bytes) -> None:
+    """Rewrite the tar with member `name`'s content replaced by `data` (a broken image, an empty caption)."""
+    import io
+    import tarfile
+
+    with tarfile.open(tar_path) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(tar_path, "w") as archive:
+        for member, content in members:
+            if member.name == name:
+                content = data
+                member.size = len(data)
+            archive.addfile(member, io.BytesIO(content))

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import signal
-import tarfile
 import threading
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from common_fixtures import wait_for
-from process_fixtures import TINY_CLIP, write_raw_shards
+from process_fixtures import TINY_CLIP, replace_tar_member, write_raw_shards
 from process_ray_fixtures import attempts, clear_hold_dir, holding, init_ray_with_hold
 
 from data_ingest.process.feature_format import iterate_feature_shards
@@ -87,23 +85,12 @@ def test_run_writes_contract_shards_and_rerun_skips(tmp_path, ray_session, tiny_
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in features.iterdir() if p.name in mtimes and p.suffix == ".tar")
 
 
-def _replace_member(tar_path: Path, name: str, data: bytes) -> None:
-    with tarfile.open(tar_path) as archive:
-        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
-    with tarfile.open(tar_path, "w") as archive:
-        for member, content in members:
-            if member.name == name:
-                content = data
-                member.size = len(data)
-            archive.addfile(member, io.BytesIO(content))
-
-
 def test_corrupt_image_and_truncated_tar_are_counted(tmp_path, ray_session, tiny_clip):
     blank_caption, to_corrupt, to_truncate = write_raw_shards(tmp_path, num_samples=30, per_shard=10)
     # Shard 1: one sample's JPEG replaced by bytes no decoder accepts.
-    _replace_member(to_corrupt, "000010003.jpg", b"\xff\xd8 not really a jpeg")
+    replace_tar_member(to_corrupt, "000010003.jpg", b"\xff\xd8 not really a jpeg")
     # Shard 0: one sample with an empty caption (and no captioner to propose one).
-    _replace_member(blank_caption, "000000005.txt", b"")
+    replace_tar_member(blank_caption, "000000005.txt", b"")
     # Shard 2: cut in the middle of its fifth sample's image.
     size = to_truncate.stat().st_size
     to_truncate.write_bytes(to_truncate.read_bytes()[: size * 45 // 100])

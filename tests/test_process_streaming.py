@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 
 import pandas as pd
 import pytest
 import torch
 from common_fixtures import REPO
-from process_fixtures import TINY_CLIP, save_tiny_blip, write_raw_shards, write_repeated_raw_shard
+from process_fixtures import TINY_CLIP, replace_tar_member, save_tiny_blip, write_raw_shards, write_repeated_raw_shard
 from process_ray_fixtures import ray_pythonpath
 
 from data_ingest.process.feature_format import iterate_feature_shards
@@ -79,17 +77,6 @@ def tiny_blip(tmp_path_factory):
     return save_tiny_blip(tmp_path_factory.mktemp("blip"))
 
 
-def _replace_member(tar_path, name: str, data: bytes) -> None:
-    with tarfile.open(tar_path) as archive:
-        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
-    with tarfile.open(tar_path, "w") as archive:
-        for member, content in members:
-            if member.name == name:
-                content = data
-                member.size = len(data)
-            archive.addfile(member, io.BytesIO(content))
-
-
 def _whole_shard_reference(raw, settings: ProcessConfig, models: dict):
     """What the stage computed before it streamed: every sample of the shard decoded first, then
     each batch of `batch_size` usable samples preprocessed together and run through the models.
@@ -115,8 +102,8 @@ def test_streamed_outputs_equal_the_whole_shard_computation(tmp_path, tiny_clip,
     decisions are, value for value, those of the whole-shard computation (same order, same float
     bits, same sampled captions). Threshold 0 keeps every candidate, so every one is written and compared."""
     shards = write_raw_shards(tmp_path, num_samples=30, per_shard=10)
-    _replace_member(shards[0], "000000005.txt", b"")
-    _replace_member(shards[1], "000010003.jpg", b"\xff\xd8 not really a jpeg")
+    replace_tar_member(shards[0], "000000005.txt", b"")
+    replace_tar_member(shards[1], "000010003.jpg", b"\xff\xd8 not really a jpeg")
     shards[2].write_bytes(shards[2].read_bytes()[: shards[2].stat().st_size * 45 // 100])
     settings = ProcessConfig(
         clip_model=TINY_CLIP, clip_pretrained=str(tiny_clip), captioner=str(tiny_blip / "captioner"),

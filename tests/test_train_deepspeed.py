@@ -13,6 +13,7 @@ from common_fixtures import free_port
 from train_fixtures import (
     TINY_CONFIG,
     collective_probe_env,
+    evaluate_export_in_one_rank,
     launch,
     read_metrics,
     recorded_collectives,
@@ -164,13 +165,7 @@ def test_resume_with_another_data_plan_is_refused_naming_the_change_or_replanned
 def test_export_from_ep2_reloads_in_one_rank_with_ep1_and_same_eval_loss(ep2_run, world, tmp_path):
     straight_dir, _ = ep2_run
     features, lm_dir = world
-    overrides = tiny_overrides(features, lm_dir, tmp_path, "train.ep_size=1")
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    result = run_train_main(["--config", str(TINY_CONFIG), "--evaluate-export", str(straight_dir / "export"), *overrides],
-                            timeout_s=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reloaded = json.loads((tmp_path / "eval.json").read_text())
-    original = json.loads((straight_dir / "eval.json").read_text())
+    reloaded, original = evaluate_export_in_one_rank(features, lm_dir, straight_dir / "export", tmp_path)
     assert reloaded["caption_loss"] == pytest.approx(original["caption_loss"], rel=1e-5)
     assert reloaded["lm_without_image_loss"] == pytest.approx(original["lm_without_image_loss"], rel=1e-6)
     assert [e["generated"] for e in reloaded["examples"]] == [e["generated"] for e in original["examples"]]

@@ -6,13 +6,10 @@ steps is in test_train_ep_parity.py.)"""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 
 import pytest
-from common_fixtures import free_port
-from train_fixtures import TINY_CONFIG, launch, read_metrics, run_train_main, tiny_features, tiny_overrides
+from train_fixtures import evaluate_export_in_one_rank, launch, read_metrics, tiny_features, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -50,13 +47,7 @@ def test_four_ranks_at_ep2_resume_mid_epoch_bit_exact(four_rank_run, tiny_lm, tm
 
 def test_four_rank_export_reloads_in_one_rank_at_ep1_with_the_same_heldout_loss(four_rank_run, tiny_lm, tmp_path):
     features, straight_dir, _ = four_rank_run
-    overrides = tiny_overrides(features, tiny_lm, tmp_path, "train.ep_size=1")
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    result = run_train_main(["--config", str(TINY_CONFIG), "--evaluate-export", str(straight_dir / "export"), *overrides],
-                            timeout_s=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reloaded = json.loads((tmp_path / "eval.json").read_text())
-    original = json.loads((straight_dir / "eval.json").read_text())
+    reloaded, original = evaluate_export_in_one_rank(features, tiny_lm, straight_dir / "export", tmp_path)
     # Held-out samples were shared over the 4 ranks there and all in one rank here.
     assert reloaded["samples"] == original["samples"] == 48
     assert reloaded["caption_loss"] == pytest.approx(original["caption_loss"], rel=1e-5)

@@ -69,6 +69,19 @@ def run_train_main(args: list[str], timeout_s: float = 120, env: dict[str, str] 
                           capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
+def evaluate_export_in_one_rank(features: Path, lm_dir: Path, export_dir: Path, out_dir: Path) -> tuple[dict, dict]:
+    """`launcher/train.py --evaluate-export` in one process at ep_size 1: (its eval.json, the
+    eval.json the export's own run wrote beside it)."""
+    import os
+
+    overrides = tiny_overrides(features, lm_dir, out_dir, "train.ep_size=1")
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    result = run_train_main(["--config", str(TINY_CONFIG), "--evaluate-export", str(export_dir), *overrides],
+                            timeout_s=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out_dir / "eval.json").read_text()), json.loads((export_dir.parent / "eval.json").read_text())
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of `run_dir/metrics.jsonl`, one per logged optimizer step."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

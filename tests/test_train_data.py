@@ -165,3 +165,11 @@ def test_heldout_split_iteration_and_sharing_over_ranks(shards):
 def test_too_few_samples_for_the_slots_is_a_user_error(shards):
     with pytest.raises(UserError, match="micro_batch_size"):
         build_shard_plan(shards[:1], world_size=2, num_workers=2, micro_batch_size=2, seed=0)
+
+
+def test_a_shard_shorter_than_its_stats_is_named(tmp_path):
+    write_synthetic_feature_shards(tmp_path, num_shards=2, samples_per_shard=8, dim=4)
+    (tmp_path / "00001_stats.json").write_text('{"shard": "00001", "written": 12}')  # the tar holds 8
+    plan = build_shard_plan(list_feature_shards(tmp_path), world_size=1, num_workers=0, micro_batch_size=20, seed=0)
+    with pytest.raises(UserError, match=r"00001.tar holds 8 samples, but its stats count 12"):
+        _take(build_train_loader(plan, 0, 0), 1)

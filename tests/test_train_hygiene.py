@@ -34,3 +34,14 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path):
     path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # killed mid-write
     _truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_eval_token_dropping_is_refused_with_expert_parallelism():
+    import pytest
+
+    from vlpdist.errors import UserError
+    from vlpdist.models.mapper import check_model_config
+
+    check_model_config(ModelConfig(num_experts=4, eval_drop_tokens=True), ep_size=1)
+    with pytest.raises(UserError, match="eval_drop_tokens"):
+        check_model_config(ModelConfig(num_experts=4, eval_drop_tokens=True), ep_size=2)

@@ -235,7 +235,7 @@ class TrainConfig:
     rendezvous_timeout_s: float = 900.0
     """How long ranks wait at start for every rank to join (uneven starts on a busy cluster are not a dead rank)."""
     max_consecutive_nan_steps: int = 5
-    """Non-finite-loss micro-batches are skipped and counted; this many in a row abort the run."""
+    """Optimizer steps with a non-finite loss are skipped (by DeepSpeed, on every rank) and counted; this many in a row abort the run."""
     eval_at_end: bool = True
     """Evaluate on the held-out shards after training and write eval.json."""
     eval_max_samples: int = 512

@@ -246,7 +246,15 @@ def _slot_samples(plan: ShardPlan, epoch: int, slot: int) -> Iterator[dict[str, 
     def pieces() -> Iterator[dict[str, Any]]:
         for index, first, end in plan.slot_pieces(epoch, slot):
             # Skipping into a shard reads the skipped members' bytes: feature samples are KBs.
-            yield from itertools.islice(_raw_samples([plan.shards[index]]), first, end)
+            read = 0
+            for sample in itertools.islice(_raw_samples([plan.shards[index]]), first, end):
+                read += 1
+                yield sample
+            if read != end - first:
+                raise UserError(
+                    f"feature shard {plan.shards[index]} holds {first + read} samples, but its stats count "
+                    f"{plan.counts[index]}; rerun the processing stage for it"
+                )
 
     seed = int(np.random.SeedSequence([plan.seed, epoch, slot]).generate_state(1)[0])
     shuffle = wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=random.Random(seed))

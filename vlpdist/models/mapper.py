@@ -39,6 +39,10 @@ def check_model_config(cfg: ModelConfig, ep_size: int = 1) -> None:
         raise UserError(f"config key 'model.kernel_sizes' is {list(cfg.kernel_sizes)}; expected odd sizes >= 1")
     if cfg.mapper == "moe" and cfg.num_experts % ep_size != 0:
         raise UserError(f"model.num_experts={cfg.num_experts} is not divisible by the expert-parallel size {ep_size}")
+    if cfg.eval_drop_tokens and ep_size > 1:
+        # Dropping sizes expert capacity from each rank's own batch, and held-out shares differ in
+        # size across ranks, so the expert-parallel all-to-all would get tensors of other sizes.
+        raise UserError("config key 'model.eval_drop_tokens' must be false when train.ep_size > 1")
     if cfg.min_capacity < 0 or cfg.capacity_factor <= 0 or cfg.eval_capacity_factor <= 0:
         raise UserError("config keys 'model.capacity_factor', 'model.eval_capacity_factor' must be > 0 and 'model.min_capacity' >= 0")
 

@@ -62,7 +62,10 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float | None = None
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = accelerator.communication_backend_name()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if not dist.is_initialized():
+    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent already serves the store on MASTER_PORT: join it the standard way.
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    elif not dist.is_initialized():
         store = dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=rank == 0,
             timeout=timedelta(seconds=max(rendezvous_timeout_s or timeout_s, timeout_s)),

@@ -9,7 +9,7 @@ Layout under `<run>/checkpoints/`:
     latest                  the newest complete tag, DeepSpeed's own format, updated last
 
 All ranks write into `.tmp_step_00000100`; after a barrier every rank checksums its share of the
-files (rank 0 lists them once; rank r takes every world_size-th name from the r-th), rank 0
+files (the union of every rank's listing, sorted; rank r takes every world_size-th name from the r-th), rank 0
 gathers the sums, writes the manifest, renames the folder to its final name and only then rewrites
 `latest`. Spreading the checksums keeps a tuned LM's GBs from being read by one rank while the
 others wait at a barrier bounded by the distributed timeout. A crash at any point leaves either
@@ -138,7 +138,9 @@ def save_checkpoint(
     )
     torch.save(capture_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     dist.barrier()
-    names = broadcast_from_main(_list_files(tmp) if rank == 0 else None, device)
+    # Every rank lists the folder and the union counts: on a shared file system with cached
+    # directory attributes, rank 0 may not see yet what another node has just written.
+    names = sorted(set().union(*all_gather_values(_list_files(tmp))))
     shares = gather_to_main({name: _describe(tmp / name) for name in names[rank::world_size]})
     if rank == 0:
         files = {name: described for share in shares for name, described in share.items()}

@@ -109,10 +109,14 @@ def _read_data_world(config: Config, world_size: int, features_dir: Path) -> Dat
         plan = build_shard_plan(
             train_shards, world_size, train.num_workers, train.micro_batch_size, train.seed, heldout_shards, counts,
         )
+        first_full = next(shard for shard, count in zip(train_shards, counts) if count > 0)
+        clip_dim = next(iterate_heldout([first_full], batch_size=1, max_samples=1))["clip"].shape[1]
+        heldout_samples = sum(shard_sample_counts(heldout_shards)[0])
     except UserError as err:
         return DataWorld(error=str(err))
-    clip_dim = next(iterate_heldout(train_shards[:1], batch_size=1, max_samples=1))["clip"].shape[1]
-    heldout_samples = sum(shard_sample_counts(heldout_shards)[0])
+    except Exception as err:  # noqa: BLE001 - any failure here must reach the other ranks, not leave them waiting
+        message = f"reading the feature folder {features_dir} failed: {type(err).__name__}: {err}"
+        return DataWorld(error=message)
     return DataWorld(plan, heldout_samples, clip_dim, counted)
 
 
@@ -237,8 +241,9 @@ def run_training(config: Config) -> int:
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
     from vlpdist.monitor.tensorboard import TensorBoardLogger
 
-    # Past the resumed step, events of the run that was cut off are dropped, so curves do not double back.
-    tb = TensorBoardLogger(run_dir / "tb", info.is_main, purge_step=state.step + 1 if state.step else None)
+    # Past the resumed step (or from step 1 on a fresh start), events of a run that was cut off are
+    # dropped, so curves do not double back.
+    tb = TensorBoardLogger(run_dir / "tb", info.is_main, purge_step=state.step + 1)
     tb.scalars({"data/left_out_per_epoch": plan.left_out_per_epoch}, state.step)
     preemption = PreemptionSignal()
     # Captions are tokenised in the loader workers; pinned batches copy to the GPU without blocking.
@@ -283,7 +288,7 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
     term_names: list[str] | None = None
     while state.step < train.max_steps:
         sums_device = None
-        tokens = samples = 0
+        tokens = samples = micro_batches = 0
         while True:
             batch = next(loader)
             if batch["position"] != state.data_position:
@@ -297,6 +302,8 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
             if term_names is None:  # every scalar the model returns is a loss term to log
                 term_names = [name for name, value in out.items() if value.ndim == 0]
             boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                lr = scheduler.get_last_lr()[0]  # the lr this step applies (engine.step moves the schedule on)
             engine.backward(out["loss"])
             engine.step()
             terms = torch.stack([out[name].detach().float() for name in term_names])
@@ -306,16 +313,26 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
             sums_device = micro_stats if sums_device is None else sums_device + micro_stats
             tokens += int(batch["attention_mask"].sum())  # a CPU tensor from the loader: no device sync
             samples += len(batch["keys"])
+            micro_batches += 1
             if boundary:
                 break
-        host_part = torch.tensor([tokens, samples, float(preemption.received is not None)], device=device)
+        host_part = torch.tensor([micro_batches, tokens, samples, float(preemption.received is not None)], device=device)
         totals = sum_over_ranks(torch.cat([sums_device, host_part]), device).tolist()  # the step's collective and sync
         num_terms = len(term_names)
         finite_micro_batches = totals[num_terms]
-        load_E = totals[num_terms + 1 : -3]
-        step_tokens, step_samples, stop = int(totals[-3]), int(totals[-2]), totals[-1] > 0
+        load_E = totals[num_terms + 1 : -4]
+        all_micro_batches, step_tokens, step_samples, stop = int(totals[-4]), int(totals[-3]), int(totals[-2]), totals[-1] > 0
+        losses_finite = finite_micro_batches == all_micro_batches
         state.samples_seen += step_samples
-        if engine.was_step_applied():
+        applied = engine.was_step_applied()
+        if applied and not losses_finite:
+            raise TrainingDiverged(
+                f"a non-finite loss at step {state.step + 1} reached an applied optimizer step: this DeepSpeed does not "
+                "skip steps with non-finite gradients (vlpdist needs deepspeed>=0.19)"
+            )
+        if not applied and losses_finite:
+            state.overflow_skipped += 1  # fp16 loss-scale calibration: DeepSpeed lowers the scale and goes on
+        elif applied:
             state.consecutive_nan = 0
             state.step += 1
             means = {name: totals[i] / max(finite_micro_batches, 1) for i, name in enumerate(term_names)}
@@ -329,9 +346,10 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
             record = {
                 "step": state.step,
                 **means,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "nan_skipped": state.nan_skipped,
+                "overflow_skipped": state.overflow_skipped,
                 "samples_seen": state.samples_seen,
                 "epoch": batch["epoch"],
             }

@@ -22,7 +22,9 @@ class TrainState:
     samples_seen: int = 0
     """Training samples consumed over all ranks (those of skipped steps included)."""
     nan_skipped: int = 0
-    """Optimizer steps skipped because a loss or gradient was not finite on some rank."""
+    """Optimizer steps skipped because a loss was not finite on some rank."""
+    overflow_skipped: int = 0
+    """Optimizer steps DeepSpeed skipped for non-finite gradients while every loss was finite (fp16 loss-scale calibration)."""
     consecutive_nan: int = 0
     """Skipped steps in a row right now (reset by an applied one)."""
 

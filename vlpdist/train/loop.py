@@ -277,7 +277,8 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
 
     Per micro-batch: forward, backward, `engine.step()`; the loss terms and expert load stay on
     the device. Per optimizer step: ONE all-reduce of [terms of finite micro-batches, finite
-    micro-batch count, expert load, tokens, samples, stop flag] and one host sync to read it.
+    micro-batch count, expert load, micro-batches, tokens, samples, stop flag] and one host sync
+    to read it.
     A non-finite loss gives non-finite gradients, and DeepSpeed then skips that optimizer step
     on every rank alike (its global grad-norm check is a collective): the loop counts it from
     `engine.was_step_applied()`, so no flag needs a collective of its own."""

@@ -169,7 +169,7 @@ def run_process_stage(root: Path, checkpoint: Path, batch_size: int, workers: in
 
 
 def ours_embeddings(features_dir: Path) -> dict[str, "object"]:
-    from data_ingest.process.feature_format import iterate_feature_shards
+    from vlpdist.data.feature_format import iterate_feature_shards
 
     shards = [str(p) for p in sorted(features_dir.glob("*.tar"))]
     return {sample.key: sample.image_embedding for sample in iterate_feature_shards(shards)}

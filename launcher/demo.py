@@ -62,7 +62,7 @@ def stage_download(config: Config) -> dict:
 
 def stage_demo_lm(config: Config) -> Path:
     """The demo's language model: a tokenizer and a tiny GPT-2 trained on the training shards' captions."""
-    from data_ingest.process.feature_format import iterate_feature_shards
+    from vlpdist.data.feature_format import iterate_feature_shards
     from launcher.make_demo_lm import make_demo_lm
     from vlpdist.data.feature_shards import list_feature_shards, split_heldout
 

@@ -92,7 +92,7 @@ def test_shard_with_captioner_and_itm_filter(tmp_path, tiny_blip, tiny_clip):
     """A whole shard through BLIP captioning + ITM filtering (no Ray: the task body itself)."""
     import torch
 
-    from data_ingest.process.feature_format import iterate_feature_shards
+    from vlpdist.data.feature_format import iterate_feature_shards
     from data_ingest.process.shard import process_shard
 
     torch.manual_seed(0)  # the captioner samples: same captions whatever ran before in this session

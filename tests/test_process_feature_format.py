@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_ingest.process.feature_format import (
+from vlpdist.data.feature_format import (
     decode_feature_sample,
     encode_feature_sample,
     iterate_feature_shards,

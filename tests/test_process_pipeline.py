@@ -15,7 +15,7 @@ from common_fixtures import wait_for
 from process_fixtures import TINY_CLIP, replace_tar_member, write_raw_shards
 from process_ray_fixtures import attempts, clear_hold_dir, holding, init_ray_with_hold
 
-from data_ingest.process.feature_format import iterate_feature_shards
+from vlpdist.data.feature_format import iterate_feature_shards
 from data_ingest.process.run import filter_precision_recall, run_process, score_against_truth
 from data_ingest.run import main as ingest_main
 from vlpdist.config import load_config, save_config

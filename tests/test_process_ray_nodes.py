@@ -21,7 +21,7 @@ from process_ray_fixtures import (
 )
 from ray_cluster_fixtures import RAY_CLI, ray_env, start_ray_head, stop_ray_head
 
-from data_ingest.process.feature_format import iterate_feature_shards
+from vlpdist.data.feature_format import iterate_feature_shards
 from vlpdist.config import load_config, save_config
 
 pytestmark = pytest.mark.slow

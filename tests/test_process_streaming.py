@@ -15,7 +15,7 @@ from common_fixtures import REPO
 from process_fixtures import TINY_CLIP, replace_tar_member, save_tiny_blip, write_raw_shards, write_repeated_raw_shard
 from process_ray_fixtures import ray_pythonpath
 
-from data_ingest.process.feature_format import iterate_feature_shards
+from vlpdist.data.feature_format import iterate_feature_shards
 from data_ingest.process.shard import (
     DecodedSample,
     ShardProcessor,

@@ -30,7 +30,7 @@ from ray_cluster_fixtures import (  # noqa: F401 (fixtures)
 )
 
 from data_ingest.download import SUMMARY_FILENAME
-from data_ingest.process.feature_format import iterate_feature_shards
+from vlpdist.data.feature_format import iterate_feature_shards
 from data_ingest.sources.demo_server import DemoImageServer
 from data_ingest.sources.synthetic import broken_paths, demo_url_rows, generate_demo_samples
 from vlpdist.config import DemoDataConfig, load_config, save_config

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_ingest.process.feature_format import encode_feature_sample
+from vlpdist.data.feature_format import encode_feature_sample
 from vlpdist.atomic import atomic_path, atomic_write_json, remove_stale_staging
 from vlpdist.config import ProcessConfig
 from vlpdist.errors import UserError

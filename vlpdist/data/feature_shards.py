@@ -262,7 +262,7 @@ def _slot_samples(plan: ShardPlan, epoch: int, slot: int) -> Iterator[dict[str, 
 
 
 def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
-    from data_ingest.process.feature_format import decode_feature_sample
+    from vlpdist.data.feature_format import decode_feature_sample
 
     feature = decode_feature_sample(sample)
     # One of the kept captions per sample and epoch, chosen from the key so that it does not

@@ -45,7 +45,7 @@ def write_synthetic_feature_shards(
     batch is the same fixed batch."""
     import webdataset as wds
 
-    from data_ingest.process.feature_format import encode_feature_sample
+    from vlpdist.data.feature_format import encode_feature_sample
 
     from vlpdist.atomic import atomic_write_json
     from vlpdist.data.feature_shards import STATS_SUFFIX

@@ -1,4 +1,5 @@
-"""The feature shard format: the contract between the processing stage and training.
+"""The feature shard format: the contract between the processing stage (producer) and training
+(consumer), kept in the library so that both import it and the library imports neither.
 
 `<root>/features/NNNNN.tar` is a webdataset tar (same shard number as `raw/NNNNN.tar`) beside
 `<root>/features/NNNNN_stats.json`. Only samples with at least one kept caption are written.

@@ -77,6 +77,9 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
     (work / "run").mkdir()
     engine, _ = build_model_and_engine(config, info, work / "run", args.clip_dim)
     captioner = engine.module
+    from vlpdist.losses.terms import loss_weights, weighted_total
+
+    weights = loss_weights(config)
     from functools import partial
 
     from vlpdist.models.captioner import tokenize_captions
@@ -92,7 +95,7 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
         batch = next(loader)
         tokens_per_step.append(int(batch["attention_mask"].sum()))
         out = engine(*(batch[key].to(device, non_blocking=True) for key in ("clip", "input_ids", "attention_mask")))
-        engine.backward(out["loss"])
+        engine.backward(weighted_total(out, weights))
         engine.step()
 
     # The bare LM work of the same step: forward + backward over [prefix | caption] embeddings
@@ -114,7 +117,7 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
     fixed_clip = fixed["clip"].to(device)
 
     def model_step() -> None:
-        plain(fixed_clip, ids_BT, mask_BT)["loss"].backward()
+        weighted_total(plain(fixed_clip, ids_BT, mask_BT), weights).backward()
         plain.zero_grad(set_to_none=True)
 
     seconds = _timed_rounds({"full": full_step, "model": model_step, "bare": bare_lm_step}, args.steps, args.rounds, synchronize)

@@ -183,10 +183,10 @@ def run_variant(args, info, variant: str, ep_size: int, zero_stage: int, wrong_s
             raise RuntimeError("captions of unequal token length: the per-rank token means would not average to the global one")
         device = device_of(info)
         terms = engine(clip_GC[rows].to(device), input_ids.to(device), attention_mask.to(device))
-        engine.backward(terms["loss"])
+        engine.backward(terms["cap"])  # moe_aux_weight is 0 here
         grads = gather_to_rank0(reduced_grads(engine.module), ep_size, engine.module.experts_per_rank)
         engine.step()
-        loss = terms["loss"].detach().clone()
+        loss = terms["cap"].detach().clone()
         dist.all_reduce(loss)
         losses.append(float(loss) / world)
         if rank == 0:

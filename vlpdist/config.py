@@ -178,6 +178,11 @@ class ModelConfig:
     """Keep the LM frozen and train only the mapper (ClipCap's prefix-only training)."""
     max_caption_tokens: int = 32
     """Caption tokens kept per sample, the appended EOS included."""
+    bottleneck_tokens: int = 0
+    """B learnable tokens placed between the prefix and the caption (0 = none)."""
+    bottleneck_only: bool = True
+    """With bottleneck tokens: the caption reaches the prefix only through them (a 4-D attention
+    mask; LMs that ignore such masks are refused). False: the tokens are extra context only."""
 
 
 @dataclass
@@ -247,6 +252,78 @@ class TrainConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Alignment of the mapped visual prefix with the LM's text space: ITC and SupCon over a memory
+    bank kept by a momentum copy of the mapper, with optional geodesic (k-NN graph) negatives."""
+
+    itc_weight: float = 0.0
+    """Weight of the ITC (image-text InfoNCE) term in the loss; 0 turns ITC off."""
+    supcon_weight: float = 0.0
+    """Weight of the supervised contrastive term over object labels; 0 turns SupCon off."""
+    cap_weight: float = 1.0
+    """Weight of the captioning cross-entropy (the MoE balance weight is model.moe_aux_weight)."""
+    embed_dim: int = 256
+    """Width of the shared space the visual and text projection heads map into."""
+    text_target: str = "lm"
+    """ITC's text side: lm (mean-pooled LM hidden states of the caption alone, every step), lm_cached
+    (the same, computed once per caption with a frozen LM and kept on the device), clip (the CLIP
+    text embedding stored in the feature shards)."""
+    temperature_init: float = 0.07
+    """Initial ITC temperature (learnable)."""
+    temperature_min: float = 0.01
+    """Lower bound of the learnable ITC temperature."""
+    temperature_max: float = 0.5
+    """Upper bound of the learnable ITC temperature."""
+    learn_temperature: bool = True
+    """Learn the ITC temperature (within its bounds); false keeps temperature_init."""
+    supcon_temperature: float = 0.1
+    """SupCon temperature (fixed, as Khosla et al.)."""
+    supcon_positives: str = "any_shared"
+    """SupCon positives: any_shared (share >= 1 object label, weight 1) or jaccard (weighted by label Jaccard)."""
+    bank_size: int = 65536
+    """Memory bank entries (MoCo/ALBEF size); a multiple of world size x micro-batch."""
+    bank_unique_ids: bool = True
+    """Never hold two entries of one sample id (an older copy is invalidated on enqueue)."""
+    momentum: float = 0.995
+    """EMA momentum of the mapper copy that fills the bank; 0 = the online model's detached outputs."""
+    distill_alpha: float = 0.0
+    """ALBEF momentum distillation: ITC targets mix this much of the momentum model's soft targets."""
+    metric: str = "cosine"
+    """Logit metric for bank keys: cosine, or geodesic (1 - graph shortest-path distance)."""
+    negatives: str = "all"
+    """all, or geodesic_hard: of each anchor's hard_negative_pool cosine-nearest bank entries keep the
+    hard_negatives whose manifold path is longest relative to their cosine distance."""
+    false_negatives: str = "none"
+    """none, or geodesic: bank entries within false_negative_radius of the anchor along the manifold are not negatives."""
+    hard_negative_pool: int = 256
+    """Cosine-nearest bank entries per anchor considered for geodesic hard negatives."""
+    hard_negatives: int = 64
+    """Bank negatives kept per anchor with negatives=geodesic_hard (in-batch negatives are always kept)."""
+    false_negative_radius: float = 0.05
+    """Geodesic radius (in summed cosine distance) inside which a bank entry counts as a likely false negative."""
+    geodesic_k: int = 10
+    """Neighbours per node of the k-NN graph."""
+    geodesic_backend: str = "torch"
+    """k-NN search: torch (brute force on the training device), faiss_flat, faiss_ivf, faiss_hnsw."""
+    geodesic_method: str = "exact"
+    """exact (Dijkstra from each step's anchors) or landmarks (distances via landmark nodes, device ops only)."""
+    geodesic_landmarks: int = 64
+    """Landmark nodes with geodesic_method=landmarks."""
+    geodesic_limit: float = 1.0
+    """Dijkstra stops at this path length (beyond it: unreachable, a finite far distance)."""
+    geodesic_refresh_every: int = 50
+    """Rebuild the k-NN graph over the bank every N optimizer steps."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.itc_weight > 0 or self.supcon_weight > 0
+
+    @property
+    def uses_geodesic(self) -> bool:
+        return self.metric == "geodesic" or self.negatives == "geodesic_hard" or self.false_negatives == "geodesic"
+
+
+@dataclass
 class Config:
     """The whole vlpdist configuration tree."""
 
@@ -257,6 +334,7 @@ class Config:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -327,6 +405,32 @@ def _check_values(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"config key '{key}' is {value!r}; expected one of {sorted(allowed)}")
+    align = config.align
+    align_choices = {
+        "align.text_target": (align.text_target, {"lm", "lm_cached", "clip"}),
+        "align.supcon_positives": (align.supcon_positives, {"any_shared", "jaccard"}),
+        "align.metric": (align.metric, {"cosine", "geodesic"}),
+        "align.negatives": (align.negatives, {"all", "geodesic_hard"}),
+        "align.false_negatives": (align.false_negatives, {"none", "geodesic"}),
+        "align.geodesic_backend": (align.geodesic_backend, {"torch", "faiss_flat", "faiss_ivf", "faiss_hnsw"}),
+        "align.geodesic_method": (align.geodesic_method, {"exact", "landmarks"}),
+    }
+    for key, (value, allowed) in align_choices.items():
+        if value not in allowed:
+            raise UserError(f"config key '{key}' is {value!r}; expected one of {sorted(allowed)}")
+    if not 0 < align.temperature_min <= align.temperature_init <= align.temperature_max:
+        raise UserError("config keys 'align.temperature_*' must satisfy 0 < temperature_min <= temperature_init <= temperature_max")
+    if not 0.0 <= align.momentum < 1.0 or not 0.0 <= align.distill_alpha <= 1.0:
+        raise UserError("config keys 'align.momentum' must be in [0, 1) and 'align.distill_alpha' in [0, 1]")
+    if align.distill_alpha > 0 and align.momentum == 0:
+        raise UserError("config key 'align.distill_alpha' needs a momentum model (align.momentum > 0)")
+    for key in ("embed_dim", "geodesic_k", "geodesic_landmarks", "geodesic_refresh_every", "hard_negative_pool", "hard_negatives"):
+        if getattr(align, key) < 1:
+            raise UserError(f"config key 'align.{key}' must be >= 1")
+    if min(align.itc_weight, align.supcon_weight, align.cap_weight) < 0:
+        raise UserError("config keys 'align.*_weight' must be >= 0")
+    if config.model.bottleneck_tokens < 0:
+        raise UserError("config key 'model.bottleneck_tokens' must be >= 0")
     if not 0.0 <= config.demo.mismatch_fraction < 1.0:
         raise UserError("config key 'demo.mismatch_fraction' must be in [0, 1)")
 

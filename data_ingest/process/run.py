@@ -68,6 +68,14 @@ def _check_inputs_exist(settings: ProcessConfig) -> None:
         check_blip_folder(key, blip)
 
 
+def _record_label_vocabulary(features_dir: Path, settings: ProcessConfig) -> None:
+    """Write the vocabulary the label ids index beside the shards, so training (SupCon, the bank) reads ids the same way."""
+    from data_ingest.process.labels import load_vocabulary
+    from vlpdist.data.feature_format import write_label_vocabulary
+
+    write_label_vocabulary(features_dir, list(load_vocabulary(settings.vocab).names))
+
+
 def start_ray(settings: ProcessConfig) -> bool:
     """Connect to Ray; True when this call started it (and so must shut it down)."""
     import ray
@@ -249,6 +257,7 @@ def run_process(config: Config) -> dict:
         train_demo_clip(config)
     _check_inputs_exist(settings)
     features_dir.mkdir(parents=True, exist_ok=True)
+    _record_label_vocabulary(features_dir, settings)
     pending = [raw for raw in raw_shards if not stats_path(features_dir, raw.stem).is_file()]
     started = time.time()
     finished_stats: list[dict] = []

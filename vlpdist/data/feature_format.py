@@ -12,6 +12,10 @@ Each sample, keyed by its raw sample key, holds:
   scores (every filter score), decision, source_key, url, original_caption.
 
 `.npy` members are plain numpy files (no pickles), readable with `np.load(allow_pickle=False)`.
+
+`<root>/features/label_vocabulary.json` records the object vocabulary the label ids index
+(`{"names": [...], "fingerprint": ...}`), so an id means the same category in every shard, run
+and checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+LABEL_VOCABULARY_FILE = "label_vocabulary.json"
 IMAGE_MEMBER = "img.npy"
 TEXT_MEMBER = "txt.npy"
 META_MEMBER = "json"
@@ -123,3 +128,37 @@ def iterate_feature_shards(urls: str | list[str]) -> Iterator[FeatureSample]:
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for sample in dataset:
         yield decode_feature_sample(sample)
+
+
+def label_vocabulary_fingerprint(names: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
+
+
+def write_label_vocabulary(features_dir, names: list[str]) -> None:
+    """Record the label vocabulary beside the shards (atomically); refuse one that differs from a recorded one."""
+    from pathlib import Path
+
+    from vlpdist.atomic import atomic_write_json
+    from vlpdist.errors import UserError
+
+    path = Path(features_dir) / LABEL_VOCABULARY_FILE
+    recorded = read_label_vocabulary(features_dir)
+    if recorded is not None and recorded != list(names):
+        raise UserError(
+            f"{path} records another label vocabulary ({len(recorded)} names, fingerprint "
+            f"{label_vocabulary_fingerprint(recorded)}) than this run's ({len(names)} names): label ids would change meaning; "
+            "process into a new folder"
+        )
+    atomic_write_json(path, {"names": list(names), "fingerprint": label_vocabulary_fingerprint(list(names))})
+
+
+def read_label_vocabulary(features_dir) -> list[str] | None:
+    """The recorded label vocabulary's names (index = label id), or None when the folder records none."""
+    from pathlib import Path
+
+    path = Path(features_dir) / LABEL_VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    return list(json.loads(path.read_text())["names"])

@@ -261,6 +261,13 @@ def _slot_samples(plan: ShardPlan, epoch: int, slot: int) -> Iterator[dict[str, 
     return iter(shuffle(pieces()))
 
 
+def sample_id_of(key: str) -> int:
+    """A sample's int64 id for the memory bank: 63 bits of its key's BLAKE2b hash, never negative
+    (-1 marks an empty bank slot). Two of n keys collide with probability about n^2 / 2^64: 5e-2 at
+    a billion samples, and a collision only costs one pair treated as the same sample."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
 def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
     from vlpdist.data.feature_format import decode_feature_sample
 
@@ -271,17 +278,30 @@ def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
     return {
         "key": feature.key,
         "clip": feature.image_embedding,
+        "clip_text": feature.text_embeddings[choice],
+        "clip_texts": feature.text_embeddings,
         "caption": feature.captions[choice],
+        "caption_index": choice,
         "captions": feature.captions,
         "labels": feature.labels,
     }
 
 
 def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = None) -> dict[str, Any]:
-    """Decoded samples -> a batch: `clip` (B, D) float32, per-sample lists, and with `tokenize`
-    the chosen captions' `input_ids` / `attention_mask` (B, T), so tokenising happens in the loader workers."""
+    """Decoded samples -> a batch: `clip` (B, D) float32, `clip_text` (B, D) the chosen captions' CLIP
+    text embeddings, `sample_ids` (B,) int64, `label_ids` (B, L) int64 padded with -1, `caption_index`
+    (B,) int64, per-sample lists, and with `tokenize` the chosen captions' `input_ids` /
+    `attention_mask` (B, T), so tokenising happens in the loader workers."""
+    longest = max(1, max(len(sample["labels"]) for sample in samples))
+    label_ids = torch.full((len(samples), longest), -1, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        label_ids[row, : len(sample["labels"])] = torch.tensor(sample["labels"], dtype=torch.long)
     batch = {
         "clip": torch.from_numpy(np.stack([sample["clip"] for sample in samples]).astype(np.float32)),
+        "clip_text": torch.from_numpy(np.stack([sample["clip_text"] for sample in samples]).astype(np.float32)),
+        "sample_ids": torch.tensor([sample_id_of(sample["key"]) for sample in samples], dtype=torch.long),
+        "caption_index": torch.tensor([sample["caption_index"] for sample in samples], dtype=torch.long),
+        "label_ids": label_ids,
         "caption": [sample["caption"] for sample in samples],
         "captions": [sample["captions"] for sample in samples],
         "keys": [sample["key"] for sample in samples],
@@ -364,7 +384,7 @@ def iterate_heldout(
         if index % world_size != rank:
             continue
         sample = _decode(raw, epoch=0)
-        sample["caption"] = sample["captions"][0]
+        sample["caption"], sample["caption_index"], sample["clip_text"] = sample["captions"][0], 0, sample["clip_texts"][0]
         samples.append(sample)
         if len(samples) == batch_size:
             yield collate_features(samples)

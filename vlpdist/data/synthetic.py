@@ -48,6 +48,7 @@ def write_synthetic_feature_shards(
     from vlpdist.data.feature_format import encode_feature_sample
 
     from vlpdist.atomic import atomic_write_json
+    from vlpdist.data.feature_format import write_label_vocabulary
     from vlpdist.data.feature_shards import STATS_SUFFIX
 
     sizes = [samples_per_shard] * num_shards if isinstance(samples_per_shard, int) else list(samples_per_shard)
@@ -55,6 +56,7 @@ def write_synthetic_feature_shards(
         raise ValueError(f"{len(sizes)} shard sizes given for {num_shards} shards")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    write_label_vocabulary(folder, list(SHAPES))
     rng = np.random.default_rng(seed)
     vocabulary = sorted({word for phrase in ["a"] + COLOURS + SHAPES + PLACES for word in phrase.split()})
     word_vectors = {word: rng.standard_normal(dim) for word in vocabulary}

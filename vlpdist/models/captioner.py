@@ -9,13 +9,14 @@ encodings of a probe sentence.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from vlpdist.config import ModelConfig
+from vlpdist.config import AlignConfig, ModelConfig
 from vlpdist.errors import UserError
 from vlpdist.models.expert_state import global_to_local_expert_state, local_to_global_expert_state
 from vlpdist.models.mapper import build_mapper
@@ -73,20 +74,98 @@ def tokenize_captions(tokenizer, max_caption_tokens: int, captions: list[str]) -
     return input_ids, attention_mask
 
 
-class PrefixCaptioner(nn.Module):
-    """mapper + causal LM + tokenizer; `forward` returns the named loss terms the training loop sums and logs."""
+class AlignmentHeads(nn.Module):
+    """Projection heads into the shared alignment space (ITC, SupCon) and the learnable ITC temperature.
 
-    def __init__(self, mapper: nn.Module, lm: nn.Module, tokenizer, cfg: ModelConfig, ep_size: int = 1):
+    visual: mean over the P prefix tokens (B, P, D) -> Linear(D, E) -> unit norm (B, E);
+    text: a caption's text feature (B, Dt) -> Linear(Dt, E) -> unit norm (B, E)."""
+
+    def __init__(self, prefix_width: int, text_width: int, align: AlignConfig):
+        super().__init__()
+        self.visual = nn.Linear(prefix_width, align.embed_dim)
+        self.text = nn.Linear(text_width, align.embed_dim)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(align.temperature_init)), requires_grad=align.learn_temperature)
+        self.temperature_bounds = (align.temperature_min, align.temperature_max)
+
+    def visual_embed(self, prefix_BPD: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.visual(prefix_BPD.float().mean(dim=1)), dim=-1)
+
+    def text_embed(self, text_BDt: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.text(text_BDt.float()), dim=-1)
+
+    def temperature(self) -> torch.Tensor:
+        """0-dim, within its bounds (clamped in the forward, as CLIP clamps its logit scale)."""
+        return self.log_temperature.exp().clamp(*self.temperature_bounds)
+
+
+def lm_supports_4d_attention_mask(lm: nn.Module) -> bool:
+    """Whether `lm` obeys a custom 4-D additive attention mask: a probe forward where the last
+    position is barred from the first must differ from the causal one, and a 4-D mask equal to the
+    causal one must give the causal logits (an LM that rebuilds its own mask fails one of the two)."""
+    device = lm.get_input_embeddings().weight.device
+    width = lm.get_input_embeddings().embedding_dim
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 3, width, generator=generator).to(device, lm.get_input_embeddings().weight.dtype)
+    with torch.no_grad():
+        causal = lm(inputs_embeds=embeds, attention_mask=torch.ones(1, 3, dtype=torch.long, device=device)).logits
+        allowed = torch.ones(3, 3, dtype=torch.bool, device=device).tril()
+        same = lm(inputs_embeds=embeds, attention_mask=additive_mask(allowed[None], embeds.dtype)).logits
+        allowed[2, 0] = False
+        barred = lm(inputs_embeds=embeds, attention_mask=additive_mask(allowed[None], embeds.dtype)).logits
+    return torch.allclose(causal, same, atol=1e-5) and not torch.allclose(causal[0, 2], barred[0, 2], atol=1e-6)
+
+
+def additive_mask(allowed_BQK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Q, K) bool "may attend" -> (B, 1, Q, K) additive mask (0 or the dtype's minimum), the form
+    Hugging Face LMs take as a ready 4-D mask (eager adds it; sdpa accepts a float mask)."""
+    return torch.zeros(allowed_BQK.shape, dtype=dtype, device=allowed_BQK.device).masked_fill(
+        ~allowed_BQK, torch.finfo(dtype).min
+    )[:, None]
+
+
+def bottleneck_attention_allowed(prefix_len: int, bottleneck_len: int, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) bool, S = P + B + T: causal attention over `[prefix | bottleneck | caption]`, where
+    caption positions may not attend to prefix positions (they see the prefix only through the
+    bottleneck tokens), and padded caption keys are never attended to."""
+    batch, caption_len = attention_mask_BT.shape
+    start = prefix_len + bottleneck_len
+    total = start + caption_len
+    device = attention_mask_BT.device
+    allowed_SS = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+    allowed_SS[start:, :prefix_len] = False
+    key_present_BS = torch.cat([attention_mask_BT.new_ones(batch, start), attention_mask_BT], dim=1).bool()
+    allowed_BSS = allowed_SS[None] & key_present_BS[:, None, :]
+    # A padded query with no key left would be all -inf (NaN in softmax): it may see itself; its output is ignored.
+    return allowed_BSS | torch.eye(total, dtype=torch.bool, device=device)[None]
+
+
+class PrefixCaptioner(nn.Module):
+    """mapper + causal LM + tokenizer (+ optional bottleneck tokens and alignment heads);
+    `forward` returns the named loss terms the training loop weights, sums and logs."""
+
+    def __init__(self, mapper: nn.Module, lm: nn.Module, tokenizer, cfg: ModelConfig, ep_size: int = 1,
+                 align: AlignConfig | None = None, clip_dim: int = 0):
         super().__init__()
         self.mapper = mapper
         self.lm = lm
         self.tokenizer = tokenizer
         self.prefix_length = cfg.prefix_length
         self.max_caption_tokens = cfg.max_caption_tokens
-        self.moe_aux_weight = cfg.moe_aux_weight
         self.freeze_lm = cfg.freeze_lm
         self.experts_per_rank = cfg.num_experts // ep_size
         self.lm.requires_grad_(not cfg.freeze_lm)
+        width = lm.get_input_embeddings().embedding_dim
+        self.bottleneck_only = cfg.bottleneck_only and cfg.bottleneck_tokens > 0
+        self.bottleneck = nn.Parameter(0.02 * torch.randn(cfg.bottleneck_tokens, width)) if cfg.bottleneck_tokens else None
+        if self.bottleneck_only and not lm_supports_4d_attention_mask(lm):
+            raise UserError(
+                f"model.bottleneck_only needs an LM that obeys 4-D attention masks; {type(lm).__name__} does not "
+                "(Hugging Face GPT-2, Llama, Mistral, Qwen2 and other models built on transformers' masking_utils do)"
+            )
+        self.text_target = align.text_target if align is not None and align.enabled else ""
+        self.heads = None
+        if self.text_target:
+            self.heads = AlignmentHeads(width, clip_dim if self.text_target == "clip" else width, align)
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (input_ids (B, T), attention_mask (B, T)): see `tokenize_captions`."""
@@ -98,30 +177,58 @@ class PrefixCaptioner(nn.Module):
         prefix_BPD, moe_aux, load_E = self.mapper(clip_emb_BC.to(mapper_dtype))
         return prefix_BPD.to(self.lm.get_input_embeddings().weight.dtype), moe_aux, load_E
 
+    def start_embeddings(self, prefix_BPD: torch.Tensor) -> torch.Tensor:
+        """What the caption follows: the prefix, then the bottleneck tokens if any: (B, P + B, D)."""
+        if self.bottleneck is None:
+            return prefix_BPD
+        tokens_BND = self.bottleneck.to(prefix_BPD.dtype)[None].expand(prefix_BPD.shape[0], -1, -1)
+        return torch.cat([prefix_BPD, tokens_BND], dim=1)
+
+    def lm_text_features(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled last hidden states of the caption alone through the LM's body (no LM head): (B, D).
+        Without gradient when the LM is frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_lm):
+            hidden_BTD = self.lm.base_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+            weights_BT1 = attention_mask_BT[..., None].to(hidden_BTD.dtype)
+            return (hidden_BTD * weights_BT1).sum(dim=1) / weights_BT1.sum(dim=1).clamp(min=1)
+
     def forward(
-        self, clip_emb_BC: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor
+        self, clip_emb_BC: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+        text_feature_BDt: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms: `cap` (next-token CE on caption tokens only), `moe_aux`, their weighted sum `loss`;
-        also `expert_load` ((E,) fraction of samples per expert, empty without MoE) and `prefix` (B, P, D)."""
+        """Loss terms `cap` (next-token CE on caption tokens only) and `moe_aux`, `expert_load` ((E,)
+        fraction of samples per expert, empty without MoE) and `prefix` (B, P, D); with alignment
+        heads also `visual_embed` / `text_embed` (B, E) unit-norm, `text_feature` (B, Dt) and the
+        term `itc_temperature`. `text_feature_BDt` (a cached LM feature or the CLIP text embedding)
+        replaces the LM text forward."""
         prefix_BPD, moe_aux, load_E = self.map_prefix(clip_emb_BC)
-        cap = self.caption_loss_after(prefix_BPD, input_ids_BT, attention_mask_BT)
-        return {
-            "loss": cap + self.moe_aux_weight * moe_aux,
-            "cap": cap,
-            "moe_aux": moe_aux,
-            "expert_load": load_E,
-            "prefix": prefix_BPD,
-        }
+        cap = self.caption_loss_after(self.start_embeddings(prefix_BPD), input_ids_BT, attention_mask_BT)
+        out = {"cap": cap, "moe_aux": moe_aux, "expert_load": load_E, "prefix": prefix_BPD}
+        if self.heads is not None:
+            if text_feature_BDt is None:
+                if self.text_target == "clip":
+                    raise ValueError("text_target clip: pass the batch's CLIP text embeddings as text_feature_BDt")
+                text_feature_BDt = self.lm_text_features(input_ids_BT, attention_mask_BT)
+            out["visual_embed"] = self.heads.visual_embed(prefix_BPD)
+            out["text_feature"] = text_feature_BDt
+            out["text_embed"] = self.heads.text_embed(text_feature_BDt)
+            out["itc_temperature"] = self.heads.temperature()
+        return out
 
     def caption_loss_after(
         self, start_BSD: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None
     ) -> torch.Tensor:
-        """The LM's (or `lm`'s) caption cross-entropy after the S start embeddings `start_BSD` (B, S, D)."""
+        """The LM's (or `lm`'s) caption cross-entropy after the S start embeddings `start_BSD` (B, S, D)
+        (in bottleneck mode the last B of them are the bottleneck tokens and a 4-D mask applies)."""
         lm = self.lm if lm is None else lm
         batch, start_len = start_BSD.shape[:2]
         tokens_BTD = lm.get_input_embeddings()(input_ids_BT)
         embeds = torch.cat([start_BSD, tokens_BTD], dim=1)  # (B, S+T, D)
-        mask = torch.cat([attention_mask_BT.new_ones(batch, start_len), attention_mask_BT], dim=1)
+        if self.bottleneck_only and start_len > self.prefix_length:
+            allowed = bottleneck_attention_allowed(self.prefix_length, start_len - self.prefix_length, attention_mask_BT)
+            mask = additive_mask(allowed, embeds.dtype)
+        else:
+            mask = torch.cat([attention_mask_BT.new_ones(batch, start_len), attention_mask_BT], dim=1)
         labels = torch.cat(
             [input_ids_BT.new_full((batch, start_len), IGNORE_INDEX), input_ids_BT.masked_fill(attention_mask_BT == 0, IGNORE_INDEX)],
             dim=1,
@@ -145,28 +252,65 @@ class PrefixCaptioner(nn.Module):
             start_BSD = embed(input_ids_BT.new_full((batch, 1), bos))
         else:
             start_BSD = embed.weight.new_zeros(batch, self.prefix_length, embed.embedding_dim)
-        return self.caption_loss_after(start_BSD, input_ids_BT, attention_mask_BT, lm)
+        mask = torch.cat([attention_mask_BT.new_ones(batch, start_BSD.shape[1]), attention_mask_BT], dim=1)
+        tokens_BTD = embed(input_ids_BT)
+        labels = torch.cat([input_ids_BT.new_full((batch, start_BSD.shape[1]), IGNORE_INDEX),
+                            input_ids_BT.masked_fill(attention_mask_BT == 0, IGNORE_INDEX)], dim=1)
+        return lm(inputs_embeds=torch.cat([start_BSD, tokens_BTD], dim=1), attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
     def generate_captions(self, clip_emb_BC: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> list[str]:
-        """Greedy (num_beams=1) or beam-search captions through Hugging Face `generate` with `inputs_embeds`."""
+        """Greedy (num_beams=1) or beam-search captions through Hugging Face `generate` with `inputs_embeds`.
+
+        In bottleneck mode the prefix and bottleneck tokens are run once (causal: the bottleneck
+        tokens read the prefix, as in training), and `generate` continues from that cache with the
+        prefix positions masked out, so caption tokens see the prefix only through the bottleneck
+        tokens, as the 4-D training mask has it. The first caption token comes from that forward's
+        last logits (greedy), so bottleneck mode decodes greedily."""
         was_training = self.training
         self.eval()
         try:
             prefix_BPD, _, _ = self.map_prefix(clip_emb_BC)
-            generated = self.lm.generate(
-                inputs_embeds=prefix_BPD,
-                attention_mask=torch.ones(prefix_BPD.shape[:2], dtype=torch.long, device=prefix_BPD.device),
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            start_BSD = self.start_embeddings(prefix_BPD)
+            batch, start_len = start_BSD.shape[:2]
+            ones_BS = torch.ones((batch, start_len), dtype=torch.long, device=start_BSD.device)
+            common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
+                          pad_token_id=self.tokenizer.pad_token_id)
+            if not self.bottleneck_only:
+                generated = self.lm.generate(inputs_embeds=start_BSD, attention_mask=ones_BS, num_beams=num_beams, **common)
+            else:
+                if num_beams != 1:
+                    raise UserError("bottleneck mode (model.bottleneck_only) decodes greedily: use num_beams=1")
+                generated = self._generate_through_bottleneck(start_BSD, common)
         finally:
             self.train(was_training)
         # With only inputs_embeds, decoder-only `generate` returns just the new tokens.
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def _generate_through_bottleneck(self, start_BSD: torch.Tensor, common: dict) -> torch.Tensor:
+        """New token ids (B, <= max_new_tokens) for bottleneck mode (see `generate_captions`)."""
+        batch, start_len = start_BSD.shape[:2]
+        device = start_BSD.device
+        ones_BS = torch.ones((batch, start_len), dtype=torch.long, device=device)
+        first = self.lm(inputs_embeds=start_BSD, attention_mask=ones_BS, use_cache=True)
+        first_token_B1 = first.logits[:, -1].argmax(dim=-1, keepdim=True)
+        if common["max_new_tokens"] == 1:
+            return first_token_B1
+        # `generate` reads the cached length off the cache and feeds only the ids after it; the ids
+        # standing for cached positions are placeholders that are never embedded.
+        placeholder_BS = torch.full((batch, start_len), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        visible_BS = ones_BS.clone()
+        visible_BS[:, : self.prefix_length] = 0
+        # Positions count every token as in training: from the masked prefix `generate` would derive them shifted by P.
+        positions_BS = torch.arange(start_len + 1, device=device).expand(batch, -1)
+        generated = self.lm.generate(
+            input_ids=torch.cat([placeholder_BS, first_token_B1], dim=1),
+            attention_mask=torch.cat([visible_BS, torch.ones_like(first_token_B1)], dim=1),
+            position_ids=positions_BS,
+            cache=first.past_key_values,
+            **{**common, "max_new_tokens": common["max_new_tokens"] - 1},
+        )
+        return generated[:, start_len:]
 
     def global_state_dict(self, ep_rank: int) -> dict[str, torch.Tensor]:
         """This rank's state with expert params renamed to global ids (gather all ranks' to consolidate)."""
@@ -206,12 +350,13 @@ def build_captioner(
     *,
     consolidated_state: Mapping[str, torch.Tensor] | None = None,
     ep_rank: int = 0,
+    align: AlignConfig | None = None,
 ) -> PrefixCaptioner:
     """LM + tokenizer by name/folder, the configured mapper (its experts spread over `ep_size` ranks),
     optionally loaded from a consolidated state dict (any ep_size; `ep_rank` picks this rank's experts)."""
     lm, tokenizer = load_language_model_and_tokenizer(model_cfg)
     mapper = build_mapper(model_cfg, clip_dim, lm.get_input_embeddings().embedding_dim, ep_size)
-    captioner = PrefixCaptioner(mapper, lm, tokenizer, model_cfg, ep_size)
+    captioner = PrefixCaptioner(mapper, lm, tokenizer, model_cfg, ep_size, align, clip_dim)
     if consolidated_state is not None:
         captioner.load_consolidated_state(consolidated_state, ep_rank)
     return captioner

@@ -266,8 +266,9 @@ def test_bf16_inputs_are_computed_in_float32():
 
 # Two ranks of batch 3 against one process of batch 6: the projections are the parameters.
 RANKS, RANK_BATCH, INPUT_WIDTH, VOCAB = 2, 3, 6, 3
-# Every rank has exactly one anchor without a positive, so the mean of per-rank SupCon means is the global mean.
-GLOBAL_LABELS = [[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 1], [0, 0, 0]]
+# Rank 0 has two anchors with a positive, rank 1 one: SupCon's count is summed over ranks (its ctx),
+# so the mean of per-rank losses is still the global mean.
+GLOBAL_LABELS = [[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]]
 GLOBAL_IDS = [100, 101, 102, 103, 104, 105]
 
 
@@ -304,7 +305,7 @@ def run_losses(case: dict, rows: slice, ctx: DataParallelContext) -> dict:
                                    case["bank"])
     itc = itc_loss(visual_q_bD, text_q_bD, keys, own_index_b, temperature, v2t_keep_bK=case["keep_BK"][rows],
                    distill_alpha=0.4, visual_m_bD=visual_q_bD.detach(), text_m_bD=text_q_bD.detach())["itc"]
-    supcon = supcon_loss(visual_q_bD, keys, own_index_b, case["labels_BV"][rows], 0.1, positives="jaccard")["supcon"]
+    supcon = supcon_loss(visual_q_bD, keys, own_index_b, case["labels_BV"][rows], 0.1, positives="jaccard", ctx=ctx)["supcon"]
     (itc + supcon).backward()
     return dict(itc=itc.detach(), supcon=supcon.detach(), keys=keys, own_index_b=own_index_b,
                 visual_grad=visual_projection_CD.grad, text_grad=text_projection_CD.grad, temperature_grad=temperature.grad)

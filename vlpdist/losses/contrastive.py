@@ -189,6 +189,7 @@ def supcon_loss(
     positives: Literal["any_shared", "jaccard"] = "any_shared",
     keep_bK: torch.Tensor | None = None,
     similarity_bK: torch.Tensor | None = None,
+    ctx: DataParallelContext | None = None,
 ) -> dict[str, torch.Tensor]:
     """SupCon among visual embeddings (Khosla et al. 2020, L_out, eq. 2); {"supcon", "supcon_anchors"}.
 
@@ -199,8 +200,10 @@ def supcon_loss(
     or similarity_bK (b, K) when given.
 
     "supcon" is the mean over this rank's anchors with a positive (exactly 0, with a zero gradient
-    path, when none has one); the mean of per-rank losses is the global mean only when every rank
-    has as many such anchors. "supcon_anchors" is the fraction of anchors with a positive (no grad).
+    path, when none has one). With `ctx` on N ranks the count of such anchors is summed over ranks
+    (one all-reduce of a scalar) and the loss is N x (this rank's sum) / (global count), so the mean
+    of per-rank losses, as DeepSpeed averages gradients, is the global mean over all anchors with a
+    positive however they are spread. "supcon_anchors" is this rank's fraction of anchors with a positive (no grad).
     """
     excluded_bK = build_excluded_keys(keys, own_index_b, keep_bK)
     anchor_labels_bV = anchor_labels_bV.float()
@@ -224,5 +227,13 @@ def supcon_loss(
     logits_bK = similarity_bK / temperature
     loss_b = soft_target_cross_entropy(logits_bK, excluded_bK, weight_bK)
     anchors_with_positive = has_positive_b.sum()
-    loss = (loss_b * has_positive_b.float()).sum() / anchors_with_positive.clamp(min=1)
+    denominator = anchors_with_positive.float()
+    if ctx is not None and ctx.world_size > 1:
+        import torch.distributed as dist
+
+        ctx.check_device(denominator)
+        denominator = denominator.clone()
+        dist.all_reduce(denominator, group=ctx.group)
+        denominator = denominator.clamp(min=1) / ctx.world_size
+    loss = (loss_b * has_positive_b.float()).sum() / denominator.clamp(min=1 / max(ctx.world_size if ctx else 1, 1))
     return {"supcon": loss, "supcon_anchors": (anchors_with_positive.float() / max(has_positive_b.numel(), 1)).detach()}

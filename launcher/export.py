@@ -1,10 +1,16 @@
-"""Fold and export the trained MoE mapper: `python -m launcher.export --checkpoint <consolidated fp32 file> --out <dir>`.
+"""Fold and export the trained MoE mapper: `python -m launcher.export --checkpoint <checkpoint> --out <dir>`.
 
-Reads a consolidated checkpoint (every expert under its global id; `.safetensors`, or a torch file
-loaded with `weights_only=True`), rebuilds the MoE mapper at ep_size 1, folds it into the dense
-inference mapper, checks the fold on random inputs, and writes `mapper.safetensors` +
-`mapper_config.json` into `--out`. The model config comes from `--config`, else from the
-`config.yaml` of the run folder the checkpoint sits in.
+`--checkpoint` is either
+- a consolidated fp32 file (every expert under its global id; `.safetensors`, or a torch file
+  loaded with `weights_only=True`), e.g. the `<run>/export/model_fp32.safetensors` training writes; or
+- a DeepSpeed checkpoint folder, `<run>/checkpoints/step_N` or `<run>/checkpoints` (then the newest
+  usable step): it is consolidated offline in this process, no ranks or GPU
+  (`vlpdist.parallel.consolidate`), and written into `--out` as the live export would write it
+  (`model_fp32.safetensors`, `config.yaml`, `export.json`), so `launcher/train.py --evaluate-export
+  <out>` reloads it at any ep_size.
+Then it rebuilds the MoE mapper at ep_size 1, folds it into the dense inference mapper, checks the
+fold on random inputs, and writes `mapper.safetensors` + `mapper_config.json` into `--out`. The
+model config comes from `--config`, else from the `config.yaml` of the run folder the checkpoint sits in.
 """
 
 from __future__ import annotations
@@ -77,15 +83,27 @@ def main(argv: list[str] | None = None) -> dict:
     from vlpdist.models.mapper import build_mapper
 
     parser = argparse.ArgumentParser(prog="launcher.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="consolidated fp32 state dict (.safetensors or torch file)")
-    parser.add_argument("--out", required=True, help="folder for mapper.safetensors + mapper_config.json")
+    parser.add_argument("--checkpoint", required=True,
+                        help="consolidated fp32 state dict (.safetensors or torch file), or a DeepSpeed checkpoint folder")
+    parser.add_argument("--out", required=True,
+                        help="folder for mapper.safetensors + mapper_config.json (and the consolidated files, from a checkpoint folder)")
     parser.add_argument("--config", default=None, help="run config (default: config.yaml of the checkpoint's run)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     args = parser.parse_args(argv)
 
     checkpoint = Path(args.checkpoint)
-    state = mapper_state(read_consolidated_state(checkpoint))
-    config = load_config(args.config or find_run_config(checkpoint), args.overrides)
+    if checkpoint.is_dir():
+        from vlpdist.parallel.consolidate import MODULE_STATES, consolidate_checkpoint, write_consolidated_export
+
+        consolidated = consolidate_checkpoint(checkpoint)
+        config = load_config(args.config or find_run_config(consolidated.folder / MODULE_STATES), args.overrides)
+        write_consolidated_export(consolidated, config, args.out)
+        print(f"consolidated {consolidated.folder} (step {consolidated.step}, {consolidated.precision} run, fp32 weights "
+              f"from the {consolidated.fp32_source} files, {len(consolidated.state)} tensors) into {args.out}", flush=True)
+        state = mapper_state(consolidated.state)
+    else:
+        state = mapper_state(read_consolidated_state(checkpoint))
+        config = load_config(args.config or find_run_config(checkpoint), args.overrides)
     if config.model.mapper != "moe":
         raise UserError(f"model.mapper is {config.model.mapper!r}: only the MoE mapper folds")
     if "input_proj.weight" not in state:

@@ -268,6 +268,8 @@ class AlignConfig:
     """ITC's text side: lm (mean-pooled LM hidden states of the caption alone, every step), lm_cached
     (the same, computed once per caption with a frozen LM and kept on the device), clip (the CLIP
     text embedding stored in the feature shards)."""
+    text_cache_entries: int = 1048576
+    """With text_target lm_cached: captions whose LM features are kept on the device (beyond: computed each time)."""
     temperature_init: float = 0.07
     """Initial ITC temperature (learnable)."""
     temperature_min: float = 0.01

@@ -84,7 +84,8 @@ class AlignmentHeads(nn.Module):
         super().__init__()
         self.visual = nn.Linear(prefix_width, align.embed_dim)
         self.text = nn.Linear(text_width, align.embed_dim)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(align.temperature_init)), requires_grad=align.learn_temperature)
+        # Shape (1,), not 0-dim: DeepSpeed's parameter broadcast views every parameter as bytes.
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(align.temperature_init)]), requires_grad=align.learn_temperature)
         self.temperature_bounds = (align.temperature_min, align.temperature_max)
 
     def visual_embed(self, prefix_BPD: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,7 @@ class AlignmentHeads(nn.Module):
 
     def temperature(self) -> torch.Tensor:
         """0-dim, within its bounds (clamped in the forward, as CLIP clamps its logit scale)."""
-        return self.log_temperature.exp().clamp(*self.temperature_bounds)
+        return self.log_temperature.exp().clamp(*self.temperature_bounds)[0]
 
 
 def lm_supports_4d_attention_mask(lm: nn.Module) -> bool:

@@ -5,7 +5,9 @@ Layout under `<run>/checkpoints/`:
     step_00000100/          engine.save_checkpoint output (module, experts per EP rank, ZeRO
                             optimizer partitions, scheduler), rng_rank00000.pt ... (one per
                             rank), manifest.json (train_state, world size, the data plan and its
-                            fingerprint, size + crc32 of every file; written last)
+                            fingerprint, size + crc32 of every file; written last),
+                            extra_<name>_rank00000.safetensors ... (state beside the engine's:
+                            the memory bank, the momentum model; see `CheckpointExtra`)
     latest                  the newest complete tag, DeepSpeed's own format, updated last
 
 All ranks write into `.tmp_step_00000100`; after a barrier every rank checksums its share of the
@@ -29,7 +31,7 @@ import logging
 import shutil
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -111,11 +113,33 @@ def _resume_candidates(checkpoint_dir: Path) -> list[str]:
     return tags
 
 
+class CheckpointExtra(Protocol):
+    """State a run keeps beside the engine's (a memory bank, a momentum model), saved as safetensors.
+
+    `source_rank(rank)` names the rank whose copy `rank` holds: state identical on every rank is
+    written once (source 0), state sharded like the experts once per expert-parallel rank."""
+
+    name: str
+
+    def source_rank(self, rank: int) -> int: ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+def extra_file_name(name: str, rank: int) -> str:
+    return f"extra_{name}_rank{rank:05d}.safetensors"
+
+
 def save_checkpoint(
     engine, checkpoint_dir: Path, state: TrainState, keep: int, exclude_frozen: bool, data_plan: dict, device: torch.device,
+    extras: Sequence[CheckpointExtra] = (),
 ) -> Path:
     """Collective: every rank calls it. `data_plan` (the loader plan's description) is recorded
-    with its fingerprint, so a resume can refuse a plan its data position does not fit. Returns the final folder."""
+    with its fingerprint, so a resume can refuse a plan its data position does not fit; `extras`
+    are written as safetensors by their source ranks (covered by the manifest like every file).
+    Returns the final folder."""
     import torch.distributed as dist
 
     from vlpdist.data.feature_shards import plan_fingerprint
@@ -137,6 +161,11 @@ def save_checkpoint(
         exclude_frozen_parameters=exclude_frozen,
     )
     torch.save(capture_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    from safetensors.torch import save_file
+
+    for extra in extras:
+        if extra.source_rank(rank) == rank:
+            save_file(extra.state_tensors(), str(tmp / extra_file_name(extra.name, rank)))
     dist.barrier()
     # Every rank lists the folder and the union counts: on a shared file system with cached
     # directory attributes, rank 0 may not see yet what another node has just written.
@@ -151,14 +180,37 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         atomic_write_text(checkpoint_dir / LATEST, tag)
+        from vlpdist.parallel.consolidate import replace_deepspeed_consolidation_script
+
+        # DeepSpeed copies its zero_to_fp32.py beside the tags on every save; it cannot read MoE checkpoints.
+        replace_deepspeed_consolidation_script(checkpoint_dir)
         for old in list_checkpoints(checkpoint_dir)[keep:]:
             shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
     dist.barrier()
     return final
 
 
+def _check_extras(folder: Path, rank: int, extras: Sequence[CheckpointExtra]) -> None:
+    """Before DeepSpeed loads anything: a checkpoint without this run's extra state was made with other settings."""
+    for extra in extras:
+        path = folder / extra_file_name(extra.name, extra.source_rank(rank))
+        if not path.is_file():
+            raise UserError(
+                f"checkpoint {folder} has no {extra.name} state ({path.name}): it was made with other alignment "
+                "settings; resume with those, or start a new train.output_dir"
+            )
+
+
+def _load_extras(folder: Path, rank: int, extras: Sequence[CheckpointExtra]) -> None:
+    from safetensors.torch import load_file
+
+    for extra in extras:
+        extra.load_state_tensors(load_file(str(folder / extra_file_name(extra.name, extra.source_rank(rank)))))
+
+
 def load_latest_checkpoint(
     engine, checkpoint_dir: Path, exclude_frozen: bool, device: torch.device, resume_state: Callable[[dict], TrainState],
+    extras: Sequence[CheckpointExtra] = (),
 ) -> TrainState | None:
     """Collective: restore engine, RNG and TrainState from the newest usable checkpoint (None if none).
 
@@ -185,7 +237,9 @@ def load_latest_checkpoint(
                 "(the fp32 export reloads at any size)"
             )
         state = resume_state(manifest)
+        _check_extras(folder, rank, extras)
         engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_strict=not exclude_frozen)
         restore_rng_state(torch.load(folder / f"rng_rank{rank:05d}.pt", weights_only=True))
+        _load_extras(folder, rank, extras)
         return state
     return None

@@ -33,7 +33,9 @@ from vlpdist.data.feature_shards import (
     shard_sample_counts,
     split_heldout,
 )
+from vlpdist.data.feature_format import read_label_vocabulary
 from vlpdist.errors import UserError
+from vlpdist.losses.terms import loss_weights, weighted_total
 from vlpdist.parallel.deepspeed_config import check_train_config
 from vlpdist.parallel.engine import (
     DistInfo,
@@ -79,6 +81,7 @@ class DataWorld:
     heldout_samples: int = 0
     clip_dim: int = 0
     counted_from_tars: int = 0
+    label_names: list[str] | None = None
     error: str | None = None
 
 
@@ -112,12 +115,13 @@ def _read_data_world(config: Config, world_size: int, features_dir: Path) -> Dat
         first_full = next(shard for shard, count in zip(train_shards, counts) if count > 0)
         clip_dim = next(iterate_heldout([first_full], batch_size=1, max_samples=1))["clip"].shape[1]
         heldout_samples = sum(shard_sample_counts(heldout_shards)[0])
+        label_names = read_label_vocabulary(features_dir)
     except UserError as err:
         return DataWorld(error=str(err))
     except Exception as err:  # noqa: BLE001 - any failure here must reach the other ranks, not leave them waiting
         message = f"reading the feature folder {features_dir} failed: {type(err).__name__}: {err}"
         return DataWorld(error=message)
-    return DataWorld(plan, heldout_samples, clip_dim, counted)
+    return DataWorld(plan, heldout_samples, clip_dim, counted, label_names)
 
 
 def share_data_world(config: Config, info: DistInfo, features_dir: Path) -> DataWorld:
@@ -204,12 +208,31 @@ def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_d
     # its expert-data-parallel group), so replicas agree.
     torch.manual_seed(config.train.seed + ep_rank_of_this_process)
     model = build_captioner(
-        config.model, clip_dim, config.train.ep_size, consolidated_state=consolidated, ep_rank=ep_rank_of_this_process
+        config.model, clip_dim, config.train.ep_size, consolidated_state=consolidated, ep_rank=ep_rank_of_this_process,
+        align=config.align,
     ).to(device_of(info))
     engine, scheduler = build_engine(model, config.train, info, run_dir)
     if config.train.ep_size > 1 and expert_parallel_rank(config.train.ep_size) != ep_rank_of_this_process:
         raise RuntimeError("DeepSpeed's expert-parallel rank layout is not rank % ep_size")
     return engine, scheduler
+
+
+def build_alignment_objective(config: Config, captioner, world: DataWorld, device: torch.device):
+    """The ITC / SupCon objective with its bank and momentum model, or None when both are off."""
+    if not config.align.enabled:
+        return None
+    from vlpdist.losses.distributed import DataParallelContext
+    from vlpdist.train.alignment import AlignmentObjective
+
+    num_labels = 0
+    if config.align.supcon_weight > 0:
+        if world.label_names is None:
+            raise UserError(
+                "align.supcon_weight > 0 needs the label vocabulary recorded with the features (label_vocabulary.json); "
+                "rerun the processing stage"
+            )
+        num_labels = len(world.label_names)
+    return AlignmentObjective(config, captioner, DataParallelContext.from_default_group(device), num_labels)
 
 
 def run_training(config: Config) -> int:
@@ -228,11 +251,14 @@ def run_training(config: Config) -> int:
         save_config(config, run_dir)
         print(_describe_plan(plan, world.counted_from_tars), flush=True)
     engine, scheduler = build_model_and_engine(config, info, run_dir, world.clip_dim)
+    objective = build_alignment_objective(config, engine.module, world, device)
+    extras = objective.checkpoint_extras() if objective is not None else []
     checkpoint_dir = run_dir / "checkpoints"
     exclude_frozen = config.model.freeze_lm
     state = None
     if train.resume:
-        state = load_latest_checkpoint(engine, checkpoint_dir, exclude_frozen, device, resume_state_for(plan, train.replan_on_resume, info.is_main))
+        state = load_latest_checkpoint(engine, checkpoint_dir, exclude_frozen, device, resume_state_for(plan, train.replan_on_resume, info.is_main),
+                                       extras)
     state = state or TrainState()
     plan.first_epoch = state.plan_first_epoch
     if info.is_main:
@@ -252,9 +278,10 @@ def run_training(config: Config) -> int:
     loader = iter(build_train_loader(plan, info.rank, state.data_position, tokenize, pin_memory=info.on_gpu))
     last_saved_step = state.step  # what is on disk, known from this loop's memory (not from a shared file system)
     try:
-        stopped, last_saved_step = _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan, last_saved_step)
+        stopped, last_saved_step = _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan,
+                                                last_saved_step, objective)
         if state.step > last_saved_step:
-            save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen, plan.describe(), device)
+            save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen, plan.describe(), device, extras)
         if stopped:
             if info.is_main:
                 cause = preemption.received or "a signal to another rank"
@@ -272,7 +299,8 @@ def run_training(config: Config) -> int:
     return 0
 
 
-def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan, last_saved_step) -> tuple[bool, int]:
+def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan, last_saved_step,
+                 objective=None) -> tuple[bool, int]:
     """Optimizer steps until max_steps; (stopped early by a preemption signal, last step saved).
 
     Per micro-batch: forward, backward, `engine.step()`; the loss terms and expert load stay on
@@ -286,6 +314,8 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
     device = device_of(info)
     window = StepWindow()
     metrics_path = run_dir / "metrics.jsonl"
+    weights = loss_weights(config)
+    extras = objective.checkpoint_extras() if objective is not None else []
     term_names: list[str] | None = None
     while state.step < train.max_steps:
         sums_device = None
@@ -295,19 +325,27 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
             if batch["position"] != state.data_position:
                 raise RuntimeError(f"data stream at {batch['position']}, expected {state.data_position}")
             state.data_position += 1
+            clip_BC = batch["clip"].to(device, non_blocking=True)
+            text_feature = objective.text_feature(engine.module, batch, device) if objective is not None else None
             out = engine(
-                batch["clip"].to(device, non_blocking=True),
+                clip_BC,
                 batch["input_ids"].to(device, non_blocking=True),
                 batch["attention_mask"].to(device, non_blocking=True),
+                text_feature,
             )
-            if term_names is None:  # every scalar the model returns is a loss term to log
-                term_names = [name for name, value in out.items() if value.ndim == 0]
+            named = {name: value for name, value in out.items() if value.ndim == 0}
+            if objective is not None:
+                named.update(objective.terms(out, batch, clip_BC))
+                objective.enqueue(state.step)
+            named["loss"] = weighted_total(named, weights)
+            if term_names is None:  # every scalar term (the model's and the losses') is logged
+                term_names = list(named)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
                 lr = scheduler.get_last_lr()[0]  # the lr this step applies (engine.step moves the schedule on)
-            engine.backward(out["loss"])
+            engine.backward(named["loss"])
             engine.step()
-            terms = torch.stack([out[name].detach().float() for name in term_names])
+            terms = torch.stack([named[name].detach().float() for name in term_names])
             finite = torch.isfinite(terms).all()
             micro_stats = torch.cat([torch.where(finite, terms, torch.zeros_like(terms)), finite.float()[None],
                                      out["expert_load"].detach().float()])
@@ -336,6 +374,8 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
         elif applied:
             state.consecutive_nan = 0
             state.step += 1
+            if objective is not None:
+                objective.after_applied_step(engine.module, state.step)
             means = {name: totals[i] / max(finite_micro_batches, 1) for i, name in enumerate(term_names)}
             window.steps += 1
             window.samples += step_samples
@@ -358,7 +398,7 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
             if state.step % train.log_every == 0 or state.step == train.max_steps:
-                _log_window(tb, window, record, info)
+                _log_window(tb, window, record, info, objective.scalars() if objective is not None else {})
                 window = StepWindow()
             if train.caption_log_every and state.step % train.caption_log_every == 0:
                 _log_captions(engine.module, tb, batch, device, train.eval_max_new_tokens, state.step)
@@ -374,14 +414,14 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
         due = state.step > last_saved_step and state.step % train.checkpoint_every == 0
         if due or (stop and state.step > last_saved_step):
             save_checkpoint(engine, run_dir / "checkpoints", state, train.keep_checkpoints, config.model.freeze_lm,
-                            plan.describe(), device)
+                            plan.describe(), device, extras)
             last_saved_step = state.step
         if stop:
             return True, last_saved_step
     return False, last_saved_step
 
 
-def _log_window(tb, window: StepWindow, record: dict, info: DistInfo) -> None:
+def _log_window(tb, window: StepWindow, record: dict, info: DistInfo, extra_scalars: dict[str, float]) -> None:
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     scalars = {f"loss/{term}": total / window.steps for term, total in window.terms.items()}
     scalars.update({
@@ -393,6 +433,7 @@ def _log_window(tb, window: StepWindow, record: dict, info: DistInfo) -> None:
     })
     if record["grad_norm"] is not None:
         scalars["opt/grad_norm"] = record["grad_norm"]
+    scalars.update(extra_scalars)
     step = record["step"]
     tb.scalars(scalars, step)
     if window.expert_load:

@@ -1,0 +1,125 @@
+"""Alignment in real DeepSpeed training on 2 CPU ranks (gloo): ITC + SupCon over a memory bank
+kept by a momentum mapper whose experts are spread like the online ones (ep_size 2), with geodesic
+hard negatives and false-negative removal; bank, momentum model and geodesic snapshot in the
+checkpoint; resume bit-exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from train_fixtures import launch, read_metrics, tiny_features, tiny_overrides
+
+from vlpdist.train.text_cache import TextFeatureCache
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+# Bank of 64 = 4 steps of 2 ranks x 8: it wraps around in a 12-step run; the graph is rebuilt at
+# steps 4 and 8 and 12, so the checkpoint at step 6 holds a snapshot taken two steps before.
+ALIGNED = [
+    "align.itc_weight=0.2", "align.supcon_weight=0.2", "align.bank_size=64", "align.momentum=0.9",
+    "align.distill_alpha=0.4", "align.negatives=geodesic_hard", "align.false_negatives=geodesic",
+    "align.geodesic_refresh_every=4", "align.geodesic_k=4", "align.hard_negatives=8", "align.hard_negative_pool=32",
+    "align.false_negative_radius=0.02", "train.zero_stage=2", "train.ep_size=2",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_lm):
+    return tiny_features(tmp_path_factory.mktemp("align") / "features"), tiny_lm
+
+
+@pytest.fixture(scope="module")
+def aligned_run(world, tmp_path_factory):
+    features, lm_dir = world
+    run_dir = tmp_path_factory.mktemp("aligned_run")
+    result = launch(tiny_overrides(features, lm_dir, run_dir, *ALIGNED))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_alignment_terms_are_trained_and_logged(aligned_run):
+    run_dir, _ = aligned_run
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    for m in metrics:
+        # The loop sums the weighted terms it is given and logs every one.
+        assert m["loss"] == pytest.approx(m["cap"] + 0.01 * m["moe_aux"] + 0.2 * m["itc"] + 0.2 * m["supcon"], rel=1e-5)
+        assert 0 < m["supcon_anchors"] <= 1 and 0.01 <= m["itc_temperature"] <= 0.5
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss/itc", "loss/supcon", "align/bank_fill", "geodesic/connected_components", "geodesic/mean_degree",
+            "geodesic/build_knn_s"} <= tags
+    # After 12 steps of 16 distinct samples the 64-slot bank is full of distinct ids.
+    assert accumulator.Scalars("align/bank_fill")[-1].value == 64
+
+
+def test_checkpoint_holds_bank_momentum_and_snapshot_as_safetensors(aligned_run):
+    from safetensors.torch import load_file
+
+    run_dir, _ = aligned_run
+    folder = run_dir / "checkpoints" / "step_00000006"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    extras = sorted(name for name in manifest["files"] if name.startswith("extra_"))
+    # The bank once (identical on every rank), the momentum model once per expert-parallel rank.
+    assert extras == ["extra_alignment_bank_rank00000.safetensors", "extra_momentum_model_rank00000.safetensors",
+                      "extra_momentum_model_rank00001.safetensors"]
+    bank = load_file(str(folder / extras[0]))
+    assert int(bank["snapshot.step"]) == 4 and bank["bank.valid"].sum() == 64
+    ids = bank["bank.sample_ids"][bank["bank.valid"]]
+    assert ids.unique().numel() == ids.numel()
+    experts = [load_file(str(folder / name)) for name in extras[1:]]
+    # Each rank's momentum copy holds its own experts (local ids 0..1 = global 2r..2r+1): they differ.
+    expert_keys = [key for key in experts[0] if "deepspeed_experts" in key]
+    assert expert_keys and any(not torch.equal(experts[0][key], experts[1][key]) for key in expert_keys)
+    assert not (run_dir / "checkpoints" / "zero_to_fp32.py").exists()
+    assert (run_dir / "checkpoints" / "HOW_TO_EXPORT.txt").is_file()
+
+
+def test_resume_with_bank_momentum_and_geodesics_is_bit_exact(aligned_run, world, tmp_path):
+    straight_dir, _ = aligned_run
+    features, lm_dir = world
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    shutil.copytree(straight_dir / "checkpoints" / "step_00000006", checkpoints / "step_00000006")
+    (checkpoints / "latest").write_text("step_00000006")
+    result = launch(tiny_overrides(features, lm_dir, tmp_path, *ALIGNED, "train.eval_at_end=false", "train.export_at_end=false"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from step 6" in result.stdout
+    resumed, straight = read_metrics(tmp_path), read_metrics(straight_dir)[6:]
+    assert [m["step"] for m in resumed] == list(range(7, 13))
+    for name in ("loss", "cap", "itc", "supcon", "supcon_anchors", "itc_temperature", "grad_norm"):
+        assert [m[name] for m in resumed] == [m[name] for m in straight], name
+
+
+def test_resume_without_the_alignment_state_is_refused(aligned_run, world, tmp_path):
+    """A checkpoint made without alignment cannot seed an aligned run: its bank and momentum state are missing."""
+    features, lm_dir = world
+    plain = tmp_path / "plain"
+    result = launch(tiny_overrides(features, lm_dir, plain, "train.max_steps=2", "train.checkpoint_every=2",
+                                   "train.eval_at_end=false", "train.export_at_end=false", "train.ep_size=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(tiny_overrides(features, lm_dir, plain, *ALIGNED, "train.max_steps=4", "train.eval_at_end=false",
+                                   "train.export_at_end=false"))
+    assert result.returncode == 2
+    assert "has no alignment_bank state" in result.stderr + result.stdout
+
+
+def test_text_feature_cache_computes_each_caption_once():
+    cache = TextFeatureCache(capacity=5, width=3, device=torch.device("cpu"))
+    ids, captions = torch.tensor([10, 11, 12]), torch.tensor([0, 1, 0])
+    assert cache.rows(ids, captions) is None
+    features = torch.arange(9, dtype=torch.float32).reshape(3, 3)
+    cache.store(ids, captions, features)
+    rows = cache.rows(ids, captions)
+    assert torch.equal(cache.lookup(rows), features)
+    # Another caption of sample 10 is another entry; over capacity, rows are not cached (computed each time).
+    more = torch.tensor([10, 13, 14]), torch.tensor([1, 0, 0])
+    cache.store(*more, features + 100)
+    assert cache.rows(*more) is None and len(cache.row_of) == 5
+    assert torch.equal(cache.lookup(cache.rows(torch.tensor([10, 13]), torch.tensor([1, 0]))), features[:2] + 100)

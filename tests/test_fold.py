@@ -7,8 +7,17 @@ import torch
 
 from vlpdist.config import ModelConfig
 from vlpdist.errors import UserError
-from vlpdist.models import build_mapper, fold_mapper
-from vlpdist.models.fold import deepspeed_eval_gates
+from vlpdist.models import build_mapper, fold_mapper, load_folded_mapper, save_folded_mapper
+from vlpdist.models.fold import (
+    FOLDED_PATHS,
+    count_folded_parameters,
+    deepspeed_eval_gates,
+    deepspeed_eval_top_k,
+    fold_mapper_static,
+    grouped_tile_count,
+    measure_static_fold_error,
+    plan_folded_evaluation,
+)
 
 CLIP_DIM, WIDTH, EXPERTS = 24, 32, 4
 
@@ -32,7 +41,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_fold_matches_moe_for_several_batch_sizes(top_k):
     mapper = trained_like_mapper(top_k, seed=top_k).eval()
     folded = fold_mapper(mapper)
-    for batch in (1, 3, 16, 33):
+    for batch in (1, 3, 16, 33, 1024):
         clip_BC = torch.randn(batch, CLIP_DIM)
         with torch.no_grad():
             expected_BPD, _, expected_load = mapper(clip_BC)
@@ -82,13 +91,141 @@ def test_fold_refuses_a_mapper_holding_part_of_the_experts():
         fold_mapper(build_mapper(cfg, CLIP_DIM, WIDTH, ep_size=2))
 
 
-def test_both_evaluations_of_the_folded_layer_agree():
-    """Mixed per-sample weights (CondConv) and expert-by-expert application compute the same W(x) x."""
-    folded = fold_mapper(trained_like_mapper(2, seed=5).eval())
-    block = folded.blocks[0]
-    x_BPD = torch.randn(9, 5, WIDTH)
-    gates_BE = deepspeed_eval_gates(torch.randn(9, EXPERTS), 2)
+@pytest.mark.parametrize("path", FOLDED_PATHS)
+@pytest.mark.parametrize("top_k", [1, 2, EXPERTS])
+def test_every_exact_path_matches_the_moe(path, top_k):
+    """Each path forced, at batch sizes where the tiled one picks 1, several and many pairs per tile."""
+    mapper = trained_like_mapper(top_k, seed=10 + top_k).eval()
+    folded = fold_mapper(mapper)
+    for batch in (1, 2, 7, 64, 300):
+        clip_BC = torch.randn(batch, CLIP_DIM)
+        with torch.no_grad():
+            expected_BPD, _, expected_load = mapper(clip_BC)
+            actual_BPD, _, actual_load = folded(clip_BC, path=path)
+        assert relative_error(actual_BPD, expected_BPD) < 1e-5, (path, batch)
+        assert torch.equal(actual_load, expected_load)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_the_three_evaluations_of_the_folded_layer_agree(skewed):
+    """Mixed weights, the grouped GEMM and the tiled bmm at tile sizes below, at and above the pairs an
+    expert gets compute the same W(x) x; skewed routing sends every sample to the same two experts,
+    so two experts are empty and two have all the pairs (the tile-count bound's worst case)."""
+    block = fold_mapper(trained_like_mapper(2, seed=5).eval()).blocks[0]
+    batch = 37
+    x_BPD = torch.randn(batch, 5, WIDTH)
+    logits_BE = torch.randn(batch, EXPERTS) + (torch.tensor([0.0, 9.0, 0.0, 9.0]) if skewed else 0.0)
+    top_gate_BK, top_expert_BK = deepspeed_eval_top_k(logits_BE, 2)
+    gates_BE = deepspeed_eval_gates(logits_BE, 2)
     with torch.no_grad():
-        mixed = block._apply_mixed_weights(x_BPD, gates_BE)
-        chosen = block._apply_chosen_experts(x_BPD, gates_BE)
-    assert relative_error(chosen, mixed) < 1e-5
+        mixed = block._apply_mixed_channels(x_BPD, gates_BE)
+        grouped = block._apply_grouped_channels(x_BPD, top_gate_BK, top_expert_BK)
+        tiled = {tile: block._apply_tiled_channels(x_BPD, top_gate_BK, top_expert_BK, tile) for tile in (1, 3, 8, 40, 74)}
+    assert relative_error(grouped, mixed) < 1e-5
+    for tile, out in tiled.items():
+        assert relative_error(out, mixed) < 1e-5, tile
+
+
+def test_tile_count_bound_holds_for_any_routing():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        experts = int(torch.randint(1, 9, (), generator=generator))
+        pairs = int(torch.randint(1, 300, (), generator=generator))
+        tile = int(torch.randint(1, 70, (), generator=generator))
+        counts = torch.bincount(torch.randint(0, experts, (pairs,), generator=generator), minlength=experts)
+        assert int(((counts + tile - 1) // tile).sum()) <= grouped_tile_count(pairs, experts, tile)
+
+
+def test_path_selection_at_gpt2_shapes():
+    """E=8, k=2, P=10, D=768: the rule's picks at batch 1 and 1024 with and without torch's grouped GEMM."""
+    shape = dict(experts=8, top_k=2, prefix=10, width=768)
+    assert plan_folded_evaluation(1, **shape, grouped_gemm=True).path == "grouped"
+    assert plan_folded_evaluation(1024, **shape, grouped_gemm=True).path == "grouped"
+    # Without it (CUDA fp32): each sample's two experts gathered at batch 1, big tiles at batch 1024.
+    small = plan_folded_evaluation(1, **shape, grouped_gemm=False)
+    assert small.path == "tiled" and small.pairs_per_tile == 1
+    large = plan_folded_evaluation(1024, **shape, grouped_gemm=False)
+    assert large.path == "tiled" and large.pairs_per_tile >= 16
+    # Every expert active on one sample: mixing the 8 matrices once beats applying 8 of them.
+    assert plan_folded_evaluation(1, 8, 8, 10, 768, grouped_gemm=True).path == "mixed"
+    with pytest.raises(UserError, match="grouped GEMM"):
+        plan_folded_evaluation(1, **shape, grouped_gemm=False, path="grouped")
+    with pytest.raises(UserError, match="expected one of"):
+        plan_folded_evaluation(1, **shape, grouped_gemm=True, path="loop")
+
+
+@pytest.mark.parametrize("path", ["mixed", "tiled"])
+def test_device_paths_have_no_host_sync(path):
+    """The paths a GPU runs trace into one graph in which no value depends on tensor contents (a
+    `nonzero` or `.item()` would make one: an unbacked symbol, i.e. a read back to the host)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    data_dependent = []
+
+    def record_data_dependent_nodes(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if free_unbacked_symbols(node.meta.get("example_value")):
+                data_dependent.append(str(node.target))
+        return graph_module.forward
+
+    block = fold_mapper(trained_like_mapper(2, seed=6).eval()).blocks[0]
+    h_BPD = torch.randn(9, 5, WIDTH)
+    torch._dynamo.reset()
+    traced = torch.compile(block, fullgraph=True, backend=record_data_dependent_nodes)
+    with torch.no_grad():
+        assert relative_error(traced(h_BPD, path)[0], block(h_BPD, path)[0]) < 1e-6
+    assert data_dependent == []
+
+
+def with_identical_gate_rows(mapper):
+    """Every expert's gate row equal: every sample gets the same gates, so its layer W(x) is one W."""
+    with torch.no_grad():
+        for block in mapper.blocks:
+            weight = block.moe.deepspeed_moe.gate.wg.weight
+            weight.copy_(weight[:1].expand_as(weight).clone())
+    return mapper
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_static_fold_is_exact_when_every_sample_routes_alike(top_k):
+    mapper = with_identical_gate_rows(trained_like_mapper(top_k, seed=7)).eval()
+    exact = fold_mapper(mapper)
+    static = fold_mapper_static(mapper, torch.randn(50, CLIP_DIM))
+    assert static.config.static
+    assert measure_static_fold_error(exact, static, torch.randn(40, CLIP_DIM)) < 1e-5
+
+
+def test_static_fold_is_approximate_when_routing_varies():
+    mapper = trained_like_mapper(2, seed=8).eval()
+    exact = fold_mapper(mapper)
+    static = fold_mapper_static(exact, torch.randn(200, CLIP_DIM))
+    assert 1e-3 < measure_static_fold_error(exact, static, torch.randn(100, CLIP_DIM)) < 1.0
+
+
+def test_parameter_counts_of_the_exact_and_static_folds():
+    """Exact: every expert stored, k of them read per sample. Static: one expert per block, no gate."""
+    mapper = trained_like_mapper(2, seed=9).eval()
+    exact, static = fold_mapper(mapper), fold_mapper_static(mapper, torch.randn(20, CLIP_DIM))
+    prefix, kernel, depth = 5, 5, 2
+    input_proj = CLIP_DIM * prefix * WIDTH + prefix * WIDTH
+    norm = 2 * WIDTH
+    expert = WIDTH * WIDTH + kernel * WIDTH + WIDTH  # folded channel matrix, token kernel, bias
+    gate = EXPERTS * prefix * WIDTH
+    one_expert_per_block = input_proj + depth * (norm + expert)
+    assert count_folded_parameters(static) == {"stored": one_expert_per_block, "per_sample": one_expert_per_block}
+    assert count_folded_parameters(exact) == {
+        "stored": input_proj + depth * (norm + gate + EXPERTS * expert),
+        "per_sample": input_proj + depth * (norm + gate + 2 * expert),
+    }
+
+
+def test_static_fold_exports_in_the_same_format(tmp_path):
+    static = fold_mapper_static(trained_like_mapper(2, seed=4).eval(), torch.randn(30, CLIP_DIM))
+    loaded = load_folded_mapper(save_folded_mapper(static, tmp_path / "export"))
+    assert loaded.config.static
+    clip_BC = torch.randn(6, CLIP_DIM)
+    with torch.no_grad():
+        expected_BPD, _, expected_load = static(clip_BC)
+        actual_BPD, _, actual_load = loaded(clip_BC)
+    assert torch.equal(actual_BPD, expected_BPD)
+    assert actual_load.numel() == 0 == expected_load.numel()

@@ -1,4 +1,6 @@
-"""Held-out evaluation after training: caption loss vs the LM without the image, and caption metrics.
+"""Held-out evaluation after training: caption loss vs the LM without the image, caption metrics,
+and retrieval R@K between the visual prefix and the caption (the alignment heads' embeddings when
+the model has them, else the mean-pooled prefix against the LM's mean-pooled caption states).
 
 The held-out samples are shared over the ranks (sample i to rank i % world_size); every rank runs
 the same number of batches, a rank with a shorter share repeating a batch whose results it drops,
@@ -30,6 +32,7 @@ def evaluate_heldout(
     tokens = 0
     references: dict[str, list[str]] = {}
     predictions: dict[str, str] = {}
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     batches = list(iterate_heldout(heldout_shards, batch_size, num_samples, rank, world_size))
     # The longest share (rank 0's) decides how many forwards every rank runs.
     rounds = math.ceil(math.ceil(num_samples / world_size) / batch_size)
@@ -41,7 +44,10 @@ def evaluate_heldout(
         ids_BT, mask_BT = (t.to(device) for t in captioner.tokenize(batch["caption"]))
         # The LM averages over the caption tokens it predicts (all of them, EOS included).
         count = int(mask_BT.sum())
-        loss = float(captioner(clip_BC, ids_BT, mask_BT)["cap"]) * count
+        text_feature = batch["clip_text"].to(device) if getattr(captioner, "text_target", "") == "clip" else None
+        out = captioner(clip_BC, ids_BT, mask_BT, text_feature)
+        loss = float(out["cap"]) * count
+        visual_BE, text_BE = retrieval_embeddings(captioner, out, ids_BT, mask_BT)
         text_only = float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count if baseline_lm is not None else 0.0
         generated = captioner.generate_captions(clip_BC, max_new_tokens)
         if not real:
@@ -49,6 +55,7 @@ def evaluate_heldout(
         loss_sum, text_only_sum, tokens = loss_sum + loss, text_only_sum + text_only, tokens + count
         predictions.update(zip(batch["keys"], generated))
         references.update(zip(batch["keys"], batch["captions"]))
+        embeddings.update(zip(batch["keys"], zip(visual_BE.float().cpu(), text_BE.float().cpu())))
     captioner.train(was_training)
     return {
         "loss_sum": loss_sum,
@@ -56,7 +63,16 @@ def evaluate_heldout(
         "tokens": tokens,
         "references": references,
         "predictions": predictions,
+        "embeddings": embeddings,
     }
+
+
+def retrieval_embeddings(captioner, out: dict, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor):
+    """(visual_BE, text_BE) of a held-out batch for retrieval: the alignment heads' outputs, or
+    without heads the mean-pooled prefix and the LM's mean-pooled caption states (same width D)."""
+    if "visual_embed" in out:
+        return out["visual_embed"], out["text_embed"]
+    return out["prefix"].float().mean(dim=1), captioner.lm_text_features(input_ids_BT, attention_mask_BT).float()
 
 
 def merge_heldout(share: dict) -> dict | None:
@@ -70,6 +86,7 @@ def merge_heldout(share: dict) -> dict | None:
     tokens = sum(part["tokens"] for part in shares)
     references = {key: value for part in shares for key, value in part["references"].items()}
     predictions = {key: value for part in shares for key, value in part["predictions"].items()}
+    embeddings = {key: value for part in shares for key, value in part["embeddings"].items()}
     with_baseline = all(part["text_only_sum"] is not None for part in shares)
     return {
         "samples": len(predictions),
@@ -78,6 +95,7 @@ def merge_heldout(share: dict) -> dict | None:
         # In held-out order (sample i came from rank i % world_size), so examples do not depend on the world size.
         "references": dict(sorted(references.items())),
         "predictions": dict(sorted(predictions.items())),
+        "embeddings": dict(sorted(embeddings.items())),
     }
 
 
@@ -85,6 +103,7 @@ def score_captions(heldout: dict, train_captions: list[str]) -> dict:
     """BLEU/ROUGE-L/CIDEr of the greedy captions and of the most-frequent-training-caption baseline
     (pycocoevalcap's PTB tokenizer runs Java: call on one rank)."""
     from vlpdist.eval.captioning import caption_metrics, most_frequent_caption_baseline
+    from vlpdist.eval.retrieval import retrieval_recall
 
     references, predictions = heldout["references"], heldout["predictions"]
     baseline = most_frequent_caption_baseline(train_captions, references)
@@ -96,5 +115,7 @@ def score_captions(heldout: dict, train_captions: list[str]) -> dict:
         "metrics": caption_metrics(references, predictions),
         "most_frequent_caption": next(iter(baseline.values())),
         "most_frequent_caption_metrics": caption_metrics(references, baseline),
+        "retrieval": retrieval_recall(torch.stack([visual for visual, _ in heldout["embeddings"].values()]),
+                                      torch.stack([text for _, text in heldout["embeddings"].values()])),
         "examples": [{"key": key, "references": references[key], "generated": predictions[key]} for key in keys],
     }

@@ -277,6 +277,7 @@ def run_training(config: Config) -> int:
     tokenize = partial(tokenize_captions, engine.module.tokenizer, config.model.max_caption_tokens)
     loader = iter(build_train_loader(plan, info.rank, state.data_position, tokenize, pin_memory=info.on_gpu))
     last_saved_step = state.step  # what is on disk, known from this loop's memory (not from a shared file system)
+    steps_before, samples_before, started = state.step, state.samples_seen, time.perf_counter()
     try:
         stopped, last_saved_step = _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan,
                                                 last_saved_step, objective)
@@ -289,9 +290,13 @@ def run_training(config: Config) -> int:
             return PREEMPTED_EXIT_CODE
         if train.export_at_end:
             export_consolidated(engine.module, config, run_dir / "export", info, world.clip_dim, state.step)
+        training = {"steps": state.step - steps_before, "samples": state.samples_seen - samples_before,
+                    "wall_s": time.perf_counter() - started}
+        training["samples_per_s"] = training["samples"] / max(training["wall_s"], 1e-9)
         if train.eval_at_end:
             result = evaluate(engine.module, config, world, info)
             if result is not None:
+                result["training"] = training  # this launch's steps (after a resume: only its own)
                 atomic_write_json(run_dir / "eval.json", result)
                 _print_eval(result)
     finally:
@@ -500,7 +505,7 @@ def _print_eval(result: dict) -> None:
     print(
         f"held-out ({result['samples']} samples): caption loss {result['caption_loss']:.4f} vs LM without image "
         f"{result['lm_without_image_loss']:.4f}; metrics {json.dumps(result['metrics'])} vs most-frequent caption "
-        f"{json.dumps(result['most_frequent_caption_metrics'])}",
+        f"{json.dumps(result['most_frequent_caption_metrics'])}; retrieval {json.dumps(result['retrieval'])}",
         flush=True,
     )
 

@@ -1,0 +1,169 @@
+"""The ablation runner: which alignment parts help? `python -m launcher.ablate [--variants ...] [--seeds 0,1] [--out DIR] [key=value ...]`.
+
+Trains every variant with every seed through the real launcher (`deepspeed launcher/train.py`,
+2 CPU ranks by default), reads each run's held-out evaluation, and writes `ablation.json` and
+`ablation.md` into `--out`: caption BLEU-4 / CIDEr / ROUGE-L, retrieval R@1/5/10 in both directions
+(visual prefix vs text), training samples/s, each as mean ± standard deviation over the seeds, with
+the overrides that made the row and the config.yaml each run resolved. A variant/seed whose
+eval.json exists is not run again, so a stopped ablation resumes.
+
+On the demo config (the default) it first makes the demo's data when `<root>/features` holds no
+shards (download, process and the demo LM, as `python -m launcher.demo` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import statistics
+import subprocess
+from pathlib import Path
+
+from vlpdist.atomic import atomic_write_json, atomic_write_text
+from vlpdist.config import load_config
+from vlpdist.errors import UserError, exit_on_user_error
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+ITC = ["align.itc_weight=0.1"]
+SUPCON = ["align.supcon_weight=0.1"]
+GEODESIC = ["align.geodesic_refresh_every=10", "align.geodesic_k=10"]
+# Each variant's overrides on top of the config; "caption" switches the alignment terms off, whatever the config says.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "caption": ("caption loss only", ["align.itc_weight=0", "align.supcon_weight=0"]),
+    "itc": ("+ ITC", ITC + ["align.supcon_weight=0"]),
+    "itc_supcon": ("+ ITC + SupCon", ITC + SUPCON),
+    "geodesic_hard": ("+ ITC + SupCon, geodesic hard negatives", ITC + SUPCON + GEODESIC + ["align.negatives=geodesic_hard"]),
+    "geodesic_false_negatives": ("+ ITC + SupCon, geodesic false-negative removal",
+                                 ITC + SUPCON + GEODESIC + ["align.false_negatives=geodesic"]),
+    "geodesic_metric": ("+ ITC + SupCon, geodesic logit metric", ITC + SUPCON + GEODESIC + ["align.metric=geodesic"]),
+    "bottleneck": ("+ ITC + SupCon, 4 bottleneck tokens", ITC + SUPCON + ["model.bottleneck_tokens=4"]),
+    "mapper_mlp": ("ClipCap MLP mapper, caption loss only", ["align.itc_weight=0", "align.supcon_weight=0", "model.mapper=mlp", "train.ep_size=1"]),
+    "mapper_transformer": ("ClipCap transformer mapper, caption loss only",
+                           ["align.itc_weight=0", "align.supcon_weight=0", "model.mapper=transformer", "model.transformer_heads=4", "train.ep_size=1"]),
+}
+CAPTION_METRICS = ("BLEU-4", "CIDEr", "ROUGE-L")
+RETRIEVAL_METRICS = tuple(f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: each run gets its own rendezvous port (runs follow each other quickly)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_variant(config_path: Path, overrides: list[str], run_dir: Path, ranks: int) -> dict:
+    """Train one variant/seed into `run_dir` (unless its eval.json exists) and return its figures."""
+    from vlpdist.parallel.launch import deepspeed_train_command
+
+    eval_path = run_dir / "eval.json"
+    if not eval_path.is_file():
+        command = deepspeed_train_command(config_path, [*overrides, f"train.output_dir={run_dir}", "train.resume=true"], ranks, free_port())
+        log = run_dir.parent / f"{run_dir.name}.log"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as handle:
+            returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
+        if returncode != 0 or not eval_path.is_file():
+            raise UserError(f"ablation run {run_dir} failed (exit {returncode}); see {log}")
+    evaluation = json.loads(eval_path.read_text())
+    figures = {name: evaluation["metrics"][name] for name in CAPTION_METRICS}
+    figures.update({name: evaluation["retrieval"][name] for name in RETRIEVAL_METRICS})
+    figures["caption_loss"] = evaluation["caption_loss"]
+    figures["samples_per_s"] = evaluation["training"]["samples_per_s"]
+    return figures
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(name: str, description: str, overrides: list[str], runs: dict[int, dict], run_dirs: dict[int, Path]) -> dict:
+    metrics = {metric: mean_and_spread([runs[seed][metric] for seed in sorted(runs)]) for metric in next(iter(runs.values()))}
+    return {
+        "variant": name, "description": description, "overrides": overrides, "seeds": sorted(runs),
+        "per_seed": {str(seed): runs[seed] for seed in sorted(runs)},
+        "mean": {metric: value[0] for metric, value in metrics.items()},
+        "sd": {metric: value[1] for metric, value in metrics.items()},
+        "configs": {str(seed): str(run_dirs[seed] / "config.yaml") for seed in sorted(runs)},
+    }
+
+
+def verdict(row: dict, baseline: dict | None, metric: str) -> str:
+    """↑ / ↓ when the difference from the baseline row exceeds twice the combined spread, else ≈."""
+    if baseline is None or row is baseline:
+        return ""
+    difference = row["mean"][metric] - baseline["mean"][metric]
+    noise = 2 * math.hypot(row["sd"][metric], baseline["sd"][metric])
+    return "≈" if abs(difference) <= noise else ("↑" if difference > 0 else "↓")
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    baseline = next((row for row in rows if row["variant"] == "caption"), None)
+    columns = [*CAPTION_METRICS, *RETRIEVAL_METRICS, "samples_per_s"]
+    short = {name: name.replace("image_to_text_", "i→t ").replace("text_to_image_", "t→i ") for name in columns}
+    lines = [f"# {title}", "",
+             "Mean ± standard deviation over the seeds. ↑/↓: the mean differs from caption-only by more than twice "
+             "the combined spread (≈: within the noise).", "",
+             "| variant | seeds | " + " | ".join(short[name] for name in columns) + " | CIDEr vs caption | overrides |",
+             "|---" * (len(columns) + 5) + "|"]
+    for row in rows:
+        cells = [f"{row['mean'][name]:.3f} ± {row['sd'][name]:.3f}" if name != "samples_per_s"
+                 else f"{row['mean'][name]:.0f} ± {row['sd'][name]:.0f}" for name in columns]
+        lines.append(f"| {row['variant']} ({row['description']}) | {','.join(map(str, row['seeds']))} | " + " | ".join(cells)
+                     + f" | {verdict(row, baseline, 'CIDEr')} | `{' '.join(row['overrides']) or '-'}` |")
+    return "\n".join(lines) + "\n"
+
+
+def prepare_demo_data(config_path: Path, overrides: list[str]) -> None:
+    """The demo's features and LM, if the features folder holds no shards yet."""
+    from launcher.demo import main as demo_main
+    from launcher.demo import stage_demo_lm
+
+    config = load_config(config_path, overrides)
+    if not list((Path(config.root) / "features").glob("*.tar")):
+        demo_main(["--config", str(config_path), "--stages", "download,process", *overrides])
+    stage_demo_lm(config)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="launcher.ablate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds (at least two to see the noise)")
+    parser.add_argument("--out", type=Path, default=None, help="default: <root>/ablation")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--no-prepare", action="store_true", help="do not make the demo data when the features folder is empty")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every variant")
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown ablation variants {unknown}; choose from {list(VARIANTS)}")
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path(config.root) / "ablation"
+    if not args.no_prepare:
+        prepare_demo_data(args.config, args.overrides)
+    rows = []
+    for name in names:
+        description, variant_overrides = VARIANTS[name]
+        load_config(args.config, [*args.overrides, *variant_overrides])  # a bad override fails here, before training
+        runs, run_dirs = {}, {}
+        for seed in seeds:
+            run_dirs[seed] = out / name / f"seed{seed}"
+            print(f"[ablate] {name} seed {seed} -> {run_dirs[seed]}", flush=True)
+            runs[seed] = run_variant(args.config, [*args.overrides, *variant_overrides, f"train.seed={seed}"], run_dirs[seed], args.ranks)
+        rows.append(summarise(name, description, variant_overrides, runs, run_dirs))
+        result = {"config": str(args.config), "common_overrides": list(args.overrides), "rows": rows}
+        atomic_write_json(out / "ablation.json", result)
+        atomic_write_text(out / "ablation.md", markdown_table(rows, f"Ablation on {args.config.name}"))
+    print((out / "ablation.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -98,7 +98,7 @@ def gather_to_rank0(local: dict[str, torch.Tensor], ep_size: int, experts_per_ra
     """Like `consolidated_state_dict`: rank 0 sends dense tensors and its experts, ranks 1..ep-1 their experts."""
     import torch.distributed as dist
 
-    from vlpdist.models.expert_state import local_to_global_expert_state
+    from vlpdist.parallel.expert_state import local_to_global_expert_state
     from vlpdist.parallel.engine import expert_parallel_rank
 
     rank = dist.get_rank()

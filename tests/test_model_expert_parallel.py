@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from common_fixtures import free_port
 
 from vlpdist.config import ModelConfig
-from vlpdist.models import build_mapper, fold_mapper, global_to_local_expert_state
+from vlpdist.models import build_mapper, fold_mapper
+from vlpdist.parallel.expert_state import global_to_local_expert_state
 
 CLIP_DIM, WIDTH, EXPERTS, EP_SIZE = 8, 16, 4, 2
 

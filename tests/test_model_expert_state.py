@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from vlpdist.config import ModelConfig
-from vlpdist.models import build_mapper, global_to_local_expert_state, local_to_global_expert_state
+from vlpdist.models import build_mapper
+from vlpdist.parallel.expert_state import global_to_local_expert_state, local_to_global_expert_state
 
 EXPERTS = 4
 CFG = ModelConfig(prefix_length=3, mapper_depth=2, num_experts=EXPERTS, top_k=2, kernel_sizes=[3])

@@ -8,7 +8,6 @@ Names are imported lazily so `import vlpdist.models` needs neither DeepSpeed nor
   `global_state_dict(ep_rank)`, `load_consolidated_state(state, ep_rank)`
 - `build_mapper`, `fold_mapper(mapper) -> DenseFoldedMapper`, `save_folded_mapper`, `load_folded_mapper`,
   `load_exported_captioner(export_dir)` (folded mapper + the LM its config names, for inference)
-- `local_to_global_expert_state`, `global_to_local_expert_state`
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ _EXPORTS = {
     "fold_mapper": "vlpdist.models.fold",
     "save_folded_mapper": "vlpdist.models.fold",
     "load_folded_mapper": "vlpdist.models.fold",
-    "local_to_global_expert_state": "vlpdist.models.expert_state",
-    "global_to_local_expert_state": "vlpdist.models.expert_state",
 }
 
 __all__ = sorted(_EXPORTS)

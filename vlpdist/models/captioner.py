@@ -18,8 +18,8 @@ from torch import nn
 
 from vlpdist.config import AlignConfig, ModelConfig
 from vlpdist.errors import UserError
-from vlpdist.models.expert_state import global_to_local_expert_state, local_to_global_expert_state
 from vlpdist.models.mapper import build_mapper
+from vlpdist.parallel.expert_state import global_to_local_expert_state, local_to_global_expert_state
 
 IGNORE_INDEX = -100  # Hugging Face's label value for "no loss here" (the prefix, the padding)
 PROBE_SENTENCE = "a dog runs on the grass."

@@ -50,7 +50,7 @@ import torch
 
 from vlpdist.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from vlpdist.errors import UserError
-from vlpdist.models.expert_state import local_to_global_expert_state
+from vlpdist.parallel.expert_state import local_to_global_expert_state
 from vlpdist.train.checkpoint import TAG_PREFIX, checkpoint_problem, list_checkpoints, read_manifest
 
 if TYPE_CHECKING:

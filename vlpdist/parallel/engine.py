@@ -181,7 +181,7 @@ def consolidated_state_dict(module: nn.Module, ep_size: int, include_lm: bool) -
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from vlpdist.models.expert_state import local_to_global_expert_state
+    from vlpdist.parallel.expert_state import local_to_global_expert_state
 
     state = dict(module.state_dict())
     for name, param in module.named_parameters():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.layer import MoE
 from torch import nn
 
 from vlpdist.config import ModelConfig
@@ -51,6 +50,10 @@ class MoeBlock(nn.Module):
     """`h <- h + gelu(sum_i g_i(x) E_i(x))`, x = LN(h) flattened to one routed token per sample."""
 
     def __init__(self, cfg: ModelConfig, width: int, ep_size: int):
+        # Imported here, not at module top: only training builds an MoE block, and the inference path
+        # (the folded mapper, the captioner, the caption command) must import without DeepSpeed installed.
+        from deepspeed.moe.layer import MoE
+
         super().__init__()
         self.prefix_length = cfg.prefix_length
         self.width = width

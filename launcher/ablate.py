@@ -21,11 +21,10 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from launcher.paths import DEFAULT_CONFIG, TRAIN_SCRIPT
 from vlpdist.atomic import atomic_write_json, atomic_write_text
 from vlpdist.config import load_config
 from vlpdist.errors import UserError, exit_on_user_error
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 ITC = ["align.itc_weight=0.1"]
 SUPCON = ["align.supcon_weight=0.1"]
@@ -61,7 +60,7 @@ def run_variant(config_path: Path, overrides: list[str], run_dir: Path, ranks: i
 
     eval_path = run_dir / "eval.json"
     if not eval_path.is_file():
-        command = deepspeed_train_command(config_path, [*overrides, f"train.output_dir={run_dir}", "train.resume=true"], ranks, free_port())
+        command = deepspeed_train_command(TRAIN_SCRIPT, config_path, [*overrides, f"train.output_dir={run_dir}", "train.resume=true"], ranks, free_port())
         log = run_dir.parent / f"{run_dir.name}.log"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as handle:

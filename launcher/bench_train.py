@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _bench(args: argparse.Namespace, work: Path) -> dict:
-    from launcher.make_demo_lm import make_demo_lm
+    from data_ingest.sources.demo_lm import make_demo_lm
     from vlpdist.config import load_config
     from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
     from vlpdist.data.synthetic import synthetic_captions, write_synthetic_feature_shards

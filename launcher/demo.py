@@ -22,10 +22,10 @@ import json
 import time
 from pathlib import Path
 
+from launcher.paths import DEFAULT_CONFIG, REPO, TRAIN_SCRIPT
 from vlpdist.config import Config, load_config, save_config
 from vlpdist.errors import exit_on_user_error
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_TRAINING_RANKS = 2
 
 
@@ -62,8 +62,8 @@ def stage_download(config: Config) -> dict:
 
 def stage_demo_lm(config: Config) -> Path:
     """The demo's language model: a tokenizer and a tiny GPT-2 trained on the training shards' captions."""
+    from data_ingest.sources.demo_lm import make_demo_lm
     from vlpdist.data.feature_format import iterate_feature_shards
-    from launcher.make_demo_lm import make_demo_lm
     from vlpdist.data.feature_shards import list_feature_shards, split_heldout
 
     lm_dir = Path(config.model.lm_name)
@@ -83,7 +83,7 @@ def stage_train(config: Config, config_path: Path) -> dict:
 
     print(f"[demo] training on {DEMO_TRAINING_RANKS} CPU ranks with ep_size {config.train.ep_size} "
           f"(deepspeed launcher/train.py --config {config_path})", flush=True)
-    returncode = run_deepspeed(config_path, [], num_procs=DEMO_TRAINING_RANKS)
+    returncode = run_deepspeed(TRAIN_SCRIPT, config_path, [], num_procs=DEMO_TRAINING_RANKS, cwd=REPO)
     if returncode != 0:
         raise SystemExit(f"[demo] training failed with exit code {returncode}")
     return json.loads((Path(config.train.output_dir) / "eval.json").read_text())

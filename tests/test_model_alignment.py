@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from launcher.make_demo_lm import make_demo_lm
+from data_ingest.sources.demo_lm import make_demo_lm
 from vlpdist.config import AlignConfig, DemoDataConfig, ModelConfig
 from data_ingest.sources.synthetic import generate_demo_samples
 from vlpdist.models.captioner import (

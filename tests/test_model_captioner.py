@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from data_ingest.sources.demo_lm import make_demo_lm
 from data_ingest.sources.synthetic import generate_demo_samples
-from launcher.make_demo_lm import make_demo_lm
 from vlpdist.config import DemoDataConfig, ModelConfig
 from vlpdist.errors import UserError
 from vlpdist.models import build_captioner, fold_mapper, load_exported_captioner, load_tokenizer, save_folded_mapper

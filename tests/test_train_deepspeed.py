@@ -22,6 +22,7 @@ from train_fixtures import (
     tiny_overrides,
 )
 
+from launcher.paths import TRAIN_SCRIPT
 from vlpdist.parallel.launch import run_deepspeed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -195,7 +196,7 @@ def test_ep1_zero1_loss_decreases_on_a_fixed_batch(world, tmp_path):
         "train.warmup_steps=1", "train.min_lr_ratio=1.0", "train.lr=1e-3", "train.eval_at_end=false",
         "train.export_at_end=false", "train.caption_log_every=0",
     )
-    assert run_deepspeed(TINY_CONFIG, overrides, num_procs=2, master_port=free_port()) == 0
+    assert run_deepspeed(TRAIN_SCRIPT, TINY_CONFIG, overrides, num_procs=2, master_port=free_port()) == 0
     losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 6
     # The warmup starts above zero: the first step already lowers the loss, and every step after it.

@@ -13,6 +13,7 @@ import pytest
 from common_fixtures import REPO, free_port
 from train_fixtures import TINY_CONFIG, launch, run_train_main, tiny_features, tiny_overrides
 
+from launcher.paths import TRAIN_SCRIPT
 from vlpdist.parallel.launch import deepspeed_train_command
 
 KILL_BOUND_S = 60
@@ -36,7 +37,7 @@ def test_sigkill_of_one_rank_ends_the_launch_nonzero_in_bounded_time(tiny_lm, tm
     overrides = tiny_overrides(features, tiny_lm, run_dir, "train.max_steps=100000", "train.checkpoint_every=100000",
                                "train.caption_log_every=0", "train.dist_timeout_s=30")
     launcher = subprocess.Popen(
-        deepspeed_train_command(TINY_CONFIG, overrides, 2, free_port()), cwd=REPO,
+        deepspeed_train_command(TRAIN_SCRIPT, TINY_CONFIG, overrides, 2, free_port()), cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common_fixtures import REPO, free_port
 
+from launcher.paths import TRAIN_SCRIPT
 from vlpdist.parallel.launch import deepspeed_train_command
 
 TINY_CONFIG = REPO / "configs" / "train_cpu_tiny.yaml"
@@ -17,7 +18,7 @@ TINY_CONFIG = REPO / "configs" / "train_cpu_tiny.yaml"
 
 def save_tiny_lm(lm_dir: Path) -> Path:
     """A tiny GPT-2 + BPE tokenizer trained on the synthetic captions, saved into `lm_dir`."""
-    from launcher.make_demo_lm import make_demo_lm
+    from data_ingest.sources.demo_lm import make_demo_lm
     from vlpdist.data.synthetic import synthetic_captions
 
     make_demo_lm(lm_dir, synthetic_captions(1000, 1), width=32, layers=1, heads=2, vocab_size=300, steps=80, batch_size=64)
@@ -43,7 +44,7 @@ def tiny_overrides(features: Path, lm_dir: Path, output_dir: Path, *extra: str) 
 
 def launch(overrides: list[str], num_procs: int = 2, timeout_s: float = 400, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`deepspeed launcher/train.py` with TINY_CONFIG and `overrides` on `num_procs` local ranks, output captured."""
-    command = deepspeed_train_command(TINY_CONFIG, overrides, num_procs, free_port())
+    command = deepspeed_train_command(TRAIN_SCRIPT, TINY_CONFIG, overrides, num_procs, free_port())
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
 
 

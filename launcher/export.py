@@ -9,19 +9,29 @@
   (`model_fp32.safetensors`, `config.yaml`, `export.json`), so `launcher/train.py --evaluate-export
   <out>` reloads it at any ep_size.
 Then it rebuilds the MoE mapper at ep_size 1, folds it into the dense inference mapper, checks the
-fold on random inputs, and writes `mapper.safetensors` + `mapper_config.json` into `--out`. The
-model config comes from `--config`, else from the `config.yaml` of the run folder the checkpoint sits in.
+fold on random inputs, and writes the self-contained export into `--out`
+(`vlpdist.models.export_bundle`): the folded mapper (`mapper.safetensors` + `mapper_config.json`),
+the LM and tokenizer as trained (`lm/`: a tuned LM always, a frozen one with `--copy-lm`; else
+named by hub name or absolute folder), bottleneck tokens and alignment heads (`extras.safetensors`),
+the CLIP the features came from (`clip/`, from the config's `process.clip_model` /
+`process.clip_pretrained`; the checkpoint itself with `--copy-clip`), `config.yaml`, and the
+manifest `export.json` with every file's size. The folder is staged and renamed into place, so
+`--out` is complete or untouched. `vlpdist.models.load_exported_captioner(<out>)` loads it;
+`python -m launcher.caption --export <out> ...` captions images with it. The model config comes
+from `--config`, else from the `config.yaml` of the run folder the checkpoint sits in.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from vlpdist.errors import UserError, exit_on_user_error
+from vlpdist.models.export_bundle import MANIFEST_FILE
 
 MAPPER_PREFIX = "mapper."
 FOLD_CHECK_SAMPLES = 16
@@ -76,34 +86,44 @@ def relative_fold_error(moe_mapper, folded, clip_dim: int, samples: int = FOLD_C
     return float((folded(clip_BC)[0] - expected).norm() / expected.norm())
 
 
+def refuse_out_holding_checkpoint(checkpoint: Path, out: Path) -> None:
+    """`--out` is replaced as a whole: it must not be, or hold, what is being exported."""
+    if checkpoint.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--out {out} holds --checkpoint {checkpoint} and would be replaced by the export: choose another --out")
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    from vlpdist.config import load_config
+    from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR
+    from vlpdist.atomic import atomic_path
+    from vlpdist.config import load_config, save_config
+    from vlpdist.models.export_bundle import write_export_bundle
     from vlpdist.models.fold import fold_mapper, save_folded_mapper
     from vlpdist.models.mapper import build_mapper
 
     parser = argparse.ArgumentParser(prog="launcher.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="consolidated fp32 state dict (.safetensors or torch file), or a DeepSpeed checkpoint folder")
-    parser.add_argument("--out", required=True,
-                        help="folder for mapper.safetensors + mapper_config.json (and the consolidated files, from a checkpoint folder)")
+    parser.add_argument("--out", required=True, help="export folder (replaced as a whole, atomically)")
     parser.add_argument("--config", default=None, help="run config (default: config.yaml of the checkpoint's run)")
+    parser.add_argument("--copy-lm", action="store_true", help="copy a frozen LM and tokenizer into the export instead of naming them")
+    parser.add_argument("--copy-clip", action="store_true", help="copy a local CLIP checkpoint into the export instead of naming it")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     args = parser.parse_args(argv)
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint, out = Path(args.checkpoint), Path(args.out)
+    refuse_out_holding_checkpoint(checkpoint, out)
+    consolidated = None
     if checkpoint.is_dir():
-        from vlpdist.parallel.consolidate import MODULE_STATES, consolidate_checkpoint, write_consolidated_export
+        from vlpdist.parallel.consolidate import MODULE_STATES, consolidate_checkpoint
 
         consolidated = consolidate_checkpoint(checkpoint)
         config = load_config(args.config or find_run_config(consolidated.folder / MODULE_STATES), args.overrides)
-        write_consolidated_export(consolidated, config, args.out)
-        print(f"consolidated {consolidated.folder} (step {consolidated.step}, {consolidated.precision} run, fp32 weights "
-              f"from the {consolidated.fp32_source} files, {len(consolidated.state)} tensors) into {args.out}", flush=True)
-        state = mapper_state(consolidated.state)
+        full_state = consolidated.state
     else:
-        state = mapper_state(read_consolidated_state(checkpoint))
+        full_state = read_consolidated_state(checkpoint)
         config = load_config(args.config or find_run_config(checkpoint), args.overrides)
+    state = mapper_state(full_state)
     if config.model.mapper != "moe":
         raise UserError(f"model.mapper is {config.model.mapper!r}: only the MoE mapper folds")
     if "input_proj.weight" not in state:
@@ -117,16 +137,41 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"checkpoint does not fit model config: {str(err).splitlines()[-1].strip()}") from None
     folded = fold_mapper(moe_mapper)
     fold_error = relative_fold_error(moe_mapper, folded, clip_dim)
-    save_folded_mapper(folded, args.out, {"model": asdict(config.model), "fold_relative_error": fold_error})
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        meta = {"source_checkpoint": str(checkpoint.resolve()), "fold_relative_error": fold_error}
+        if consolidated is not None:
+            from vlpdist.parallel.consolidate import write_consolidated_export
+
+            # The consolidated fp32 files too, so `launcher/train.py --evaluate-export <out>` reloads it at any ep_size.
+            write_consolidated_export(consolidated, config, staging)
+            meta.update(json.loads((staging / MANIFEST_FILE).read_text()))
+        else:
+            save_config(config, staging)
+        save_folded_mapper(folded, staging, {"model": asdict(config.model), "fold_relative_error": fold_error})
+        manifest = write_export_bundle(staging, config, full_state, clip_dim, copy_lm=args.copy_lm, copy_clip=args.copy_clip,
+                                       clip_config_dirs=[SHIPPED_CLIP_CONFIG_DIR], meta=meta)
+    if consolidated is not None:
+        print(f"consolidated {consolidated.folder} (step {consolidated.step}, {consolidated.precision} run, fp32 weights "
+              f"from the {consolidated.fp32_source} files, {len(consolidated.state)} tensors) into {out}", flush=True)
+    clip = manifest["clip"]
+    if clip["embed_dim"] is not None and clip["embed_dim"] != clip_dim:
+        print(f"warning: CLIP {clip['model_name']!r} embeds into {clip['embed_dim']} dims but the mapper reads {clip_dim}: "
+              "these features did not come from it; the caption command will refuse this export (set process.clip_model / "
+              "process.clip_pretrained to the CLIP that made the features)", flush=True)
     report = {
         "moe_params": count_parameters(moe_mapper),
         "folded_params": count_parameters(folded),
         "fold_relative_error": fold_error,
-        "out": str(args.out),
+        "out": str(out),
+        "lm": manifest["lm"]["source"],
+        "files": len(manifest["files"]),
     }
+    lm_note = "the LM as trained, bundled" if manifest["lm"]["source"] == "bundled" else f"frozen LM {manifest['lm']['name']}"
     print(
         f"MoE mapper {report['moe_params']:,} params -> folded dense mapper {report['folded_params']:,} params; "
-        f"fold relative error {fold_error:.2e}; written to {args.out}"
+        f"fold relative error {fold_error:.2e}; {lm_note}; CLIP {clip['model_name']} ({clip['pretrained'] or 'random'}); "
+        f"written to {out}"
     )
     return report
 

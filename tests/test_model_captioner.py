@@ -9,9 +9,10 @@ import torch
 
 from data_ingest.sources.demo_lm import make_demo_lm
 from data_ingest.sources.synthetic import generate_demo_samples
-from vlpdist.config import DemoDataConfig, ModelConfig
+from vlpdist.config import Config, DemoDataConfig, ModelConfig
 from vlpdist.errors import UserError
 from vlpdist.models import build_captioner, fold_mapper, load_exported_captioner, load_tokenizer, save_folded_mapper
+from vlpdist.models.export_bundle import write_export_bundle
 
 CLIP_DIM = 16
 # Building and pretraining the tiny LM the module shares takes ~10-25 s on 2 cores.
@@ -166,6 +167,8 @@ def test_exported_folded_captioner_captions_like_the_moe_one(cfg, tmp_path):
         for param in captioner.mapper.parameters():
             param.add_(0.2 * torch.randn_like(param))
     save_folded_mapper(fold_mapper(captioner.mapper), tmp_path / "export", {"model": dataclasses.asdict(cfg)})
+    # The manifest makes it an export (a frozen LM: named, not bundled); launcher.export writes the same.
+    write_export_bundle(tmp_path / "export", Config(model=cfg), {}, CLIP_DIM)
     exported = load_exported_captioner(tmp_path / "export")
     clip_BC = torch.randn(4, CLIP_DIM)
     assert exported.generate_captions(clip_BC, 10) == captioner.generate_captions(clip_BC, 10)

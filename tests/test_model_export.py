@@ -1,7 +1,9 @@
-"""`launcher.export`: consolidated checkpoint -> folded mapper (safetensors + config) that reloads and matches the MoE."""
+"""`launcher.export`: consolidated checkpoint -> export folder whose folded mapper reloads and matches the MoE
+(the LM and CLIP records of the export: tests/test_export_bundle.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -29,7 +31,7 @@ def run_dir(tmp_path) -> Path:
         for param in mapper.parameters():
             param.add_(0.2 * torch.randn_like(param))
     state = {f"mapper.{key}": value for key, value in mapper.state_dict().items()}
-    state["lm.transformer.wte.weight"] = torch.randn(10, WIDTH)  # the LM's weights ride along and are ignored
+    # A frozen LM is not in the consolidated state (training leaves it out): the export names it.
     (tmp_path / "checkpoints").mkdir()
     torch.save(state, tmp_path / "checkpoints" / "consolidated.pt")
     save_file(state, str(tmp_path / "checkpoints" / "model_fp32.safetensors"))
@@ -41,7 +43,13 @@ def run_dir(tmp_path) -> Path:
 @pytest.mark.parametrize("checkpoint", ["consolidated.pt", "model_fp32.safetensors"])
 def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys, checkpoint):
     report = export_main(["--checkpoint", str(run_dir / "checkpoints" / checkpoint), "--out", str(run_dir / "export")])
-    assert {p.name for p in (run_dir / "export").iterdir()} == {"mapper.safetensors", "mapper_config.json"}
+    export = run_dir / "export"
+    assert {p.name for p in export.iterdir()} == {"mapper.safetensors", "mapper_config.json", "config.yaml", "clip", "export.json"}
+    manifest = json.loads((export / "export.json").read_text())
+    assert manifest["lm"] == {"source": "reference", "tuned": False, "name": "gpt2", "tokenizer": "gpt2"}
+    assert manifest["clip"]["model_name"] == "ViT-B-32" and manifest["clip"]["pretrained_kind"] == "tag"
+    assert manifest["clip"]["preprocess"]["size"] == [224, 224] and (export / manifest["clip"]["model_config"]).is_file()
+    assert set(manifest["files"]) == {"mapper.safetensors", "mapper_config.json", "config.yaml", "clip/ViT-B-32.json"}
     printed = capsys.readouterr().out
     assert f"{report['moe_params']:,}" in printed and f"{report['folded_params']:,}" in printed
     assert report["folded_params"] < report["moe_params"]  # branches merged, identity absorbed
@@ -57,6 +65,19 @@ def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys, check
         expected = moe.eval()(clip_BC)[0]
         actual = folded(clip_BC)[0]
     assert float((actual - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_tuned_lm_missing_from_checkpoint_is_refused(run_dir):
+    save_config(Config(model=dataclasses.replace(MODEL, freeze_lm=False)), run_dir)
+    with pytest.raises(SystemExit) as exited:
+        export_main(["--checkpoint", str(run_dir / "checkpoints" / "model_fp32.safetensors"), "--out", str(run_dir / "export")])
+    assert exited.value.code == 2 and not (run_dir / "export").exists()
+
+
+def test_out_holding_the_checkpoint_is_refused(run_dir, capsys):
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(run_dir / "checkpoints" / "model_fp32.safetensors"), "--out", str(run_dir / "checkpoints")])
+    assert "would be replaced" in capsys.readouterr().err and (run_dir / "checkpoints" / "model_fp32.safetensors").is_file()
 
 
 @pytest.mark.slow

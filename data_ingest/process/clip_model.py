@@ -13,23 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from vlpdist.errors import UserError
+from vlpdist.models.clip_identity import looks_like_path, register_clip_config_dirs
 
 SHIPPED_CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 
 
-def looks_like_path(pretrained: str) -> bool:
-    return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
 def register_clip_configs(model_name: str, pretrained: str) -> None:
     """Make custom model configs known to open_clip (shipped ones, and one beside the checkpoint)."""
-    import open_clip
-
-    open_clip.add_model_config(SHIPPED_CLIP_CONFIG_DIR)
-    if looks_like_path(pretrained):
-        beside = Path(pretrained).parent / f"{model_name}.json"
-        if beside.is_file():
-            open_clip.add_model_config(beside)
+    register_clip_config_dirs(model_name, pretrained, [SHIPPED_CLIP_CONFIG_DIR])
 
 
 def check_clip_checkpoint(pretrained: str) -> None:

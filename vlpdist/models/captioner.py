@@ -8,7 +8,7 @@ encodings of a probe sentence.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from pathlib import Path
 from typing import Mapping
@@ -364,10 +364,28 @@ def build_captioner(
 
 
 def load_exported_captioner(export_dir: str | Path) -> PrefixCaptioner:
-    """The inference captioner: the folded mapper `launcher.export` wrote, with the LM and tokenizer its config names."""
-    from vlpdist.models.fold import FOLDED_CONFIG_FILE, load_folded_mapper
+    """The inference captioner of a complete export (`launcher.export`), in one call: the folded
+    mapper, the LM and tokenizer as trained (the bundled `lm/` when saved, else the frozen LM the
+    manifest names), the bottleneck tokens and alignment heads. A partial export is refused."""
+    from safetensors.torch import load_file
 
-    folded = load_folded_mapper(export_dir)
-    model_cfg = ModelConfig(**json.loads((Path(export_dir) / FOLDED_CONFIG_FILE).read_text())["model"])
-    lm, tokenizer = load_language_model_and_tokenizer(model_cfg)
-    return PrefixCaptioner(folded, lm, tokenizer, model_cfg).eval()
+    from vlpdist.models.export_bundle import read_export_manifest
+    from vlpdist.models.fold import load_folded_mapper
+
+    export_dir = Path(export_dir)
+    manifest = read_export_manifest(export_dir)
+    model_cfg, align = ModelConfig(**manifest["model"]), AlignConfig(**manifest["align"])
+    lm_entry = manifest["lm"]
+    if lm_entry["source"] == "bundled":
+        lm_cfg = dataclasses.replace(model_cfg, lm_name=str(export_dir / lm_entry["path"]), tokenizer_name="")
+    else:
+        lm_cfg = dataclasses.replace(model_cfg, lm_name=lm_entry["name"], tokenizer_name=lm_entry["tokenizer"])
+    lm, tokenizer = load_language_model_and_tokenizer(lm_cfg)
+    captioner = PrefixCaptioner(load_folded_mapper(export_dir), lm, tokenizer, model_cfg, align=align, clip_dim=manifest["clip_dim"])
+    extras = load_file(str(export_dir / manifest["extras"])) if manifest["extras"] else {}
+    # The bottleneck and heads were created randomly above; every one of them must come from the export.
+    wanted = {key for key in captioner.state_dict() if key == "bottleneck" or key.startswith("heads.")}
+    if set(extras) != wanted:
+        raise UserError(f"export {export_dir}: extras hold {sorted(extras)[:3]}, the model config needs {sorted(wanted)[:3]}")
+    captioner.load_state_dict(extras, strict=False)
+    return captioner.eval()

@@ -1,0 +1,159 @@
+"""The export folder as the trained model, self-contained, and its manifest.
+
+An export folder holds (next to `mapper.safetensors` + `mapper_config.json`, the folded mapper):
+
+- `lm/`: the LM and tokenizer as trained (`save_pretrained`), when the LM was tuned (its weights
+  come from the consolidated `lm.*` entries) or copied (`copy_lm`); a frozen LM not copied is
+  named instead, by hub name or by the absolute path of its local folder;
+- `extras.safetensors`: the bottleneck tokens (`bottleneck`, (B, D)) and the alignment heads
+  (`heads.*`, for retrieval), when the model has them;
+- `clip/`: the open_clip model config (and the checkpoint, when copied) of the CLIP the features
+  came from (`vlpdist.models.clip_identity`);
+- `config.yaml`: the run config it was exported with;
+- `export.json`: the manifest, written last: format and version, model and align config, the LM and
+  CLIP identities, and every other file with its size. An export without it, or with a listed
+  file missing or of another size, is refused (`read_export_manifest`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from vlpdist.config import Config
+from vlpdist.errors import UserError
+
+MANIFEST_FILE = "export.json"
+EXPORT_FORMAT = "vlpdist-export"
+EXPORT_FORMAT_VERSION = 1
+LM_DIR = "lm"
+EXTRAS_FILE = "extras.safetensors"
+LM_PREFIX = "lm."
+HEADS_PREFIX = "heads."
+BOTTLENECK_KEY = "bottleneck"
+
+
+def resolve_model_name(name: str) -> str:
+    """A local folder by absolute path (the export may be used from another directory); a hub name stays a name."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def expected_extras(config: Config) -> tuple[bool, bool]:
+    """(has bottleneck tokens, has alignment heads), as `PrefixCaptioner.__init__` decides them."""
+    return config.model.bottleneck_tokens > 0, config.align.enabled and bool(config.align.text_target)
+
+
+def load_trained_lm_weights(lm: torch.nn.Module, lm_state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Every LM tensor from `lm_state`; a key may be absent only when it is tied to one that is present
+    (GPT-2's `lm_head.weight` is `transformer.wte.weight`), so no trained weight is left at its base value."""
+    try:
+        result = lm.load_state_dict({key: value.to(lm.dtype) for key, value in lm_state.items()}, strict=False)
+    except RuntimeError as err:
+        raise UserError(f"the checkpoint's 'lm.*' weights do not fit LM {name!r}: {str(err).splitlines()[-1].strip()}") from None
+    tensors = lm.state_dict()
+    loaded_storage = {tensors[key].data_ptr() for key in lm_state if key in tensors}
+    untrained = [key for key in result.missing_keys if tensors[key].data_ptr() not in loaded_storage]
+    if untrained or result.unexpected_keys:
+        raise UserError(f"the checkpoint's 'lm.*' weights do not fit LM {name!r}: missing {untrained[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+def write_language_model(out_dir: Path, config: Config, state: Mapping[str, torch.Tensor], copy_lm: bool) -> dict:
+    """Save the LM as trained into `out_dir/lm` (tuned, or frozen and `copy_lm`), or name it; the manifest's `lm` entry.
+
+    A consolidated state holds `lm.*` exactly when the LM was trained (a frozen LM is left out of it)."""
+    from vlpdist.models.captioner import load_language_model_and_tokenizer
+
+    lm_state = {key[len(LM_PREFIX):]: value for key, value in state.items() if key.startswith(LM_PREFIX)}
+    if not config.model.freeze_lm and not lm_state:
+        raise UserError("model.freeze_lm is false but the checkpoint holds no 'lm.*' weights: the tuned LM is missing from it")
+    base = {"name": resolve_model_name(config.model.lm_name),
+            "tokenizer": resolve_model_name(config.model.tokenizer_name or config.model.lm_name)}
+    if not lm_state and not copy_lm:
+        return {"source": "reference", "tuned": False, **base}
+    lm, tokenizer = load_language_model_and_tokenizer(config.model)
+    if lm_state:
+        load_trained_lm_weights(lm, lm_state, config.model.lm_name)
+    lm.save_pretrained(out_dir / LM_DIR)
+    tokenizer.save_pretrained(out_dir / LM_DIR)
+    return {"source": "bundled", "path": LM_DIR, "tuned": bool(lm_state), "trained_from": base}
+
+
+def write_extras(out_dir: Path, config: Config, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Bottleneck tokens and alignment heads into `extras.safetensors`; its name, or None when the model has neither."""
+    from safetensors.torch import save_file
+
+    wants_bottleneck, wants_heads = expected_extras(config)
+    extras = {key: value.float().contiguous() for key, value in state.items()
+              if (wants_bottleneck and key == BOTTLENECK_KEY) or (wants_heads and key.startswith(HEADS_PREFIX))}
+    if wants_bottleneck and BOTTLENECK_KEY not in extras:
+        raise UserError(f"model.bottleneck_tokens is {config.model.bottleneck_tokens} but the checkpoint holds no '{BOTTLENECK_KEY}'")
+    if wants_heads and not any(key.startswith(HEADS_PREFIX) for key in extras):
+        raise UserError("align is enabled (alignment heads) but the checkpoint holds no 'heads.*' weights")
+    if not extras:
+        return None
+    save_file(extras, str(out_dir / EXTRAS_FILE))
+    return EXTRAS_FILE
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    """Every file under `folder` but the manifest: relative path -> size in bytes."""
+    return {path.relative_to(folder).as_posix(): path.stat().st_size
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
+
+
+def write_export_bundle(
+    out_dir: Path, config: Config, state: Mapping[str, torch.Tensor], clip_dim: int, *,
+    copy_lm: bool = False, copy_clip: bool = False, clip_config_dirs: Iterable[str | Path] = (), meta: dict | None = None,
+) -> dict:
+    """Write the LM, extras, CLIP identity and (last) the manifest into `out_dir`, which already holds
+    the folded mapper; returns the manifest. `out_dir` is a staging folder: the caller renames it into place."""
+    from vlpdist.atomic import atomic_write_json
+    from vlpdist.models.clip_identity import record_clip_identity
+
+    lm = write_language_model(out_dir, config, state, copy_lm)
+    extras = write_extras(out_dir, config, state)
+    clip = record_clip_identity(config.process.clip_model, config.process.clip_pretrained, out_dir,
+                                config_dirs=clip_config_dirs, copy_checkpoint=copy_clip)
+    manifest = {
+        **(meta or {}),
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "clip_dim": clip_dim,
+        "model": asdict(config.model),
+        "align": asdict(config.align),
+        "lm": lm,
+        "clip": clip,
+        "extras": extras,
+        "files": list_files(out_dir),
+    }
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def read_export_manifest(export_dir: str | Path) -> dict:
+    """The manifest of a complete export; a one-line `UserError` for anything partial or foreign."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST_FILE
+    if not export_dir.is_dir():
+        raise UserError(f"export {export_dir} does not exist")
+    if not path.is_file():
+        raise UserError(f"export {export_dir} has no {MANIFEST_FILE}: not a complete export (write one with python -m launcher.export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"export manifest {path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{path} is not a vlpdist export manifest (a consolidated-only export? run python -m launcher.export on it)")
+    if manifest.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise UserError(f"export {export_dir} has format version {manifest.get('format_version')}; this vlpdist reads {EXPORT_FORMAT_VERSION}")
+    for name, size in manifest["files"].items():
+        file = export_dir / name
+        if not file.is_file():
+            raise UserError(f"export {export_dir} is partial: {name} is missing")
+        if file.stat().st_size != size:
+            raise UserError(f"export {export_dir} is partial: {name} has {file.stat().st_size} bytes, the manifest says {size}")
+    return manifest

@@ -1,15 +1,30 @@
-"""Typed configuration: every shipped config loads; user errors are one line and exit code 2."""
+"""Typed configuration: every shipped config loads and passes the value checks of the stage that reads
+it; the real recipes hold what the cluster walk-through promises; user errors are one line and exit code 2."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from common_fixtures import REPO
 
+from data_ingest.process.run import check_process_config
+from data_ingest.url_list import check_url_list
 from vlpdist.config import Config, load_config, save_config
 from vlpdist.errors import UserError
+from vlpdist.models.mapper import check_model_config
+from vlpdist.parallel.deepspeed_config import build_deepspeed_config, check_train_config
 
 CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))  # configs/ray/ holds Ray's own cluster files
+TRAIN_RECIPE = REPO / "configs" / "cc3m_vitb32_gpt2.yaml"
+GPUS_PER_NODE = 8
+# Each download recipe's columns, as each dataset publishes its URL list (CC3M's TSV after the header
+# line its comment asks for; SBU's and LAION's parquet files).
+DOWNLOAD_RECIPES = {
+    "cc3m_download.yaml": ("tsv", "url", "caption"),
+    "sbu_download.yaml": ("parquet", "image_url", "caption"),
+    "laion400m_download.yaml": ("parquet", "URL", "TEXT"),
+}
 
 
 def test_configs_folder_is_not_empty():
@@ -20,6 +35,74 @@ def test_configs_folder_is_not_empty():
 def test_every_config_file_loads(path):
     config = load_config(path)
     assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_file_passes_the_value_checks(path, tmp_path):
+    # Paths under root move to tmp_path; a demo's ground-truth file, written by its download stage, is made here.
+    config = load_config(path, [f"root={tmp_path}"])
+    if config.process.demo_truth:
+        Path(config.process.demo_truth).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.process.demo_truth).touch()
+    check_model_config(config.model, config.train.ep_size)
+    check_train_config(config.train, world_size=config.train.ep_size)  # the smallest launch it allows
+    check_process_config(config.process)
+
+
+def test_train_recipe_is_the_published_setting():
+    config = load_config(TRAIN_RECIPE)
+    open_clip = pytest.importorskip("open_clip")
+    assert (config.process.clip_model, config.process.clip_pretrained) == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert (config.process.clip_model, config.process.clip_pretrained) in open_clip.list_pretrained()
+    model = config.model
+    assert (model.mapper, model.num_experts, model.top_k, model.prefix_length) == ("moe", 8, 2, 10)
+    assert (model.lm_name, model.freeze_lm) == ("gpt2", True)
+    assert (config.train.zero_stage, config.train.precision, config.train.ep_size) == (2, "bf16", GPUS_PER_NODE)
+
+
+@pytest.mark.parametrize("nodes", [1, 4, 16])
+def test_train_recipe_deepspeed_config_on_nodes_of_8_gpus(nodes):
+    config = load_config(TRAIN_RECIPE)
+    train, world_size = config.train, GPUS_PER_NODE * nodes
+    check_model_config(config.model, train.ep_size)
+    ds = build_deepspeed_config(train, world_size=world_size, on_gpu=True)
+    assert ds["train_micro_batch_size_per_gpu"] == train.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == train.gradient_accumulation_steps
+    assert ds["train_batch_size"] == train.micro_batch_size * train.gradient_accumulation_steps * world_size
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == train.zero_stage == 2  # DeepSpeed's MoE allows ZeRO 1 or 2 only
+    assert ds["zero_optimization"]["overlap_comm"] and not ds["optimizer"]["params"]["torch_adam"]  # GPU settings
+    # Expert parallelism: one expert per GPU within a node, the experts replicated once per node.
+    assert world_size % train.ep_size == 0 and config.model.num_experts % train.ep_size == 0
+    assert config.model.num_experts // train.ep_size == 1
+    assert world_size // train.ep_size == nodes
+
+
+def test_train_recipe_refuses_a_world_its_experts_do_not_divide():
+    with pytest.raises(UserError, match="train.ep_size"):
+        build_deepspeed_config(load_config(TRAIN_RECIPE).train, world_size=12, on_gpu=True)
+
+
+@pytest.mark.parametrize("name", sorted(DOWNLOAD_RECIPES))
+def test_download_recipe_reads_its_dataset_columns(name, tmp_path):
+    import pandas as pd
+
+    input_format, url_col, caption_col = DOWNLOAD_RECIPES[name]
+    config = load_config(REPO / "configs" / name)
+    download = config.download
+    assert (download.input_format, download.url_col, download.caption_col) == DOWNLOAD_RECIPES[name]
+    # A two-row file shaped as the dataset publishes it passes the same check the download stage runs.
+    rows = pd.DataFrame({caption_col: ["a dog on the grass", "a red car"],
+                         url_col: ["http://127.0.0.1/1.jpg", "http://127.0.0.1/2.jpg"],
+                         **{column: [0.0, 1.0] for column in download.extra_columns}})
+    url_list = tmp_path / f"urls.{input_format}"
+    if input_format == "parquet":
+        rows.to_parquet(url_list, index=False)
+    else:
+        rows.to_csv(url_list, sep="\t", index=False)
+    download.url_list = str(url_list if Path(download.url_list).suffix else tmp_path)
+    checked = check_url_list(download)
+    assert sum(file.rows for file in checked.files) == 2
 
 
 def test_overrides_win_over_yaml_and_are_typed(tmp_path):

@@ -12,52 +12,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from export_fixtures import CLIP_DIM, heldout_features, trained_run
 from process_fixtures import TINY_CLIP
-from safetensors.torch import save_file
 
 from launcher.export import main as export_main
-from vlpdist.config import AlignConfig, Config, ModelConfig, ProcessConfig, save_config
+from vlpdist.config import ModelConfig
 from vlpdist.errors import UserError
-from vlpdist.models import build_captioner, load_exported_captioner
+from vlpdist.models import load_exported_captioner
 from vlpdist.models.captioner import PrefixCaptioner, load_language_model
 from vlpdist.models.clip_identity import build_clip_image_encoder
 from vlpdist.models.export_bundle import read_export_manifest
 
-CLIP_DIM = 32  # the tiny CLIP's embed_dim (process_fixtures.TINY_CLIP_CONFIG)
 # Building the session's tiny LM takes ~10-20 s on 2 cores; each export round trip ~2 s.
 pytestmark = pytest.mark.slow
-
-
-def heldout_features(count: int = 8) -> torch.Tensor:
-    """(N, C) unit vectors, as CLIP features are, never seen by the 'training' below."""
-    return torch.nn.functional.normalize(torch.randn(count, CLIP_DIM, generator=torch.Generator().manual_seed(7)), dim=-1)
-
-
-def trained_run(run_dir: Path, tiny_lm: Path, tiny_clip: Path, *, tuned: bool):
-    """A run folder as training leaves it (config.yaml + export/model_fp32.safetensors) and the live captioner.
-
-    The mapper is perturbed away from its initialisation; when tuned, so is every LM weight (a
-    dropped LM would then caption differently), and the model carries bottleneck tokens and heads."""
-    model = ModelConfig(lm_name=str(tiny_lm), prefix_length=3, mapper_depth=2, num_experts=4, top_k=2, kernel_sizes=[3],
-                        max_caption_tokens=12, freeze_lm=not tuned, bottleneck_tokens=2 if tuned else 0)
-    align = AlignConfig(itc_weight=0.1 if tuned else 0.0, embed_dim=8)
-    config = Config(model=model, align=align, process=ProcessConfig(clip_model=TINY_CLIP, clip_pretrained=str(tiny_clip)))
-    torch.manual_seed(0)
-    captioner = build_captioner(model, CLIP_DIM, align=align).eval()
-    with torch.no_grad():
-        for param in captioner.mapper.parameters():
-            param.add_(0.2 * torch.randn_like(param))
-        if tuned:
-            for param in captioner.lm.parameters():
-                param.add_(0.3 * param.std() * torch.randn_like(param))
-            captioner.bottleneck.add_(torch.randn_like(captioner.bottleneck))
-    # What consolidated_state_dict keeps: everything, but a frozen LM (it is reloaded by name).
-    state = {key: value.detach().clone().contiguous() for key, value in captioner.global_state_dict(ep_rank=0).items()
-             if tuned or not key.startswith("lm.")}
-    (run_dir / "export").mkdir(parents=True)
-    save_file(state, str(run_dir / "export" / "model_fp32.safetensors"))
-    save_config(config, run_dir)
-    return run_dir / "export" / "model_fp32.safetensors", captioner
 
 
 @pytest.mark.parametrize("tuned, copy_lm", [(False, False), (False, True), (True, False)], ids=["frozen", "frozen-copied", "tuned"])

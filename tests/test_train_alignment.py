@@ -123,3 +123,15 @@ def test_text_feature_cache_computes_each_caption_once():
     cache.store(*more, features + 100)
     assert cache.rows(*more) is None and len(cache.row_of) == 5
     assert torch.equal(cache.lookup(cache.rows(torch.tensor([10, 13]), torch.tensor([1, 0]))), features[:2] + 100)
+
+
+def test_multi_hot_labels_and_runs_without_labels():
+    from vlpdist.errors import UserError
+    from vlpdist.train.alignment import multi_hot
+
+    label_ids = torch.tensor([[0, 3], [2, -1], [-1, -1]])
+    assert multi_hot(label_ids, 4, torch.device("cpu")).tolist() == [[1, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+    # ITC without SupCon reads no labels: samples' ids are not checked against an absent vocabulary.
+    assert multi_hot(label_ids, 0, torch.device("cpu")).shape == (3, 0)
+    with pytest.raises(UserError, match="label id 3"):
+        multi_hot(label_ids, 3, torch.device("cpu"))

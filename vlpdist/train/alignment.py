@@ -30,7 +30,10 @@ from vlpdist.train.text_cache import TextFeatureCache
 
 
 def multi_hot(label_ids_BL: torch.Tensor, num_labels: int, device: torch.device) -> torch.Tensor:
-    """(B, L) label ids padded with -1 (a host tensor) -> (B, V) float multi-hot on `device`."""
+    """(B, L) label ids padded with -1 (a host tensor) -> (B, V) float multi-hot on `device`;
+    (B, 0) when the run uses no labels (SupCon off), whatever the samples carry."""
+    if num_labels == 0:
+        return torch.zeros(label_ids_BL.shape[0], 0, device=device)
     if label_ids_BL.numel() and int(label_ids_BL.max()) >= num_labels:
         raise UserError(f"a sample has label id {int(label_ids_BL.max())}, but the recorded label vocabulary has {num_labels} names")
     ids_BL = label_ids_BL.to(device, non_blocking=True)

@@ -107,7 +107,7 @@ def markdown_table(rows: list[dict], title: str) -> str:
              "Mean ± standard deviation over the seeds. ↑/↓: the mean differs from caption-only by more than twice "
              "the combined spread (≈: within the noise).", "",
              "| variant | seeds | " + " | ".join(short[name] for name in columns) + " | CIDEr vs caption | overrides |",
-             "|---" * (len(columns) + 5) + "|"]
+             "|---" * (len(columns) + 4) + "|"]
     for row in rows:
         cells = [f"{row['mean'][name]:.3f} ± {row['sd'][name]:.3f}" if name != "samples_per_s"
                  else f"{row['mean'][name]:.0f} ± {row['sd'][name]:.0f}" for name in columns]

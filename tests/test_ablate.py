@@ -44,7 +44,8 @@ def test_ablation_runner_table_and_configs(tmp_path, tiny_lm):
     assert all("itc" in m and "supcon" in m for m in metrics)
     assert not any("itc" in json.loads(line) for line in open(out / "caption" / "seed0" / "metrics.jsonl"))
     table = (out / "ablation.md").read_text().splitlines()
-    header = next(line for line in table if line.startswith("| variant"))
+    header_at = next(index for index, line in enumerate(table) if line.startswith("| variant"))
+    header, separator = table[header_at], table[header_at + 1]
     body = [line for line in table if line.startswith("| caption") or line.startswith("| itc_supcon")]
-    assert len(body) == 2 and all(line.count("|") == header.count("|") for line in body)
+    assert len(body) == 2 and all(line.count("|") == header.count("|") == separator.count("|") for line in body)
     assert json.loads((out / "ablation.json").read_text())["rows"] == rows

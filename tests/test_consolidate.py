@@ -166,7 +166,11 @@ def test_mid_run_checkpoint_reloads_in_one_rank_with_the_live_held_out_loss(worl
 
 def test_deepspeed_script_is_replaced_by_a_note_naming_our_command(full_run, tmp_path):
     checkpoints = shutil.copytree(full_run / "checkpoints", tmp_path / "checkpoints")
-    assert (checkpoints / "zero_to_fp32.py").is_file()  # DeepSpeed copied it on save
+    # The training loop swapped DeepSpeed's script for the note after every save.
+    assert not (checkpoints / "zero_to_fp32.py").exists() and (checkpoints / HOW_TO_EXPORT).is_file()
+    # As DeepSpeed leaves it, with its script copied in on save:
+    (checkpoints / HOW_TO_EXPORT).unlink()
+    (checkpoints / "zero_to_fp32.py").write_text("# DeepSpeed's recovery script\n")
     note = replace_deepspeed_consolidation_script(checkpoints)
     assert not (checkpoints / "zero_to_fp32.py").exists() and not (checkpoints / "zero_to_torch.py").exists()
     assert note == checkpoints / HOW_TO_EXPORT

@@ -1,22 +1,41 @@
 """Caption metrics with pycocoevalcap, the code behind the published COCO captioning tables.
 
-PTB tokenization (Stanford CoreNLP, Java) first, then BLEU-1..4, ROUGE-L, CIDEr (and METEOR on
-request, also Java). CIDEr's IDF comes from the references passed in, as in the COCO evaluation.
+PTB tokenization (Stanford CoreNLP, Java) first, then BLEU-1..4, ROUGE-L, CIDEr (and on request
+METEOR, also Java, and SPICE, Java plus the Stanford CoreNLP jars pycocoevalcap fetches separately).
+CIDEr's IDF comes from the references passed in, as in the COCO evaluation.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections import Counter
+from pathlib import Path
 from typing import Hashable, Iterable
 
 from vlpdist.errors import UserError
 
 
+# What pycocoevalcap's SPICE loads besides spice-1.0.jar; without them its compute_score starts a download.
+SPICE_STANFORD_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def optional_metric_problems() -> dict[str, str | None]:
+    """{"METEOR": None or why it cannot run here, "SPICE": likewise}."""
+    import pycocoevalcap.spice.spice as spice_module  # pycocoevalcap is a namespace package: no __file__ of its own
+
+    if shutil.which("java") is None:
+        return {"METEOR": "no Java", "SPICE": "no Java"}
+    lib = Path(spice_module.__file__).parent / "lib"
+    missing = [jar for jar in SPICE_STANFORD_JARS if not (lib / jar).is_file()]
+    spice = (f"{', '.join(missing)} missing from {lib} (python -c 'from pycocoevalcap.spice.get_stanford_models "
+             "import get_stanford_models; get_stanford_models()' fetches them)") if missing else None
+    return {"METEOR": None, "SPICE": spice}
+
+
 def caption_metrics(
-    references: dict[Hashable, list[str]], predictions: dict[Hashable, str], *, meteor: bool = False
+    references: dict[Hashable, list[str]], predictions: dict[Hashable, str], *, meteor: bool = False, spice: bool = False
 ) -> dict[str, float]:
-    """Corpus scores {"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr"[, "METEOR"]} of `predictions` against `references`."""
+    """Corpus scores {"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr"[, "METEOR"][, "SPICE"]} of `predictions` against `references`."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -45,6 +64,13 @@ def caption_metrics(
 
         # Meteor() starts a Java process; its __del__ stops it.
         scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    if spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        problem = optional_metric_problems()["SPICE"]
+        if problem is not None:
+            raise UserError(f"SPICE cannot run: {problem}")
+        scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
     return scores
 
 

@@ -1,0 +1,305 @@
+"""Evaluate a trained model: `python -m launcher.evaluate --model <export or checkpoint> (--features <dir or shards> | --references <coco json> --images <dir>) [--beams N] [--max-samples M] [--out eval.json]`.
+
+`--model` is an export folder (`python -m launcher.export`), the consolidated fp32 folder training
+writes (`<run>/export`), or a DeepSpeed checkpoint folder (`<run>/checkpoints`, its newest usable
+step, or `<run>/checkpoints/step_N`); a checkpoint is consolidated and its mapper folded in this
+process, without ranks or a GPU.
+
+The samples are either feature shards (CLIP features computed at ingestion; a folder means every
+`NNNNN.tar` in it, so give a held-out folder or the held-out shards themselves) or images with
+references in the COCO caption format, `{"images": [{"id", "file_name"}], "annotations":
+[{"image_id", "caption"}]}` (Karpathy-split files are of this form); the images then go through
+the CLIP the model's features came from. Scores (the code the end of training scores with,
+`vlpdist.eval.scoring`): BLEU-1..4, ROUGE-L, CIDEr with pycocoevalcap, METEOR when Java is
+present, SPICE when pycocoevalcap's Stanford jars are (otherwise it says why not), for the greedy
+captions, the beam-search ones (`--beams` > 1) and the most-frequent-caption baseline; the caption
+loss (with an image's first reference as the target); retrieval R@1/5/10 both ways, each image
+against the first reference of every image, in the model's aligned embeddings. The tables print
+x100, the scale of the published COCO numbers; `--out` gets everything as JSON, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from vlpdist.errors import UserError, exit_on_user_error
+
+DEFAULT_BATCH = 32
+
+
+def load_model_for_evaluation(path: Path, clip_dir: Path):
+    """(captioner with a folded mapper, CLIP identity, the folder the identity's paths are relative to,
+    the LM to score "without the image" with, in words what was loaded)."""
+    from vlpdist.models.export_bundle import EXPORT_FORMAT, MANIFEST_FILE
+
+    if not path.exists():
+        raise UserError(f"--model {path} does not exist")
+    manifest_path = path / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("format") == EXPORT_FORMAT:
+        from vlpdist.models.captioner import load_exported_captioner, load_language_model
+
+        captioner = load_exported_captioner(path)
+        lm = manifest["lm"]
+        # A tuned LM has learnt to expect a prefix: the fair "without the image" LM is the one it started from.
+        baseline_lm = captioner.lm if not lm["tuned"] else load_language_model(lm["trained_from"]["name"]).eval()
+        return captioner, manifest["clip"], path, baseline_lm, f"export {path}"
+    return load_trained_state(path, clip_dir)
+
+
+def load_trained_state(path: Path, clip_dir: Path):
+    """`load_model_for_evaluation` for a consolidated fp32 folder or a DeepSpeed checkpoint folder."""
+    from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR
+    from launcher.export import find_run_config, mapper_state, read_consolidated_state
+    from vlpdist.config import load_config
+    from vlpdist.models.captioner import build_captioner, load_language_model
+    from vlpdist.models.clip_identity import record_clip_identity
+    from vlpdist.models.fold import fold_mapper
+    from vlpdist.train.loop import EXPORT_WEIGHTS
+
+    if (path / EXPORT_WEIGHTS).is_file():
+        state = read_consolidated_state(path / EXPORT_WEIGHTS)
+        config = load_config(path / "config.yaml" if (path / "config.yaml").is_file() else find_run_config(path / EXPORT_WEIGHTS))
+        described = f"consolidated weights {path / EXPORT_WEIGHTS}"
+    elif path.is_dir():
+        from vlpdist.parallel.consolidate import MODULE_STATES, consolidate_checkpoint
+
+        consolidated = consolidate_checkpoint(path)
+        state, config = consolidated.state, load_config(find_run_config(consolidated.folder / MODULE_STATES))
+        described = f"checkpoint {consolidated.folder} (step {consolidated.step}), consolidated in this process"
+    else:
+        raise UserError(f"--model {path} is neither an export, a consolidated fp32 folder nor a DeepSpeed checkpoint folder")
+    if config.model.mapper != "moe":
+        raise UserError(f"model.mapper is {config.model.mapper!r}: launcher.evaluate folds the MoE mapper")
+    clip_dim = mapper_state(state)["input_proj.weight"].shape[1]
+    captioner = build_captioner(config.model, clip_dim, consolidated_state=state, align=config.align).eval()
+    # What the export would run: the dense fold of the MoE mapper, exact to float tolerance.
+    captioner.mapper = fold_mapper(captioner.mapper.float().eval())
+    baseline_lm = captioner.lm if config.model.freeze_lm else load_language_model(config.model.lm_name).eval()
+    identity = record_clip_identity(config.process.clip_model, config.process.clip_pretrained, clip_dir,
+                                    config_dirs=[SHIPPED_CLIP_CONFIG_DIR])
+    return captioner, identity, clip_dir, baseline_lm, f"{described}, mapper folded in memory"
+
+
+def feature_shards(arguments: list[str]) -> list[Path]:
+    """Shards from folders (their NNNNN.tar) and .tar files, in the order given."""
+    from vlpdist.data.feature_shards import list_feature_shards
+
+    shards: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            shards.extend(list_feature_shards(path))
+        elif path.is_file() and path.suffix == ".tar":
+            shards.append(path)
+        else:
+            raise UserError(f"--features {argument}: not a feature folder or a .tar shard")
+    return shards
+
+
+def evaluate_features(captioner, baseline_lm, shards: list[Path], max_samples: int | None, beams: int,
+                      batch_size: int, max_new_tokens: int, device: str) -> dict:
+    """The held-out evaluation training runs (one process), on these shards."""
+    import torch
+
+    from vlpdist.data.feature_shards import shard_sample_counts
+    from vlpdist.train.evaluate import evaluate_heldout, merge_shares
+
+    counts, _ = shard_sample_counts(shards)
+    num_samples = min(sum(counts), max_samples or sum(counts))
+    if num_samples == 0:
+        raise UserError("the feature shards hold no samples")
+    share = evaluate_heldout(captioner, shards, batch_size, num_samples, max_new_tokens, torch.device(device),
+                             baseline_lm, num_beams=beams)
+    return merge_shares([share])
+
+
+def read_coco_references(path: Path) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """([(image id, file name)] of the images with at least one caption, in file order, {image id: captions});
+    a one-line `UserError` for a file not in the COCO caption format."""
+    if not path.is_file():
+        raise UserError(f"--references {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--references {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise UserError(f"--references {path} is not a COCO caption file: it needs the lists 'images' and 'annotations'")
+    files: dict[str, str] = {}
+    for index, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise UserError(f"--references {path}: images[{index}] needs an 'id' and a 'file_name'")
+        files[str(image["id"])] = image["file_name"]
+    references: dict[str, list[str]] = {}
+    for index, annotation in enumerate(data["annotations"]):
+        if not isinstance(annotation, dict) or "image_id" not in annotation or not isinstance(annotation.get("caption"), str):
+            raise UserError(f"--references {path}: annotations[{index}] needs an 'image_id' and a 'caption'")
+        image_id = str(annotation["image_id"])
+        if image_id not in files:
+            raise UserError(f"--references {path}: annotations[{index}] names image_id {annotation['image_id']!r}, which is not in 'images'")
+        references.setdefault(image_id, []).append(annotation["caption"])
+    images = [(image_id, name) for image_id, name in files.items() if image_id in references]
+    if not images:
+        raise UserError(f"--references {path} has no image with a caption")
+    return images, references
+
+
+def evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokenizer, images: list[tuple[str, Path]],
+                    references: dict[str, list[str]], beams: int, batch_size: int, max_new_tokens: int, device: str) -> dict:
+    """Caption, score the loss of and embed every readable image (its first reference as the target);
+    the same result shape as `evaluate_features`, plus the images left out and why. `clip_tokenizer`
+    (for alignment heads on CLIP text features) is None when the model needs no CLIP text embedding."""
+    import torch
+    from tqdm import tqdm
+
+    from data_ingest.process.clip_model import encode_images, encode_texts
+    from launcher.caption import load_in_batches
+    from vlpdist.train.evaluate import merge_shares, retrieval_embeddings
+
+    clip_dim = captioner.mapper.input_proj.in_features
+    source_to_id = {str(file): image_id for image_id, file in images}
+    share = {"loss_sum": 0.0, "text_only_sum": 0.0, "tokens": 0, "references": {}, "predictions": {},
+             "beam_predictions": {}, "num_beams": beams, "embeddings": {}}
+    skipped: dict[str, str] = {}
+    with torch.no_grad(), tqdm(total=len(images), desc="evaluate", unit="image") as progress:
+        for batch in load_in_batches([("file", str(file)) for _, file in images], batch_size, 8, 10.0):
+            progress.update(len(batch))
+            skipped.update({item.source: f"{item.status}: {item.error}" for item in batch if item.status != "ok"})
+            good = [item for item in batch if item.status == "ok"]
+            if not good:
+                continue
+            keys = [source_to_id[item.source] for item in good]
+            images_B3HW = torch.stack([preprocess(item.image) for item in good])
+            clip_BC = torch.from_numpy(encode_images(clip_model, images_B3HW, device)).to(device)
+            if clip_BC.shape[1] != clip_dim:
+                raise UserError(f"the model's CLIP embeds into {clip_BC.shape[1]} dims but its mapper reads {clip_dim}: "
+                                "it names the wrong CLIP (the process.clip_* that made the features)")
+            targets = [references[key][0] for key in keys]
+            ids_BT, mask_BT = (t.to(device) for t in captioner.tokenize(targets))
+            text_feature = None
+            if clip_tokenizer is not None:
+                text_feature = torch.from_numpy(encode_texts(clip_model, clip_tokenizer, targets, device)).to(device)
+            out = captioner(clip_BC, ids_BT, mask_BT, text_feature)
+            count = int(mask_BT.sum())
+            share["loss_sum"] += float(out["cap"]) * count
+            share["text_only_sum"] += float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count
+            share["tokens"] += count
+            visual_BE, text_BE = retrieval_embeddings(captioner, out, ids_BT, mask_BT)
+            share["embeddings"].update(zip(keys, zip(visual_BE.float().cpu(), text_BE.float().cpu())))
+            share["predictions"].update(zip(keys, captioner.generate_captions(clip_BC, max_new_tokens)))
+            if beams > 1:
+                share["beam_predictions"].update(zip(keys, captioner.generate_captions(clip_BC, max_new_tokens, beams)))
+            share["references"].update((key, references[key]) for key in keys)
+    if not share["predictions"]:
+        raise UserError(f"none of the {len(images)} images could be read (e.g. {next(iter(skipped.items()))})")
+    return {**merge_shares([share]), "skipped_images": skipped}
+
+
+def print_tables(result: dict) -> None:
+    from vlpdist.eval.scoring import format_caption_table, format_retrieval_table
+
+    print(f"\nmodel: {result['model']}")
+    loss = f"caption loss {result['caption_loss']:.4f}"
+    if result["lm_without_image_loss"] is not None:
+        loss += f" vs the LM without the image {result['lm_without_image_loss']:.4f}"
+    print(f"{loss} (first reference as the target)\n")
+    print(format_caption_table(result["captioning"], result["samples"], result["skipped_metrics"]))
+    print()
+    print(format_retrieval_table(result["retrieval"], result["samples"], result["retrieval_embeddings"]))
+    if result.get("skipped_images"):
+        reasons = Counter(why.split(":", 1)[0] for why in result["skipped_images"].values())
+        print(f"\n{len(result['skipped_images'])} images left out ({dict(reasons)}); they are listed in the output file")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="launcher.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="export folder, consolidated fp32 folder, or DeepSpeed checkpoint folder")
+    parser.add_argument("--features", nargs="+", default=None, help="feature folders or .tar shards")
+    parser.add_argument("--references", default=None, help="COCO-format captions JSON (with --images)")
+    parser.add_argument("--images", default=None, help="folder the references' file_name entries are relative to")
+    parser.add_argument("--beams", type=int, default=1, help="also score beam search of this width (> 1)")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many images")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_caption_tokens")
+    parser.add_argument("--no-spice", action="store_true", help="skip SPICE even when its jars are present (it takes minutes)")
+    parser.add_argument("--out", default="eval.json", help="JSON file for every number, the captions and the references")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    args = parser.parse_args(argv)
+    if (args.features is None) == (args.references is None):
+        raise UserError("give either --features or --references with --images")
+    if args.references is not None and args.images is None:
+        raise UserError("--references needs --images, the folder its file names are in")
+    for flag, value in (("--beams", args.beams), ("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}")
+    if args.references is not None:
+        images, references = read_coco_references(Path(args.references))
+        if not Path(args.images).is_dir():
+            raise UserError(f"--images {args.images} is not a folder")
+        images = images[: args.max_samples]
+    else:
+        shards = feature_shards(args.features)
+
+    import torch
+
+    from vlpdist.atomic import atomic_write_json
+    from vlpdist.eval.captioning import most_frequent_caption_baseline
+    from vlpdist.eval.scoring import score_caption_systems, score_retrieval
+    from vlpdist.train.evaluate import captioning_systems, retrieval_source
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="vlpdist-evaluate-") as scratch:
+        captioner, clip_identity, clip_base, baseline_lm, described = load_model_for_evaluation(Path(args.model), Path(scratch))
+        captioner.to(device)
+        baseline_lm.to(device)
+        if captioner.bottleneck_only and args.beams != 1:
+            raise UserError("this model decodes through bottleneck tokens, which is greedy only: use --beams 1")
+        max_new_tokens = args.max_new_tokens or captioner.max_caption_tokens
+        if args.features is not None:
+            heldout = evaluate_features(captioner, baseline_lm, shards, args.max_samples, args.beams, args.batch_size,
+                                        max_new_tokens, device)
+        else:
+            from vlpdist.models.clip_identity import build_clip_image_encoder
+
+            clip_model, preprocess = build_clip_image_encoder(clip_identity, clip_base, device)
+            clip_tokenizer = None
+            if captioner.text_target == "clip":
+                import open_clip
+
+                # build_clip_image_encoder registered the identity's model config, so custom names resolve too.
+                clip_tokenizer = open_clip.get_tokenizer(clip_identity["model_name"])
+            heldout = evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokenizer,
+                                      [(image_id, Path(args.images) / name) for image_id, name in images], references,
+                                      args.beams, args.batch_size, max_new_tokens, device)
+    references_used = heldout["references"]
+    # The trivial captioner: one constant caption, the most frequent among these references.
+    baseline = most_frequent_caption_baseline([c for refs in references_used.values() for c in refs], references_used)
+    scored = score_caption_systems(references_used, captioning_systems(heldout, baseline), spice=False if args.no_spice else None)
+    result = {
+        "model": described,
+        "samples": heldout["samples"],
+        "caption_loss": heldout["caption_loss"],
+        "lm_without_image_loss": heldout["lm_without_image_loss"],
+        "captioning": scored["captioning"],
+        "skipped_metrics": scored["skipped_metrics"],
+        "most_frequent_caption": next(iter(baseline.values())),
+        "retrieval": score_retrieval(heldout["embeddings"]),
+        "retrieval_embeddings": retrieval_source(captioner),
+        "skipped_images": heldout.get("skipped_images", {}),
+        "captions": [{"id": key, "references": refs, "greedy": heldout["predictions"][key],
+                      **({"beam": heldout["beam_predictions"][key]} if heldout["beam_predictions"] else {})}
+                     for key, refs in references_used.items()],
+    }
+    atomic_write_json(Path(args.out), result)
+    print_tables(result)
+    print(f"\nwritten to {args.out}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -54,8 +54,9 @@ def make_raw_shards(root: Path, num_samples: int, samples_per_shard: int) -> lis
     return list_raw_shards(config)
 
 
-def make_bench_clip(folder: Path) -> Path:
-    """Build the benchmark CLIP from its config with open_clip and save `<name>.pt` with `<name>.json` beside it."""
+def make_bench_clip(folder: Path, model_name: str = BENCH_CLIP_MODEL) -> Path:
+    """Build the benchmark CLIP from its config with open_clip and save `<name>.pt` with `<name>.json` beside it;
+    another `model_name` is one of open_clip's own configs (random weights, `<name>.pt` only)."""
     import open_clip
     import torch
 
@@ -63,6 +64,13 @@ def make_bench_clip(folder: Path) -> Path:
     from vlpdist.atomic import atomic_path, atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
+    if model_name != BENCH_CLIP_MODEL:
+        checkpoint = folder / f"{model_name}.pt"
+        if not checkpoint.exists():
+            torch.manual_seed(0)
+            with atomic_path(checkpoint) as staging:
+                torch.save(open_clip.create_model(model_name).state_dict(), staging)
+        return checkpoint
     checkpoint = folder / f"{BENCH_CLIP_MODEL}.pt"
     config_file = folder / f"{BENCH_CLIP_MODEL}.json"
     if checkpoint.exists() and config_file.exists() and json.loads(config_file.read_text()) == BENCH_CLIP_CONFIG:
@@ -118,22 +126,26 @@ def run_clip_retrieval(shards: list[Path], checkpoint: Path, output: Path, batch
     return json.loads(result_lines[-1][len("RESULT "):])
 
 
-def process_settings(checkpoint: Path, batch_size: int, workers: int):
+def process_settings(checkpoint: Path, batch_size: int, workers: int, model: str = BENCH_CLIP_MODEL, device: str = "cpu",
+                     loader_workers: int = -1):
     """Our stage's settings for the benchmark: CLIP features of every sample (filter off, no captioner)."""
     from vlpdist.config import ProcessConfig
 
-    return ProcessConfig(clip_model=BENCH_CLIP_MODEL, clip_pretrained=str(checkpoint), filter="none",
-                         caption_policy="web", captioner="", vocab="demo_shapes", device="cpu",
-                         batch_size=batch_size, num_cpus=workers, cpus_per_task=1.0)
+    return ProcessConfig(clip_model=model, clip_pretrained=str(checkpoint), filter="none",
+                         caption_policy="web", captioner="", vocab="demo_shapes", device=device,
+                         batch_size=batch_size, num_cpus=workers, cpus_per_task=1.0, loader_workers=loader_workers)
 
 
-def run_process_shard_loop(shards: list[Path], checkpoint: Path, output: Path, batch_size: int) -> dict:
-    """Our per-shard function (what each Ray task runs), called on every shard in this process."""
+def run_process_shard_loop(shards: list[Path], checkpoint: Path, output: Path, batch_size: int,
+                           model: str = BENCH_CLIP_MODEL, device: str = "cpu", workers: int = 1, keep_model: bool = False) -> dict:
+    """Our per-shard function (what each Ray task runs), called on every shard in this process
+    (`workers` CPUs for the task: its loader decodes on workers - 1 processes)."""
     from data_ingest.process import shard as shard_module
 
     shutil.rmtree(output, ignore_errors=True)
-    shard_module._MODEL_CACHE.clear()  # the model load is part of each measured call, as for clip_inference
-    settings = process_settings(checkpoint, batch_size, workers=1)
+    if not keep_model:
+        shard_module._MODEL_CACHE.clear()  # the model load is part of each measured call, as for clip_inference
+    settings = process_settings(checkpoint, batch_size, 1, model, device, loader_workers=workers - 1)
     cpu_before, started = time.process_time(), time.perf_counter()
     written = sum(shard_module.process_shard(str(raw), str(output), settings)["written"] for raw in shards)
     return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_before, "images": written}
@@ -192,6 +204,111 @@ def summarize(name: str, runs: list[dict]) -> dict:
     return {"name": name, "images": runs[0]["images"], "best_images_per_s": max(rates),
             "median_images_per_s": statistics.median(rates), "runs_images_per_s": [round(r, 1) for r in rates],
             "best_images_per_cpu_s": max(per_cpu) if per_cpu else None}
+
+
+def clip_retrieval_unavailable(extra_pythonpath: str) -> str | None:
+    """Why clip-retrieval's `clip_inference` cannot run here (its import's last error line), or None."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if extra_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_pythonpath, env.get("PYTHONPATH", "")) if p)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", "import clip, clip_retrieval.clip_inference"],
+                          env=env, capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
+    hint = " (clip-anytorch needs pkg_resources: see launcher/bench_clip.py's docstring)" if "pkg_resources" in done.stderr else ""
+    return f"clip-retrieval does not import here: {last}{hint}"
+
+
+def write_raw_shards(root: Path, num_samples: int, samples_per_shard: int) -> list[Path]:
+    """Raw shards of the demo images written directly (key.jpg / key.txt / key.json, as img2dataset
+    writes them), for machines without img2dataset; the CLIP stage reads them the same way."""
+    import webdataset as wds
+
+    from data_ingest.sources.synthetic import generate_demo_samples
+    from vlpdist.config import load_config
+
+    folder = root / "raw"
+    shards = sorted(folder.glob("*.tar"))
+    if shards:
+        return shards
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = generate_demo_samples(load_config(None, [f"demo.num_samples={num_samples}"]).demo)
+    for start in range(0, len(samples), samples_per_shard):
+        with wds.TarWriter(str(folder / f"{start // samples_per_shard:05d}.tar")) as writer:
+            for index, sample in enumerate(samples[start : start + samples_per_shard], start):
+                key = f"{index:09d}"
+                writer.write({"__key__": key, "jpg": sample.jpeg, "txt": sample.caption,
+                              "json": json.dumps({"key": key, "url": sample.path, "caption": sample.caption}).encode()})
+    return sorted(folder.glob("*.tar"))
+
+
+def run_bare_tower(checkpoint: Path, model_name: str, images: int, batch_size: int, device: str) -> dict:
+    """The CLIP image tower alone on ready (B, 3, H, W) pixel batches: `images` images, no decoding, no writing."""
+    import torch
+
+    from data_ingest.process.clip_model import encode_images, load_clip
+
+    model, _, _ = load_clip(model_name, str(checkpoint), device)
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    pixels = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.pin_memory() if device == "cuda" else pixels
+    encode_images(model, pixels, device)  # warm-up
+    started = time.perf_counter()
+    for start in range(0, images, batch_size):
+        encode_images(model, pixels[: min(batch_size, images - start)], device)
+    return {"seconds": time.perf_counter() - started, "images": images}
+
+
+def run_benchmark(root: Path, num_samples: int = 4000, samples_per_shard: int = 250, batch_size: int = 64, workers: int = 2,
+                  repeats: int = 3, with_ray: bool = True, clip_retrieval_pythonpath: str = "",
+                  model_name: str = BENCH_CLIP_MODEL, device: str = "cpu", download: bool = True) -> dict:
+    """Rows (images/s, best of `repeats`, runs alternating): our per-shard stage function, the bare
+    image tower on the same number of images, clip-retrieval's `clip_inference` when it imports,
+    and (with `with_ray`) the whole Ray stage cold and with Ray running; JSON-ready. The raw shards
+    come from the demo's download stage, or (`download` False, or no img2dataset) are written directly."""
+    root = Path(root).resolve() / str(num_samples)
+    try:
+        import img2dataset  # noqa: F401
+    except ImportError:
+        download = False
+    if download:
+        shards = make_raw_shards(root, num_samples, samples_per_shard)
+        made_by = "img2dataset from the loopback server"
+    else:
+        shards = write_raw_shards(root, num_samples, samples_per_shard)
+        made_by = "written directly"
+    checkpoint = make_bench_clip(root / "bench_clip", model_name)
+    ours = "vlpdist process_shard, 1 process"
+    contenders = {ours: lambda: run_process_shard_loop(shards, checkpoint, root / "out_ours_loop", batch_size, model_name, device,
+                                                        workers=workers)}
+    contenders["bare CLIP image tower"] = lambda: run_bare_tower(checkpoint, model_name, num_samples, batch_size, device)
+    unavailable = clip_retrieval_unavailable(clip_retrieval_pythonpath)
+    if unavailable is None:
+        contenders[f"clip_inference, {workers} decode workers"] = lambda: run_clip_retrieval(
+            shards, checkpoint, root / "out_clip_retrieval", batch_size, workers, clip_retrieval_pythonpath)
+    if with_ray:
+        contenders[f"vlpdist run_process, starts Ray, {workers} CPUs"] = lambda: run_process_stage(
+            root, checkpoint, batch_size, workers, ray_running=False)
+        contenders[f"vlpdist run_process, Ray running, {workers} CPUs"] = lambda: run_process_stage(
+            root, checkpoint, batch_size, workers, ray_running=True)
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, measure in contenders.items():
+            runs[name].append(measure())
+    rows = [summarize(name, measured) for name, measured in runs.items()]
+    best = {row["name"]: row["best_images_per_s"] for row in rows}
+    result = {"shards": len(shards), "shards_made_by": made_by, "model": model_name, "device": device, "batch_size": batch_size,
+              "workers": workers, "repeats": repeats, "rows": rows,
+              "ratio_stage_over_bare_tower": best[ours] / best["bare CLIP image tower"],
+              "clip_retrieval": {"available": unavailable is None, "reason": unavailable}}
+    if unavailable is None:
+        theirs = f"clip_inference, {workers} decode workers"
+        result["ratio_ours_over_clip_inference"] = best[ours] / best[theirs]
+        result["agreement"] = embedding_agreement(ours_embeddings(root / "out_ours_loop"),
+                                                  clip_retrieval_embeddings(root / "out_clip_retrieval"))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:

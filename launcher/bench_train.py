@@ -1,33 +1,51 @@
-"""Benchmark: one full training step (loader with tokenising workers + mapper/MoE + LM + DeepSpeed backward and
-optimizer step) vs a bare LM forward+backward over the same tokens, side by side in one run
-(with the plain mapper+LM forward/backward between them, to split the overhead).
+"""Training step cost at an LM's real geometry, side by side in one run: `python -m launcher.bench_train [--quick] ...`.
 
-    python launcher/bench_train.py [--steps 10] [--rounds 3] [--batch 32] [--width 256] [--layers 4]
+Rows, all on the same tokens (prefix P + T caption tokens, every caption exactly T tokens), timed
+in interleaved rounds (so load from other processes on a shared machine hits every row alike; the
+best round counts):
+- `full`: the training loop itself (`vlpdist.train.loop._train_steps`: loader with tokenising
+  workers, DeepSpeed engine forward/backward/step, the per-step collective), MoE mapper, LM frozen;
+  with alignment off and on (ITC + SupCon over a 65,536-entry bank with the momentum mapper),
+  text target lm, lm_cached (the cache filled during the warm-up, as after the first epoch) and clip;
+- `full, fused AdamW`: the same loop on an engine whose torch AdamW runs fused (a setting
+  DeepSpeed passes through to torch) — what the optimizer setting buys;
+- `bare LM`: forward + backward of the frozen LM over [prefix | caption] embeddings, gradients
+  reaching the prefix only: the work no captioner of a frozen LM can avoid;
+- `ClipCap`: a plain PyTorch step of ClipCap's baseline (its transformer mapper, 8 layers, frozen LM,
+  torch AdamW, no DeepSpeed) on a fixed batch of the same shape;
+- the pieces of the aligned step (mapper fwd+bwd, LM text forward, momentum forward, key gather +
+  ITC + SupCon fwd+bwd, enqueue), each as a share of the aligned lm_cached step.
 
-One process (world size 1, ep_size 1), CPU or one GPU, a random GPT-2-shaped LM built locally
-(no hub) with a BPE tokenizer trained on synthetic captions, and synthetic feature shards.
-The ratio says what the training machinery costs on top of the LM work it cannot avoid.
+The LM is `GPT2LMHeadModel(GPT2Config())` (GPT-2 small: 12 x 768, vocabulary 50,257) with random
+weights, saved locally and loaded through the captioner's own `from_pretrained(folder)`; its
+tokenizer is a byte-level BPE trained on synthetic captions (ids fill only part of the vocabulary;
+the LM head still spans all of it). `--quick` shrinks the LM so the whole run takes seconds.
+`run_benchmark(...)` returns the numbers as a JSON-ready dict.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import torch  # noqa: E402
+TEXT_TARGETS = ("lm", "lm_cached", "clip")
+QUICK = {"width": 64, "layers": 2, "heads": 2, "vocab_size": 2048, "batch": 4, "steps": 1, "rounds": 1,
+         "bank_size": 1024, "samples_per_shard": 8}
+CLIPCAP_LAYERS = 8  # ClipCap's transformer mapper (Mokady et al. 2021)
 
 
-def _timed_rounds(variants: dict, steps: int, rounds: int, synchronize) -> dict[str, float]:
-    """Seconds per call of each variant: rounds interleave the variants (so load on a shared machine
-    hits all alike) and the best round counts. Two warm-up calls each first."""
-    for step in variants.values():
-        step()
-        step()
+def timed_rounds(variants: dict, steps: int, rounds: int, synchronize, warmup: dict[str, int] | None = None) -> dict[str, float]:
+    """Seconds per call of each variant: `warmup[name]` calls first (default 1), then `rounds`
+    rounds that interleave the variants, `steps` calls each; the best round counts."""
+    for name, step in variants.items():
+        for _ in range((warmup or {}).get(name, 1)):
+            step()
+    synchronize()
     best = {name: float("inf") for name in variants}
     for _ in range(rounds):
         for name, step in variants.items():
@@ -40,103 +58,350 @@ def _timed_rounds(variants: dict, steps: int, rounds: int, synchronize) -> dict[
     return best
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="launcher/bench_train.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed calls per round and variant")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--width", type=int, default=256, help="LM width (GPT-2 small: 768)")
-    parser.add_argument("--layers", type=int, default=4, help="LM layers (GPT-2 small: 12)")
-    parser.add_argument("--clip-dim", type=int, default=512)
-    args = parser.parse_args(argv)
+def long_captions(count: int, phrases: int, seed: int) -> list[str]:
+    """Captions of `phrases` synthetic phrases each, long enough to be cut at the caption length."""
+    from vlpdist.data.synthetic import synthetic_captions
 
-    with tempfile.TemporaryDirectory(prefix="vlpdist-bench-") as folder:
-        return _bench(args, Path(folder))
+    parts = synthetic_captions(count * phrases, seed)
+    return [" and ".join(parts[i * phrases : (i + 1) * phrases]) for i in range(count)]
 
 
-def _bench(args: argparse.Namespace, work: Path) -> dict:
-    from data_ingest.sources.demo_lm import make_demo_lm
-    from vlpdist.config import load_config
-    from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
-    from vlpdist.data.synthetic import synthetic_captions, write_synthetic_feature_shards
-    from vlpdist.parallel.engine import device_of, init_distributed
+def write_bench_shards(folder: Path, captions: list[str], num_shards: int, clip_dim: int, seed: int) -> None:
+    """Feature shards in the contract format: unit-norm random CLIP image/text embeddings, one
+    caption per sample, one object label from a 4-name vocabulary (SupCon has positives)."""
+    import webdataset as wds
+
+    from vlpdist.atomic import atomic_write_json
+    from vlpdist.data.feature_format import encode_feature_sample, write_label_vocabulary
+    from vlpdist.data.feature_shards import STATS_SUFFIX
+
+    names = ["circle", "square", "triangle", "star"]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_label_vocabulary(folder, names)
+    rng = np.random.default_rng(seed)
+    per_shard = len(captions) // num_shards
+    for shard in range(num_shards):
+        path = folder / f"{shard:05d}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for index in range(per_shard):
+                caption = captions[shard * per_shard + index]
+                image, text = rng.standard_normal((2, clip_dim))
+                label = int(rng.integers(len(names)))
+                writer.write(encode_feature_sample(
+                    key=f"{shard:05d}{index:04d}", image_embedding=image / np.linalg.norm(image),
+                    text_embeddings=(text / np.linalg.norm(text))[None, :], captions=[caption], labels=[label],
+                    label_names=[names[label]], scores={}, decision="kept", url=f"http://127.0.0.1/{shard}/{index}.jpg",
+                    original_caption=caption,
+                ))
+        atomic_write_json(folder / f"{path.stem}{STATS_SUFFIX}", {"shard": path.stem, "written": per_shard})
+
+
+def make_lm(folder: Path, captions: list[str], width: int | None, layers: int | None, heads: int | None,
+            vocab_size: int | None) -> dict:
+    """A random-weight GPT-2 (`GPT2Config()` defaults unless shrunk) and a BPE tokenizer, saved in `folder`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from data_ingest.sources.demo_lm import train_caption_tokenizer
+
+    shrink = {key: value for key, value in
+              {"n_embd": width, "n_layer": layers, "n_head": heads, "vocab_size": vocab_size}.items() if value is not None}
+    tokenizer = train_caption_tokenizer(captions, vocab_size=min(512, shrink.get("vocab_size", 512)))
+    config = GPT2Config(**shrink, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"width": config.n_embd, "layers": config.n_layer, "heads": config.n_head, "vocab_size": config.vocab_size,
+            "tokenizer_vocab": len(tokenizer)}
+
+
+class LoopRunner:
+    """One engine (+ alignment objective) and the real training loop, run `steps` optimizer steps per call."""
+
+    def __init__(self, config, info, run_dir: Path, clip_dim: int, label_names: list[str], ds_optimizer_params: dict | None = None):
+        from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
+        from vlpdist.models.captioner import tokenize_captions
+        from vlpdist.monitor.tensorboard import TensorBoardLogger
+        from vlpdist.train.loop import DataWorld, PreemptionSignal, build_alignment_objective
+        from vlpdist.train.state import TrainState
+        from functools import partial
+
+        run_dir.mkdir(parents=True)
+        self.config, self.info, self.run_dir = config, info, run_dir
+        self.engine, self.scheduler = build_engine_for(config, info, run_dir, clip_dim, ds_optimizer_params)
+        device = self.engine.device
+        self.objective = build_alignment_objective(config, self.engine.module, DataWorld(label_names=label_names), device)
+        train = config.train
+        self.plan = build_shard_plan(list_feature_shards(train.features_dir), 1, train.num_workers, train.micro_batch_size, train.seed)
+        tokenize = partial(tokenize_captions, self.engine.module.tokenizer, config.model.max_caption_tokens)
+        self.loader = iter(build_train_loader(self.plan, info.rank, 0, tokenize, pin_memory=info.on_gpu))
+        self.state = TrainState()
+        self.tb = TensorBoardLogger(run_dir / "tb", False)
+        self.preemption = PreemptionSignal()
+
+    def step(self, steps: int = 1) -> None:
+        import contextlib
+        import io
+
+        from vlpdist.train.loop import _train_steps
+
+        self.config.train.max_steps = self.state.step + steps
+        with contextlib.redirect_stdout(io.StringIO()):  # the loop's log line at its last step
+            _train_steps(self.config, self.info, self.engine, self.scheduler, self.loader, self.state, self.tb, self.preemption,
+                         self.run_dir, self.plan, self.state.step, self.objective)
+
+
+def build_engine_for(config, info, run_dir: Path, clip_dim: int, ds_optimizer_params: dict | None):
+    """`build_model_and_engine`, or (with `ds_optimizer_params`) the same engine set-up with extra
+    torch AdamW settings in the generated DeepSpeed config."""
     from vlpdist.train.loop import build_model_and_engine
 
-    lm_dir = make_demo_lm(work / "lm", synthetic_captions(500, 1), width=args.width, layers=args.layers,
-                          heads=max(args.width // 64, 1), vocab_size=400, steps=1, batch_size=8)
-    features = work / "features"
-    write_synthetic_feature_shards(features, 3, max(4 * args.batch, 64), dim=args.clip_dim)
-    config = load_config(None, [
-        f"root={work}", f"train.features_dir={features}", f"train.output_dir={work / 'run'}", f"model.lm_name={lm_dir}",
-        "model.prefix_length=10", "model.num_experts=4", "model.max_caption_tokens=20", "train.ep_size=1",
-        f"train.micro_batch_size={args.batch}", "train.num_workers=1", "train.warmup_steps=1",
-        f"train.max_steps={args.steps * args.rounds + 10}",
+    if ds_optimizer_params is None:
+        return build_model_and_engine(config, info, run_dir, clip_dim)
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from vlpdist.models.captioner import build_captioner
+    from vlpdist.parallel.deepspeed_config import build_deepspeed_config
+    from vlpdist.parallel.engine import device_of, no_decay_parameter
+
+    torch.manual_seed(config.train.seed)
+    model = build_captioner(config.model, clip_dim, 1, align=config.align).to(device_of(info))
+    ds_config = build_deepspeed_config(config.train, info.world_size, info.on_gpu)
+    ds_config["optimizer"]["params"].update(ds_optimizer_params)
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    groups = split_params_into_different_moe_groups_for_optimizer([
+        {"params": [p for n, p in trainable if not no_decay_parameter(n, p)], "name": "decay"},
+        {"params": [p for n, p in trainable if no_decay_parameter(n, p)], "name": "no_decay", "weight_decay": 0.0},
     ])
-    info = init_distributed(config.train.dist_timeout_s)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=[g for g in groups if g["params"]], config=ds_config)
+    scheduler.step(0)
+    return engine, scheduler
+
+
+def run_benchmark(
+    *,
+    batch: int = 8,
+    steps: int = 1,
+    rounds: int = 3,
+    width: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+    vocab_size: int | None = None,
+    prefix_length: int = 10,
+    caption_tokens: int = 40,
+    clip_dim: int = 512,
+    bank_size: int = 65536,
+    samples_per_shard: int | None = None,
+    text_targets: tuple[str, ...] = TEXT_TARGETS,
+    fused_adamw: bool = True,
+    compile_lm: bool = False,
+    work: Path | None = None,
+) -> dict:
+    """Time every row (see the module docstring); returns a JSON-ready dict. `width`/`layers`/`heads`/
+    `vocab_size` None keep GPT-2 small's. `compile_lm` compiles the frozen LM and the mapper in place
+    (`nn.Module.compile`) for the full steps and the bare step alike."""
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="vlpdist-bench-train-") as folder:
+            return run_benchmark(batch=batch, steps=steps, rounds=rounds, width=width, layers=layers, heads=heads,
+                                 vocab_size=vocab_size, prefix_length=prefix_length, caption_tokens=caption_tokens,
+                                 clip_dim=clip_dim, bank_size=bank_size, samples_per_shard=samples_per_shard,
+                                 text_targets=text_targets, fused_adamw=fused_adamw, compile_lm=compile_lm, work=Path(folder))
+    import os
+
+    from vlpdist.config import load_config
+    from vlpdist.models.captioner import build_captioner
+    from vlpdist.parallel.engine import device_of, init_distributed
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    samples_per_shard = samples_per_shard or 2 * batch
+    captions = long_captions(3 * samples_per_shard, phrases=caption_tokens // 4 + 2, seed=1)
+    lm = make_lm(work / "lm", captions, width, layers, heads, vocab_size)
+    features = work / "features"
+    write_bench_shards(features, captions, 3, clip_dim, seed=0)
+    base = [
+        f"root={work}", f"train.features_dir={features}", f"model.lm_name={work / 'lm'}",
+        f"model.prefix_length={prefix_length}", f"model.max_caption_tokens={caption_tokens}", "train.ep_size=1",
+        f"train.micro_batch_size={batch}", "train.num_workers=1", "train.warmup_steps=1", "train.max_steps=1000000",
+        "train.checkpoint_every=1000000000", "train.log_every=1000000000", "train.caption_log_every=0",
+        f"align.bank_size={bank_size}",
+    ]
+    info = init_distributed(300.0)
     device = device_of(info)
-    (work / "run").mkdir()
-    engine, _ = build_model_and_engine(config, info, work / "run", args.clip_dim)
-    captioner = engine.module
-    from vlpdist.losses.terms import loss_weights, weighted_total
-
-    weights = loss_weights(config)
-    from functools import partial
-
-    from vlpdist.models.captioner import tokenize_captions
-
-    plan = build_shard_plan(list_feature_shards(features), 1, 1, args.batch, 0)
-    # As in training: captions tokenised in the loader worker, pinned batches copied without blocking.
-    tokenize = partial(tokenize_captions, captioner.tokenizer, config.model.max_caption_tokens)
-    loader = iter(build_train_loader(plan, 0, 0, tokenize, pin_memory=info.on_gpu))
     synchronize = torch.cuda.synchronize if info.on_gpu else (lambda: None)
-    tokens_per_step = []
+    label_names = ["circle", "square", "triangle", "star"]
 
-    def full_step() -> None:
-        batch = next(loader)
-        tokens_per_step.append(int(batch["attention_mask"].sum()))
-        out = engine(*(batch[key].to(device, non_blocking=True) for key in ("clip", "input_ids", "attention_mask")))
-        engine.backward(weighted_total(out, weights))
-        engine.step()
+    def config_for(name: str, *extra: str):
+        return load_config(None, base + [f"train.output_dir={work / 'runs' / name}", *extra])
 
-    # The bare LM work of the same step: forward + backward over [prefix | caption] embeddings
-    # (gradients reach the prefix, as they must to train a prefix through a frozen LM).
-    fixed = next(loader)
-    ids_BT, mask_BT = (t.to(device) for t in captioner.tokenize(fixed["caption"]))
+    align_on = ["align.itc_weight=1.0", "align.supcon_weight=1.0"]
+    runners = {"full, alignment off": LoopRunner(config_for("off"), info, work / "runs" / "off", clip_dim, label_names)}
+    for target in text_targets:
+        runners[f"full, ITC+SupCon, text {target}"] = LoopRunner(
+            config_for(target, *align_on, f"align.text_target={target}"), info, work / "runs" / target, clip_dim, label_names)
+    if fused_adamw:
+        runners["full, alignment off, fused AdamW"] = LoopRunner(
+            config_for("fused"), info, work / "runs" / "fused", clip_dim, label_names, {"fused": True})
+
+    off = runners["full, alignment off"]
+    captioner = off.engine.module
+    fixed = next(off.loader)  # the fixed batch of the rows outside the loop
+    off.state.data_position += 1
+    clip_BC = fixed["clip"].to(device)
+    ids_BT, mask_BT = fixed["input_ids"].to(device), fixed["attention_mask"].to(device)
     embed = captioner.lm.get_input_embeddings()
-    prefix_BPD = torch.randn(args.batch, config.model.prefix_length, embed.embedding_dim, device=device,
-                             dtype=embed.weight.dtype, requires_grad=True)
+    prefix_BPD = torch.randn(batch, prefix_length, embed.embedding_dim, device=device, dtype=embed.weight.dtype,
+                             requires_grad=True)
+    if compile_lm:
+        for runner in runners.values():
+            runner.engine.module.lm.compile()
+            runner.engine.module.mapper.compile()
 
     def bare_lm_step() -> None:
         captioner.caption_loss_after(prefix_BPD, ids_BT, mask_BT).backward()
 
-    # The same model outside DeepSpeed on one fixed batch: mapper + LM forward/backward, no loader,
-    # no optimizer, no ZeRO hooks. It splits the full step's overhead into model vs machinery.
-    from vlpdist.models.captioner import build_captioner
+    clipcap_cfg = load_config(None, base + ["model.mapper=transformer", f"model.mapper_depth={CLIPCAP_LAYERS}"]).model
+    clipcap = build_captioner(clipcap_cfg, clip_dim, 1).to(device, embed.weight.dtype)
+    if compile_lm:
+        clipcap.lm.compile()
+    clipcap_optimizer = torch.optim.AdamW([p for p in clipcap.parameters() if p.requires_grad], lr=2e-4)
 
-    plain = build_captioner(config.model, args.clip_dim, 1).to(device)
-    fixed_clip = fixed["clip"].to(device)
+    def clipcap_step() -> None:
+        clipcap(clip_BC.to(embed.weight.dtype), ids_BT, mask_BT)["cap"].backward()
+        clipcap_optimizer.step()
+        clipcap_optimizer.zero_grad(set_to_none=True)
 
-    def model_step() -> None:
-        weighted_total(plain(fixed_clip, ids_BT, mask_BT), weights).backward()
-        plain.zero_grad(set_to_none=True)
+    variants = {name: runner.step for name, runner in runners.items()}
+    variants |= {"bare LM fwd+bwd": bare_lm_step, "ClipCap plain step": clipcap_step}
+    pieces_of = next((name for name in runners if name.endswith("text lm_cached")), None)
+    if pieces_of is not None:
+        variants |= piece_steps(runners[pieces_of], fixed, device, clip_dim)
+    # The cached text target is measured once every caption is cached (after one epoch, as in a long run).
+    warmup = {name: runner.plan.batches_per_rank + 1 for name, runner in runners.items() if "lm_cached" in name}
+    seconds = timed_rounds(variants, steps, rounds, synchronize, warmup)
 
-    seconds = _timed_rounds({"full": full_step, "model": model_step, "bare": bare_lm_step}, args.steps, args.rounds, synchronize)
-    full_s, model_s, bare_s = seconds["full"], seconds["model"], seconds["bare"]
-    tokens = sum(tokens_per_step) / len(tokens_per_step)
-    result = {
+    bare_s = seconds["bare LM fwd+bwd"]
+    off_s = seconds["full, alignment off"]
+    tokens = prefix_length + int(fixed["attention_mask"].sum(dim=1).max())
+    rows = []
+    for name, value in seconds.items():
+        if name.startswith("piece:"):
+            continue
+        rows.append({"name": name, "ms": 1e3 * value, "samples_per_s": batch / value,
+                     "x_bare": bare_s / value, "x_clipcap": seconds["ClipCap plain step"] / value,
+                     "x_alignment_off": value / off_s if name.startswith("full") else None})
+    pieces = []
+    if pieces_of is not None:
+        aligned_s = seconds[pieces_of]
+        measured = {name.removeprefix("piece: "): value for name, value in seconds.items() if name.startswith("piece:")}
+        measured["caption LM fwd+bwd"] = bare_s
+        # terms() runs the momentum forward too; its own row is subtracted from the loss row.
+        measured["key gather + ITC + SupCon fwd+bwd"] = max(measured["key gather + ITC + SupCon fwd+bwd"] - measured["momentum forward"], 0.0)
+        # The cached step runs no LM text forward (that is what text target lm adds): not part of its sum.
+        in_step = sum(value for name, value in measured.items() if name != "LM text forward")
+        measured["rest (DeepSpeed backward/step, loader, loop)"] = max(aligned_s - in_step, 0.0)
+        pieces = [{"name": name if name != "LM text forward" else "LM text forward (text target lm only; not in this step)",
+                   "ms": 1e3 * value, "share_of_step": value / aligned_s} for name, value in measured.items()]
+    cache = next((runner.objective.text_cache for runner in runners.values()
+                  if runner.objective is not None and runner.objective.text_cache is not None), None)
+    return {
         "device": "cuda" if info.on_gpu else "cpu",
-        "batch": args.batch, "lm_width": args.width, "lm_layers": args.layers,
-        "full_step_ms": 1000 * full_s, "model_fwd_bwd_ms": 1000 * model_s, "bare_lm_ms": 1000 * bare_s,
-        "ratio_full_over_bare": full_s / bare_s, "ratio_model_over_bare": model_s / bare_s,
-        "full_samples_per_s": args.batch / full_s, "full_caption_tokens_per_s": tokens / full_s,
+        "precision": "bf16" if embed.weight.dtype == torch.bfloat16 else str(embed.weight.dtype).removeprefix("torch."),
+        "compiled": compile_lm,
+        "lm": lm,
+        "mapper": {"kind": captioner.mapper.__class__.__name__, "experts": off.config.model.num_experts,
+                   "top_k": off.config.model.top_k, "depth": off.config.model.mapper_depth,
+                   "trainable_params": sum(p.numel() for p in captioner.parameters() if p.requires_grad),
+                   "clipcap_trainable_params": sum(p.numel() for p in clipcap.parameters() if p.requires_grad)},
+        "batch": batch, "prefix_length": prefix_length, "caption_tokens": tokens - prefix_length, "sequence": tokens,
+        "bank_size": bank_size, "steps": steps, "rounds": rounds, "torch_threads": torch.get_num_threads(),
+        "text_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
+        "rows": rows,
+        "pieces": pieces,
+        "aligned_step_ms": {target: 1e3 * seconds[f"full, ITC+SupCon, text {target}"] for target in text_targets},
     }
-    print(f"{'':28s}{'ms/step':>10s}{'samples/s':>12s}")
-    print(f"{'full training step':28s}{result['full_step_ms']:10.1f}{args.batch / full_s:12.1f}")
-    print(f"{'mapper+LM fwd+bwd (plain)':28s}{result['model_fwd_bwd_ms']:10.1f}{args.batch / model_s:12.1f}")
-    print(f"{'bare LM fwd+bwd':28s}{result['bare_lm_ms']:10.1f}{args.batch / bare_s:12.1f}")
-    print(f"ratio full / bare: {result['ratio_full_over_bare']:.2f}, mapper+LM / bare: {result['ratio_model_over_bare']:.2f}  ({result['device']}, batch {args.batch}, "
-          f"LM {args.layers}x{args.width}, prefix {config.model.prefix_length} + ~{tokens / args.batch:.0f} caption tokens)")
-    return result
+
+
+def piece_steps(runner: LoopRunner, batch: dict, device: torch.device, clip_dim: int) -> dict:
+    """Each piece of an aligned step alone, on a plain captioner of `runner`'s config (outside
+    DeepSpeed, whose gradient hooks allow one backward per step) and an objective of its own (its
+    bank and momentum model, so the loop's bank is left as it was)."""
+    from vlpdist.models.captioner import build_captioner
+    from vlpdist.train.loop import DataWorld, build_alignment_objective
+
+    torch.manual_seed(runner.config.train.seed)
+    dtype = runner.engine.module.lm.get_input_embeddings().weight.dtype
+    captioner = build_captioner(runner.config.model, clip_dim, 1, align=runner.config.align).to(device, dtype)
+    captioner.heads.float()
+    objective = build_alignment_objective(runner.config, captioner, DataWorld(label_names=["circle", "square", "triangle", "star"]),
+                                          device)
+    clip_BC = batch["clip"].to(device)
+    ids_BT, mask_BT = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with torch.no_grad():
+        text_feature = captioner.lm_text_features(ids_BT, mask_BT).float()
+
+    def mapper_step() -> None:
+        prefix_BPD, aux, _ = captioner.map_prefix(clip_BC)
+        (prefix_BPD.float().square().mean() + aux).backward()
+
+    def text_forward() -> None:
+        with torch.no_grad():
+            captioner.lm_text_features(ids_BT, mask_BT)
+
+    def momentum_forward() -> None:
+        objective.momentum.keys(clip_BC, text_feature)
+
+    prefix_BPD = torch.randn(clip_BC.shape[0], captioner.prefix_length, text_feature.shape[1], device=device, requires_grad=True)
+
+    def loss_terms() -> None:
+        heads = captioner.heads
+        out = {"visual_embed": heads.visual_embed(prefix_BPD), "text_embed": heads.text_embed(text_feature),
+               "text_feature": text_feature, "itc_temperature": heads.temperature()}
+        sum(objective.terms(out, batch, clip_BC).values()).backward()
+
+    def enqueue() -> None:
+        if objective.pending_rows is None:
+            loss_terms()
+        objective.enqueue(0)
+
+    return {"piece: mapper fwd+bwd": mapper_step, "piece: LM text forward": text_forward,
+            "piece: momentum forward": momentum_forward, "piece: key gather + ITC + SupCon fwd+bwd": loss_terms,
+            "piece: enqueue": enqueue}
+
+
+def print_report(report: dict) -> None:
+    lm = report["lm"]
+    print(f"{report['device']} {report['precision']}, LM {lm['layers']}x{lm['width']} vocab {lm['vocab_size']:,}, batch "
+          f"{report['batch']}, prefix {report['prefix_length']} + {report['caption_tokens']} caption tokens, "
+          f"{report['torch_threads']} threads, best of {report['rounds']} rounds")
+    print(f"{'':40}{'ms/step':>10}{'samples/s':>11}{'x bare':>8}{'x ClipCap':>10}{'x align off':>12}")
+    for row in report["rows"]:
+        off = f"{row['x_alignment_off']:.2f}" if row["x_alignment_off"] is not None else "-"
+        print(f"{row['name']:40}{row['ms']:10.1f}{row['samples_per_s']:11.2f}{row['x_bare']:8.2f}{row['x_clipcap']:10.2f}{off:>12}")
+    if report["pieces"]:
+        print("pieces of the aligned (lm_cached) step:")
+        for piece in report["pieces"]:
+            print(f"  {piece['name']:44}{piece['ms']:10.1f} ms {100 * piece['share_of_step']:6.1f} %")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="launcher.bench_train", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1, help="timed calls per round and row")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--width", type=int, default=None, help="LM width (default GPT-2 small: 768)")
+    parser.add_argument("--layers", type=int, default=None, help="LM layers (default GPT-2 small: 12)")
+    parser.add_argument("--heads", type=int, default=None, help="LM heads (default GPT-2 small: 12)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="LM vocabulary (default GPT-2: 50,257)")
+    parser.add_argument("--compile", action="store_true", help="compile the frozen LM and the mapper in place")
+    parser.add_argument("--quick", action="store_true", help=f"a small LM and batch: {QUICK}")
+    args = parser.parse_args(argv)
+    settings = dict(batch=args.batch, steps=args.steps, rounds=args.rounds, width=args.width, layers=args.layers,
+                    heads=args.heads, vocab_size=args.vocab_size, compile_lm=args.compile)
+    if args.quick:
+        settings |= QUICK
+    report = run_benchmark(**settings)
+    print_report(report)
+    return report
 
 
 if __name__ == "__main__":

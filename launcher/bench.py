@@ -1,0 +1,438 @@
+"""The benchmark suite: `python -m launcher.bench [--quick | --gpu] [--only train,mapper,geodesic,clip,ingest] [--out DIR]`.
+
+Writes `bench.json` (checked against `BENCH_SCHEMA`) and `bench.md` (one summary table with at
+least one row per section, then each section's own table) into `--out`, with the machine it ran on.
+Every figure is a ratio of two things measured side by side in this one run (absolute times on a
+shared machine mean little); the absolute numbers beside them are for orientation only.
+
+Sections (each one module's `run_benchmark`):
+- ingest: img2dataset from the loopback demo server vs a bare threaded fetch (`launcher.bench_ingest`);
+- clip: our CLIP stage vs the bare image tower, and vs clip-retrieval's `clip_inference` when it
+  imports here (`launcher.bench_clip`); if it does not, the section says why;
+- train: the full training step at GPT-2 small's geometry vs the bare LM forward+backward and vs
+  ClipCap's plain step, alignment off and on, each loss term's share (`launcher.bench_train`);
+- mapper: MoE vs dense vs folded vs static fold at batch 1, 64, 1024 (`launcher.bench_mapper`);
+- geodesic: k-NN graph build per backend and a geodesic refresh over a 65,536 x 512 bank, as a share
+  of the training step at the refresh interval (`launcher.bench_geodesic`; the share needs the
+  train section in the same run).
+
+`--quick` shrinks every size (the whole suite in under two minutes on a 2-core machine); `--gpu`
+runs the sizes of one GPU (bf16, the frozen LM and mapper compiled, batch 256, a 1M x 512 k-NN graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+SECTIONS = ("ingest", "clip", "train", "mapper", "geodesic")
+
+_ROW = {
+    "type": "object",
+    "required": ["figure", "value", "unit", "ratio", "vs", "goal", "met"],
+    "properties": {
+        "figure": {"type": "string"},
+        "value": {"type": ["number", "null"]},
+        "unit": {"type": "string"},
+        "ratio": {"type": ["number", "null"]},
+        "vs": {"type": ["string", "null"]},
+        "goal": {"type": ["string", "null"]},
+        "met": {"type": ["boolean", "null"]},
+    },
+    "additionalProperties": False,
+}
+BENCH_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["mode", "command", "machine", "sections"],
+    "properties": {
+        "mode": {"enum": ["quick", "full", "gpu"]},
+        "command": {"type": "string"},
+        "machine": {
+            "type": "object",
+            "required": ["cpu", "cores", "python", "torch", "deepspeed", "transformers", "gpu"],
+            "properties": {"cpu": {"type": "string"}, "cores": {"type": "integer", "minimum": 1},
+                           "torch_threads": {"type": "integer"}, "gpu": {"type": ["string", "null"]}},
+        },
+        "sections": {
+            "type": "object",
+            "minProperties": 1,
+            "propertyNames": {"enum": list(SECTIONS)},
+            "additionalProperties": {
+                "type": "object",
+                "required": ["status", "reason", "seconds", "summary", "detail"],
+                "properties": {
+                    "status": {"enum": ["ok", "unavailable", "error"]},
+                    "reason": {"type": ["string", "null"]},
+                    "seconds": {"type": "number", "minimum": 0},
+                    "summary": {"type": "array", "items": _ROW},
+                    "detail": {"type": ["object", "null"]},
+                },
+                "if": {"properties": {"status": {"const": "ok"}}},
+                "then": {"properties": {"summary": {"minItems": 1}}},
+            },
+        },
+    },
+}
+
+
+class SectionUnavailable(Exception):
+    """A section that cannot run on this machine (a missing package, no GPU): the report says why."""
+
+
+def row(figure: str, value, unit: str, ratio=None, vs: str | None = None, goal: str | None = None, met: bool | None = None) -> dict:
+    return {"figure": figure, "value": None if value is None else float(value), "unit": unit,
+            "ratio": None if ratio is None else float(ratio), "vs": vs, "goal": goal, "met": met}
+
+
+def describe_machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions = {}
+    for package in ("deepspeed", "transformers", "faiss", "open_clip", "img2dataset"):
+        try:
+            module = __import__(package)
+            versions[package] = getattr(module, "__version__", "?")
+        except Exception:  # noqa: BLE001 - any import failure: not usable here
+            versions[package] = None
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **versions,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+def section_ingest(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
+    from launcher.bench_ingest import run_benchmark
+
+    try:
+        import img2dataset  # noqa: F401
+    except ImportError as err:
+        raise SectionUnavailable(f"img2dataset does not import here: {err}") from None
+    sizes = {"quick": dict(num_samples=100, samples_per_shard=100, repeats=1)}.get(mode, dict(num_samples=2000, samples_per_shard=500, repeats=2))
+    detail = run_benchmark(**sizes, processes=1, threads=16, work=work)
+    summary = [
+        row("img2dataset rows per CPU-second (per core), 1 process x 16 threads", detail["img2dataset"]["rows_per_cpu_s"], "rows/CPU-s",
+            detail["ratio_per_cpu_s"], "bare threaded fetch of the same URLs (bytes only)"),
+        row("img2dataset rows/s, wall, 1 process", detail["img2dataset"]["rows_per_s"], "rows/s", detail["ratio_wall"],
+            "bare threaded fetch of the same URLs (bytes only)"),
+    ]
+    return summary, detail
+
+
+def section_clip(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
+    from launcher.bench_clip import run_benchmark
+
+    try:
+        import open_clip  # noqa: F401
+    except ImportError as err:
+        raise SectionUnavailable(f"open_clip does not import here: {err}") from None
+    settings = {
+        "quick": dict(num_samples=100, samples_per_shard=50, repeats=1, with_ray=False, download=False),
+        "full": dict(num_samples=2000, samples_per_shard=250, repeats=1, with_ray=True),
+        "gpu": dict(num_samples=8192, samples_per_shard=2048, repeats=2, with_ray=False, model_name="ViT-B-32", device="cuda",
+                    batch_size=1024, workers=12),
+    }[mode]
+    detail = run_benchmark(work, clip_retrieval_pythonpath=os.environ.get("VLPDIST_BENCH_PYTHONPATH", ""), **settings)
+    rows = {r["name"]: r for r in detail["rows"]}
+    ours = rows["vlpdist process_shard, 1 process"]
+    on_gpu = mode == "gpu"
+    summary = [row(f"CLIP stage images/s ({detail['model']}, {detail['device']}, batch {detail['batch_size']})",
+                   ours["best_images_per_s"], "images/s", detail["ratio_stage_over_bare_tower"], "bare CLIP image tower",
+                   "stage >= 0.9 x bare tower (GPU)", detail["ratio_stage_over_bare_tower"] >= 0.9 if on_gpu else None)]
+    if detail["clip_retrieval"]["available"]:
+        summary.append(row("CLIP stage vs clip-retrieval", ours["best_images_per_s"], "images/s",
+                           detail["ratio_ours_over_clip_inference"], "clip_inference, same shards and model"))
+    else:
+        summary.append(row(f"vs clip-retrieval: not measured ({detail['clip_retrieval']['reason']})", None, "images/s"))
+    for name, measured in rows.items():
+        if name.startswith("vlpdist run_process"):
+            summary.append(row(name, measured["best_images_per_s"], "images/s",
+                               measured["best_images_per_s"] / ours["best_images_per_s"], "process_shard, 1 process"))
+    return summary, detail
+
+
+def section_train(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
+    from launcher.bench_train import QUICK, run_benchmark
+
+    settings = {"quick": QUICK, "full": dict(batch=8, steps=1, rounds=3),
+                # One GPU: the cached text target only, and DeepSpeed's own FusedAdam (no torch AdamW row).
+                "gpu": dict(batch=256, steps=5, rounds=3, compile_lm=True, text_targets=("lm_cached",), fused_adamw=False)}[mode]
+    detail = run_benchmark(**settings, work=work)
+    rows = {r["name"]: r for r in detail["rows"]}
+    off = rows["full, alignment off"]
+    on_gpu = mode == "gpu"
+    geometry = f"LM {detail['lm']['layers']}x{detail['lm']['width']}, vocab {detail['lm']['vocab_size']:,}, batch {detail['batch']}, " \
+               f"{detail['prefix_length']}+{detail['caption_tokens']} tokens"
+    bare_goal = 0.85 if on_gpu else 0.95
+    summary = [
+        row(f"full step samples/s ({geometry})", off["samples_per_s"], "samples/s", off["x_bare"],
+            "bare LM fwd+bwd" + (" (compiled)" if detail["compiled"] else ""), f">= {bare_goal} x bare", off["x_bare"] >= bare_goal),
+        row("full step vs ClipCap's plain step", off["samples_per_s"], "samples/s", off["x_clipcap"],
+            "ClipCap transformer mapper, frozen LM, torch AdamW", ">= 2 x ClipCap (CPU)", None if on_gpu else off["x_clipcap"] >= 2.0),
+    ]
+    if on_gpu:
+        summary.append(row("full step samples/s on one GPU", off["samples_per_s"], "samples/s", off["samples_per_s"] / 778.0,
+                           "ClipCap's published step (778 samples/s)", "> 8,000 samples/s", off["samples_per_s"] > 8000))
+    for name, measured in rows.items():
+        if "ITC+SupCon" in name:
+            cached = name.endswith("lm_cached")
+            summary.append(row(f"{name} (time x alignment off)", measured["samples_per_s"], "samples/s", measured["x_alignment_off"],
+                               "full, alignment off", "<= 1.15 with cached text" if cached else None,
+                               measured["x_alignment_off"] <= 1.15 if cached else None))
+    if "full, alignment off, fused AdamW" in rows:
+        fused = rows["full, alignment off, fused AdamW"]
+        summary.append(row("full step with fused torch AdamW (time x default)", fused["samples_per_s"], "samples/s",
+                           fused["x_alignment_off"], "full, alignment off (DeepSpeed's torch AdamW default)"))
+    for piece in detail["pieces"]:
+        summary.append(row(f"aligned lm_cached step: {piece['name']}", piece["ms"], "ms", piece["share_of_step"], "share of the aligned step"))
+    return summary, detail
+
+
+def section_mapper(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
+    from launcher.bench_mapper import QUICK_GEOMETRY, run_benchmark
+
+    if mode == "gpu":
+        return mapper_on_gpu((1, 64, 1024))
+    settings = {"quick": QUICK_GEOMETRY, "full": {}}[mode]
+    detail = run_benchmark((1, 64, 1024), **settings)
+    summary = []
+    for result in detail["results"]:
+        rows = {r["mapper"]: r for r in result["rows"]}
+        folded = rows["folded"]
+        path = folded["path"]["path"] if folded["path"] else "?"
+        summary.append(row(f"folded [{path}] eval, batch {result['batch']} (time x MoE)", folded["eval_ms"], "ms", folded["eval_x_moe"],
+                           "MoE mapper, eval", "<= 1.0 x MoE", folded["eval_x_moe"] <= 1.0))
+        summary.append(row(f"dense (k experts always on) eval, batch {result['batch']} (time x MoE)", rows["dense"]["eval_ms"], "ms",
+                           rows["dense"]["eval_x_moe"], "MoE mapper, eval"))
+        summary.append(row(f"static fold eval, batch {result['batch']} (time x MoE)", rows["static"]["eval_ms"], "ms",
+                           rows["static"]["eval_x_moe"], "MoE mapper, eval"))
+    first = {r["mapper"]: r for r in detail["results"][0]["rows"]}
+    for name in ("dense", "folded", "static"):
+        summary.append(row(f"parameters stored: {name}", first[name]["params_stored"], "parameters",
+                           first[name]["params_stored"] / first["moe"]["params_stored"], "MoE mapper stored"))
+    summary.append(row("static fold relative error vs the exact fold", detail["static_fold_error"], "relative error"))
+    return summary, detail
+
+
+def section_geodesic(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
+    from launcher.bench_geodesic import run_benchmark
+    from vlpdist.config import AlignConfig
+
+    refresh_every = AlignConfig().geodesic_refresh_every
+    if mode == "gpu":
+        return knn_graph_on_gpu(1 << 20, 512, 10)
+    settings = {"quick": dict(nodes=2048, dim=64, backends=("torch", "faiss_flat"), repeats=1),
+                "full": dict(nodes=65536, dim=512, repeats=1)}[mode]
+    detail = run_benchmark(**settings, device="cpu")
+    backends = [name for name in detail if name != "settings"]
+    train = results.get("train")
+    step_ms = None
+    if train is not None and train["status"] == "ok":
+        step_ms = train["detail"]["aligned_step_ms"].get("lm_cached") or next(iter(train["detail"]["aligned_step_ms"].values()))
+    detail["train_step_ms"] = step_ms
+    detail["refresh_every"] = refresh_every
+    nodes, dim = detail["settings"]["nodes"], detail["settings"]["dim"]
+    summary = []
+    torch_build = detail["torch"]["build_knn_s"] if "torch" in detail else None
+    for backend in backends:
+        measured = detail[backend]
+        summary.append(row(f"k-NN graph build {nodes:,} x {dim}, {backend} (recall@k {measured['recall_at_k']:.3f})",
+                           measured["build_knn_s"], "s", measured["build_knn_s"] / torch_build if torch_build else None,
+                           "torch brute force build"))
+        if step_ms is None:
+            summary.append(row(f"geodesic refresh, {backend} (share of the step: no train section in this run)",
+                               measured["refresh_s"], "s"))
+            continue
+        interval_s = refresh_every * step_ms / 1e3
+        share = measured["refresh_s"] / interval_s
+        summary.append(row(f"geodesic refresh, {backend}, share of {refresh_every} aligned steps", measured["refresh_s"], "s", share,
+                           f"{refresh_every} x the aligned lm_cached training step", "<= 0.05", share <= 0.05))
+        summary.append(row(f"per-step geodesic distances (exact, limited), {backend}, share of a step", measured["exact_step_s"], "s",
+                           measured["exact_step_s"] / (step_ms / 1e3), "the aligned lm_cached training step"))
+    return summary, detail
+
+
+def mapper_on_gpu(batches: tuple[int, ...], repeats: int = 20) -> tuple[list[dict], dict]:
+    """Folded vs MoE mapper eval latency on the GPU (GPT-2 width, E=8, k=2, P=10), the folded mapper on the path its rule picks."""
+    import statistics
+
+    import torch
+
+    from launcher.bench_mapper import unit_norm_clip
+    from vlpdist.config import ModelConfig
+    from vlpdist.models.fold import fold_mapper
+    from vlpdist.models.mapper import build_mapper
+
+    if not torch.cuda.is_available():
+        raise SectionUnavailable("--gpu needs a CUDA device")
+    torch.manual_seed(0)
+    cfg = ModelConfig(prefix_length=10, mapper_depth=2, num_experts=8, top_k=2)
+    moe = build_mapper(cfg, 512, 768).cuda().eval()
+    folded = fold_mapper(moe).cuda().eval()
+    summary, detail = [], {"batches": {}}
+    for batch in batches:
+        clip_BC = unit_norm_clip(batch, 512, 3).cuda()
+        times: dict[str, list[float]] = {"moe": [], "folded": []}
+        with torch.no_grad():
+            for mapper in (moe, folded):
+                mapper(clip_BC)
+            for _ in range(repeats):
+                for name, mapper in (("moe", moe), ("folded", folded)):
+                    torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    mapper(clip_BC)
+                    torch.cuda.synchronize()
+                    times[name].append(time.perf_counter() - started)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        detail["batches"][batch] = median
+        ratio = median["folded"] / median["moe"]
+        summary.append(row(f"folded eval on the GPU, batch {batch} (time x MoE)", 1e3 * median["folded"], "ms", ratio,
+                           "MoE mapper, eval, GPU", "<= 1.0 x MoE", ratio <= 1.0))
+    return summary, detail
+
+
+def knn_graph_on_gpu(nodes: int, dim: int, k: int) -> tuple[list[dict], dict]:
+    """The k-NN graph of `nodes` x `dim` unit vectors by torch brute force on the GPU (fp32, then with TF32 matmuls)."""
+    import torch
+
+    from launcher.bench_geodesic import make_embeddings
+    from vlpdist.geodesic.knn import build_knn
+
+    if not torch.cuda.is_available():
+        raise SectionUnavailable("--gpu needs a CUDA device")
+    nodes_ND = make_embeddings(nodes, dim, 0, "cuda")
+    build_knn(nodes_ND[:4096], k)  # warm-up
+    seconds = {}
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        build_knn(nodes_ND, k)
+        torch.cuda.synchronize()
+        seconds["tf32" if tf32 else "fp32"] = time.perf_counter() - started
+    torch.backends.cuda.matmul.allow_tf32 = False
+    summary = [row(f"k-NN graph {nodes:,} x {dim}, k {k}, torch brute force on the GPU, {name}", value, "s", value / 3.0,
+                   "the 3 s goal", "<= 3 s", value <= 3.0) for name, value in seconds.items()]
+    return summary, {"nodes": nodes, "dim": dim, "k": k, "seconds": seconds}
+
+
+RUNNERS = {"ingest": section_ingest, "clip": section_clip, "train": section_train, "mapper": section_mapper,
+           "geodesic": section_geodesic}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def _format(value, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "parameters":
+        return f"{value:,.0f}"
+    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def render_markdown(report: dict) -> str:
+    machine = report["machine"]
+    lines = [
+        f"Benchmark (`{report['command']}`, mode {report['mode']}) on {machine['cpu']}, {machine['cores']} cores "
+        f"({machine['torch_threads']} torch threads), GPU {machine['gpu'] or 'none'}; torch {machine['torch']}, "
+        f"deepspeed {machine['deepspeed']}, transformers {machine['transformers']}, faiss {machine['faiss']}. "
+        "Each ratio is of two figures measured side by side in this run.",
+        "",
+        "| section | figure | value | ratio | vs | goal | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, section in report["sections"].items():
+        if section["status"] != "ok":
+            lines.append(f"| {name} | {section['status']}: {section['reason']} | - | - | - | - | - |")
+            continue
+        for item in section["summary"]:
+            met = {True: "yes", False: "**no**", None: "-"}[item["met"]]
+            ratio = f"{item['ratio']:.3g}" if item["ratio"] is not None else "-"
+            lines.append(f"| {name} | {item['figure']} | {_format(item['value'], item['unit'])} {item['unit']} | {ratio} | "
+                         f"{item['vs'] or '-'} | {item['goal'] or '-'} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_suite(mode: str, sections: list[str], work: Path) -> dict:
+    results: dict[str, dict] = {}
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        print(f"[bench] {name} ({mode}) ...", flush=True)
+        started = time.perf_counter()
+        folder = work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            summary, detail = RUNNERS[name](mode, folder, results)
+            results[name] = {"status": "ok", "reason": None, "summary": summary, "detail": detail}
+        except SectionUnavailable as err:
+            results[name] = {"status": "unavailable", "reason": str(err), "summary": [], "detail": None}
+        except Exception as err:  # noqa: BLE001 - one failing section must not lose the others' numbers
+            traceback.print_exc()
+            results[name] = {"status": "error", "reason": f"{type(err).__name__}: {err}", "summary": [], "detail": None}
+        results[name]["seconds"] = time.perf_counter() - started
+        print(f"[bench] {name}: {results[name]['status']} in {results[name]['seconds']:.0f} s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launcher.bench", description=__doc__.splitlines()[0])
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="every size shrunk: the whole suite in under two minutes")
+    sizes.add_argument("--gpu", action="store_true", help="one GPU's sizes: bf16, compiled frozen LM and mapper")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    sections = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown sections {unknown}; choose from {list(SECTIONS)}")
+    mode = "quick" if args.quick else "gpu" if args.gpu else "full"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    if args.work:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        results = run_suite(mode, sections, work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vlpdist-bench-") as folder:
+            results = run_suite(mode, sections, Path(folder))
+    report = {"mode": mode, "command": "python -m launcher.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": describe_machine(), "seconds": time.perf_counter() - started, "sections": results}
+    import jsonschema
+
+    report = json.loads(json.dumps(report, default=float))
+    jsonschema.validate(report, BENCH_SCHEMA)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = render_markdown(report)
+    (out / "bench.md").write_text(markdown)
+    print(markdown, flush=True)
+    print(f"[bench] {len(results)} sections in {report['seconds']:.0f} s; wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 1 if any(section["status"] == "error" for section in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,10 +50,8 @@ def embed_on_sphere(points_N3: np.ndarray, dim: int, scale: float, rng: np.rando
     """Unit vectors normalize(e_0 + scale * W p), W (dim, 3) orthonormal and orthogonal to e_0.
 
     This puts the roll on a small cap of the unit sphere (scale * |p| <= 0.3), nearly flat, so
-    chords there are the 3-D distances times `scale` to within a few percent. Being honest about
-    the metric: an edge weight 1 - cos = chord^2 / 2 is a squared length, not a length. Shortest
-    paths under squared hop lengths prefer many short hops, and with the uniform sampling density
-    above they still rank pairs by geodesic length (measured below), which is what the negatives need.
+    chords there are the 3-D distances times `scale` to within a few percent. The graph's edges are
+    those chords (|x - y| of the unit vectors), so its shortest paths approximate the roll's arc length.
     """
     basis_D3 = np.linalg.qr(rng.standard_normal((dim - 1, 3)))[0]
     lifted_ND = np.zeros((points_N3.shape[0], dim))
@@ -94,12 +92,12 @@ def test_swiss_roll_geodesics_follow_the_unrolled_distances(swiss_roll):
 
 
 def test_exact_distances_equal_multi_source_dijkstra_from_the_anchor_neighbours(swiss_roll):
-    """d(a, j) = min_n [(1 - a.x_n) + G(n, j)], recomputed from scipy's node-to-node distances."""
+    """d(a, j) = min_n [|a - x_n| + G(n, j)], recomputed from scipy's node-to-node distances."""
     snapshot, anchors_BD, _ = swiss_roll
     anchors_BD = anchors_BD[:8]
     exact_BN, _ = snapshot.distances(anchors_BD, method="exact")
     neighbor_BK, _ = search_knn(snapshot.knn_index, anchors_BD, snapshot.k)
-    first_hop_BK = (1.0 - anchors_BD[:, None, :] @ snapshot.nodes_ND[neighbor_BK].transpose(1, 2)).squeeze(1)
+    first_hop_BK = (anchors_BD[:, None, :] - snapshot.nodes_ND[neighbor_BK]).norm(dim=-1)  # chord edges
     graph_KN = dijkstra(snapshot.graph.to_scipy(), directed=True, indices=neighbor_BK.numpy().ravel())
     graph_BKN = graph_KN.reshape(*neighbor_BK.shape, -1)
     expected_BN = (first_hop_BK.double().numpy()[:, :, None] + graph_BKN).min(axis=1)

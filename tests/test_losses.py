@@ -106,13 +106,16 @@ def reference_supcon(case: dict, temperature: float, positives: str, keep=None, 
     losses = []
     for i, query in enumerate(case["visual_q_bD"].tolist()):
         anchor_labels = {v for v, on in enumerate(case["labels_bV"][i].tolist()) if on}
-        candidates = [k for k in range(len(ids)) if valid[k] and ids[k] != ids[own[i]] and (keep is None or keep[i][k])]
         weight = {}
-        for k in candidates:
+        for k in range(len(ids)):
+            if not valid[k] or ids[k] == ids[own[i]]:
+                continue
             key_label_set = {v for v, on in enumerate(key_labels[k]) if on}
             shared = len(anchor_labels & key_label_set)
             if shared:
                 weight[k] = 1.0 if positives == "any_shared" else shared / len(anchor_labels | key_label_set)
+        # The keep mask drops negatives only: a positive stays a positive whatever it says.
+        candidates = [k for k in range(len(ids)) if valid[k] and ids[k] != ids[own[i]] and (keep is None or keep[i][k] or k in weight)]
         if not weight:
             continue
         weight_sum = sum(weight.values())
@@ -210,18 +213,28 @@ def test_supcon_gradients_finite_and_none_for_an_anchor_without_positive():
     assert torch.count_nonzero(visual_q_bD.grad[:3].norm(dim=1)) == 3
 
 
-@pytest.mark.parametrize("why", ["no_labels", "every_key_dropped"])
-def test_supcon_without_any_positive_is_exactly_zero_with_finite_gradients(why):
+def test_supcon_without_any_positive_is_exactly_zero_with_finite_gradients():
     case = small_case(seed=4)
     visual_q_bD = case["visual_q_bD"].clone().requires_grad_(True)
-    labels_bV = torch.zeros(4, 4) if why == "no_labels" else case["labels_bV"]
-    # Dropping every key leaves rows with no candidate at all: a naive logsumexp would be -inf there.
-    keep_bK = torch.zeros(4, 10, dtype=torch.bool) if why == "every_key_dropped" else None
-    terms = supcon_loss(visual_q_bD, case["keys"], case["own_index_b"], labels_bV, 0.1, positives="jaccard", keep_bK=keep_bK)
+    labels_bV = torch.zeros(4, 4)
+    terms = supcon_loss(visual_q_bD, case["keys"], case["own_index_b"], labels_bV, 0.1, positives="jaccard")
     assert terms["supcon"].item() == 0.0 and terms["supcon_anchors"].item() == 0.0
     assert terms["supcon"].requires_grad and not terms["supcon_anchors"].requires_grad
     terms["supcon"].backward()
     assert visual_q_bD.grad is not None and torch.count_nonzero(visual_q_bD.grad) == 0
+
+
+def test_supcon_keep_mask_drops_negatives_never_positives():
+    """Geodesic negative selection may drop every negative; the positives stay, so the loss is that of
+    the positives among themselves (finite, non-zero for anchors with several positives)."""
+    case = small_case(seed=4)
+    drop_all_bK = torch.zeros(4, 10, dtype=torch.bool)
+    kept = supcon_loss(case["visual_q_bD"], case["keys"], case["own_index_b"], case["labels_bV"], 0.1, keep_bK=drop_all_bK)
+    full = supcon_loss(case["visual_q_bD"], case["keys"], case["own_index_b"], case["labels_bV"], 0.1)
+    assert kept["supcon_anchors"] == full["supcon_anchors"] > 0  # no anchor lost its positives
+    assert torch.isfinite(kept["supcon"]) and kept["supcon"] < full["supcon"]  # fewer negatives, lower loss
+    reference, _ = reference_supcon(case, 0.1, "any_shared", keep=drop_all_bK.tolist())
+    assert kept["supcon"].item() == pytest.approx(reference, abs=1e-5)
 
 
 def test_itc_gradients_finite_with_everything_but_the_positive_dropped_and_a_tiny_temperature():

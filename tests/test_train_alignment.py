@@ -126,12 +126,78 @@ def test_text_feature_cache_computes_each_caption_once():
 
 
 def test_multi_hot_labels_and_runs_without_labels():
-    from vlpdist.errors import UserError
     from vlpdist.train.alignment import multi_hot
 
     label_ids = torch.tensor([[0, 3], [2, -1], [-1, -1]])
     assert multi_hot(label_ids, 4, torch.device("cpu")).tolist() == [[1, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
     # ITC without SupCon reads no labels: samples' ids are not checked against an absent vocabulary.
     assert multi_hot(label_ids, 0, torch.device("cpu")).shape == (3, 0)
-    with pytest.raises(UserError, match="label id 3"):
-        multi_hot(label_ids, 3, torch.device("cpu"))
+    # An id outside the vocabulary is dropped like padding (raising on one rank would hang the others).
+    assert multi_hot(label_ids, 3, torch.device("cpu")).tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]
+
+
+def test_geodesic_settings_that_cannot_work_are_refused():
+    from vlpdist.config import AlignConfig
+    from vlpdist.errors import UserError
+    from vlpdist.train.alignment import check_geodesic_settings
+
+    align = AlignConfig(bank_size=65536, geodesic_refresh_every=50, negatives="geodesic_hard")
+    check_geodesic_settings(align, rows_per_step=1024)  # turns over every 64 steps
+    with pytest.raises(UserError, match="turns over every 8 steps"):
+        check_geodesic_settings(align, rows_per_step=128 * 64)  # 128 ranks x 64
+    with pytest.raises(UserError, match="faiss_hnsw"):
+        check_geodesic_settings(AlignConfig(geodesic_backend="faiss_hnsw", negatives="geodesic_hard"), rows_per_step=32)
+
+
+def test_geodesic_masks_pick_only_described_bank_slots(tiny_lm):
+    """On a real objective (a tiny captioner, momentum 0, one process): hard negatives come only from
+    bank slots the graph describes, never a rewritten, invalid or own-sample slot; false negatives are
+    removed only within the radius; in-batch keys are always kept; SupCon's similarity is finite."""
+    import dataclasses
+
+    from vlpdist.config import Config
+    from vlpdist.losses.contrastive import ContrastiveKeys, build_keys
+    from vlpdist.losses.distributed import DataParallelContext
+    from vlpdist.models.captioner import build_captioner
+    from vlpdist.train.alignment import AlignmentObjective
+
+    config = Config()
+    config.model = dataclasses.replace(config.model, lm_name=str(tiny_lm), mapper="mlp", prefix_length=2)
+    config.train = dataclasses.replace(config.train, micro_batch_size=4)
+    config.align = dataclasses.replace(
+        config.align, itc_weight=1.0, supcon_weight=1.0, embed_dim=8, bank_size=64, momentum=0.0, geodesic_k=4,
+        geodesic_method="exact", geodesic_refresh_every=4, negatives="geodesic_hard", false_negatives="geodesic",
+        hard_negative_pool=24, hard_negatives=6, false_negative_radius=0.2, metric="geodesic")
+    captioner = build_captioner(config.model, 16, align=config.align)
+    objective = AlignmentObjective(config, captioner, DataParallelContext(), num_labels=3)
+    generator = torch.Generator().manual_seed(0)
+    # A smooth 1-D manifold (a circle arc in 8-D) so the graph is connected and geodesics differ from cosine.
+    angle = torch.linspace(0, 3.0, 64)
+    points = torch.zeros(64, 8)
+    points[:, 0], points[:, 1] = torch.cos(angle), torch.sin(angle)
+    points = torch.nn.functional.normalize(points + 0.01 * torch.randn(64, 8, generator=generator), dim=1)
+    ids = torch.arange(1000, 1064)
+    objective.bank.enqueue_gathered(points, points, torch.zeros(64, 3), ids, step=0)
+    objective.refresh_geodesics(step=4)
+    assert objective.snapshot is not None and objective.snapshot.stats["connected_components"] == 1
+    # After the refresh: 4 slots rewritten with new samples, one slot invalidated by a re-enqueued id.
+    objective.bank.enqueue_gathered(points[:4], points[:4], torch.zeros(4, 3), torch.arange(2000, 2004), step=5)
+    objective.bank.enqueue_gathered(points[10:11], points[10:11], torch.zeros(1, 3), torch.tensor([1010]), step=5)
+    # ... so slot 10 is invalid (its id moved to slot 4) and slots 0..4 hold entries the graph never saw.
+    anchors = points[[20, 30, 40, 50]]
+    view = objective.bank.view()
+    bank = ContrastiveKeys(view["visual"], view["text"], view["sample_ids"], view["labels"], view["valid"])
+    anchor_ids = torch.tensor([1030, 3001, 3002, 3003])  # anchor 0 is sample 1030 again: its bank copy is its own
+    keys, own_index_b = build_keys(anchors, anchors, anchor_ids, torch.zeros(4, 3), objective.ctx, bank)
+    keep_bK, similarity_bK = objective.geodesic_masks(anchors, keys, 4, own_index_b)
+    assert keep_bK[:, :4].all()  # in-batch keys
+    bank_keep_bN = keep_bK[:, 4:]
+    assert not bank_keep_bN[:, :5].any() and not bank_keep_bN[:, 10].any()  # rewritten and invalid slots
+    assert not bank_keep_bN[0, 30]  # anchor 0's own older copy
+    assert (bank_keep_bN.sum(dim=1) <= 6).all() and (bank_keep_bN.sum(dim=1) > 0).all()
+    # No kept hard negative lies within the false-negative radius along the manifold.
+    geodesic_bn, reachable_bn = objective.snapshot.distances(anchors)
+    slots = objective.snapshot_slots_n
+    near_bn = reachable_bn & (geodesic_bn < 0.2)
+    assert not (bank_keep_bN[:, slots] & near_bn).any() and near_bn.any()
+    assert similarity_bK.shape == keep_bK.shape and torch.isfinite(similarity_bK).all()

@@ -291,7 +291,8 @@ class AlignConfig:
     distill_alpha: float = 0.0
     """ALBEF momentum distillation: ITC targets mix this much of the momentum model's soft targets."""
     metric: str = "cosine"
-    """Logit metric for bank keys: cosine, or geodesic (1 - graph shortest-path distance)."""
+    """SupCon's logit metric for bank keys: cosine, or geodesic (1 - graph shortest-path distance between
+    visual embeddings; ITC stays image-text cosine)."""
     negatives: str = "all"
     """all, or geodesic_hard: of each anchor's hard_negative_pool cosine-nearest bank entries keep the
     hard_negatives whose manifold path is longest relative to their cosine distance."""
@@ -301,18 +302,19 @@ class AlignConfig:
     """Cosine-nearest bank entries per anchor considered for geodesic hard negatives."""
     hard_negatives: int = 64
     """Bank negatives kept per anchor with negatives=geodesic_hard (in-batch negatives are always kept)."""
-    false_negative_radius: float = 0.05
-    """Geodesic radius (in summed cosine distance) inside which a bank entry counts as a likely false negative."""
+    false_negative_radius: float = 0.3
+    """Geodesic radius (path length in chords |x - y| between unit embeddings) inside which a bank entry counts as a likely false negative."""
     geodesic_k: int = 10
     """Neighbours per node of the k-NN graph."""
     geodesic_backend: str = "torch"
     """k-NN search: torch (brute force on the training device), faiss_flat, faiss_ivf, faiss_hnsw."""
-    geodesic_method: str = "exact"
-    """exact (Dijkstra from each step's anchors) or landmarks (distances via landmark nodes, device ops only)."""
+    geodesic_method: str = "landmarks"
+    """landmarks (distances through landmark nodes: device ops only, what pays at 65k entries) or exact
+    (host Dijkstra from every anchor each micro-batch: about 90 ms per anchor at 65,536 nodes on a CPU)."""
     geodesic_landmarks: int = 64
     """Landmark nodes with geodesic_method=landmarks."""
     geodesic_limit: float = 1.0
-    """Dijkstra stops at this path length (beyond it: unreachable, a finite far distance)."""
+    """Dijkstra stops at this path length in chords (beyond it: unreachable, a finite far distance)."""
     geodesic_refresh_every: int = 50
     """Rebuild the k-NN graph over the bank every N optimizer steps."""
 

@@ -1,12 +1,15 @@
 """Geodesic distances from a step's anchors to a snapshot of the memory bank.
 
 Every R steps the trainer builds a `GeodesicSnapshot` over the bank's embeddings (the nodes): a
-symmetrised k-NN graph with cosine-distance weights, its connected components, and, in
+symmetrised k-NN graph whose edges are weighted by the chord length between the unit vectors,
+sqrt(2 (1 - cos)) = |x - y| (the cosine distance made a metric: 1 - cos itself is a squared
+length, and shortest paths over squared lengths shrink towards 0 as sampling gets denser, so a
+path could come out shorter than the straight line), its connected components, and, in
 `landmarks` mode, graph distances from a few landmark nodes. Between refreshes each step calls
 `distances(anchors_BD)`. Anchors are new embeddings, not graph nodes: an anchor joins the graph
 through its k nearest nodes, so
 
-    d(a, j) = min over a's k nearest nodes n of [ (1 - a.x_n) + G(n, j) ],   G = graph shortest path.
+    d(a, j) = min over a's k nearest nodes n of [ |a - x_n| + G(n, j) ],   G = graph shortest path.
 
 `exact` answers that with scipy's Dijkstra from the anchors on the host; `landmarks` bounds it
 from above with device tensor ops only (the path that pays on a GPU for big banks).
@@ -27,6 +30,20 @@ from vlpdist.geodesic.knn import KnnIndex, build_knn_index, search_knn
 METHODS = ("exact", "landmarks")
 # The landmark bound's (B, L, n) blocks hold at most this many entries (64 MiB in float32).
 LANDMARK_BLOCK_ENTRIES = 1 << 24
+
+
+def chord_lengths(nodes_ND: torch.Tensor, neighbor_NK: torch.Tensor, rows_per_block: int = 4096) -> torch.Tensor:
+    """(N, K) |x_i - x_n| of each node to its neighbours, from the vectors (not from sqrt(2 (1 - cos)):
+    1 - cos of near neighbours in float32 keeps only a few digits), in blocks of rows to bound memory."""
+    return torch.cat([
+        (nodes_ND[start : start + rows_per_block, None, :] - nodes_ND[neighbor_NK[start : start + rows_per_block]]).norm(dim=-1)
+        for start in range(0, nodes_ND.shape[0], rows_per_block)
+    ])
+
+
+def differentiable_chord(queries_BD: torch.Tensor, neighbors_BKD: torch.Tensor) -> torch.Tensor:
+    """(B, K) |q - x_n| with a gradient of norm <= 1 everywhere (the eps keeps it finite at q = x_n)."""
+    return (((queries_BD[:, None, :] - neighbors_BKD) ** 2).sum(dim=-1) + 1e-12).sqrt()
 
 
 def synchronize(device: torch.device) -> None:
@@ -95,7 +112,7 @@ class GeodesicSnapshot:
         synchronize(device)
         knn_done = time.perf_counter()
 
-        graph = build_symmetric_graph(neighbor_NK.cpu().numpy(), distance_NK.cpu().numpy())
+        graph = build_symmetric_graph(neighbor_NK.cpu().numpy(), chord_lengths(nodes_ND, neighbor_NK).cpu().numpy())
         num_components, component_N = connected_components(graph.to_scipy(), directed=False)
         graph_done = time.perf_counter()
 
@@ -143,7 +160,7 @@ class GeodesicSnapshot:
         """(geodesic_BN, reachable_BN bool) from each anchor to every snapshot node, on the anchors' device.
 
         geodesic_BN has the anchors' floating dtype (float32 in training) and is differentiable with
-        respect to the anchors through the first hop (1 - a.x_n). method: the snapshot's own by
+        respect to the anchors through the first hop |a - x_n|. method: the snapshot's own by
         default; `exact` works on any snapshot, `landmarks` needs one built with landmarks.
 
         Unreachable pairs (another connected component, or a path longer than `limit`) have
@@ -158,9 +175,11 @@ class GeodesicSnapshot:
             raise ValueError(f"geodesic method {method!r}; choose one of {METHODS}")
         compute_dtype = anchors_BD.dtype if anchors_BD.is_floating_point() else torch.float32
         queries_BD = anchors_BD.to(device=self.nodes_ND.device, dtype=compute_dtype)
-        neighbor_BK, host_distance_BK = search_knn(self.knn_index, queries_BD, self.k)
-        # The differentiable first hop, recomputed from the anchors: (B, K, D) -> (B, K).
-        first_hop_BK = 1.0 - (queries_BD[:, None, :] * self.nodes_ND[neighbor_BK].to(compute_dtype)).sum(dim=-1)
+        neighbor_BK, _ = search_knn(self.knn_index, queries_BD, self.k)
+        # The differentiable first hop, recomputed from the anchors: (B, K, D) -> (B, K). Dijkstra
+        # gets the same values, so the path it picks is the one whose length is returned.
+        first_hop_BK = differentiable_chord(queries_BD, self.nodes_ND[neighbor_BK].to(compute_dtype))
+        host_distance_BK = first_hop_BK.detach()
         if method == "exact":
             geodesic_BN, reachable_BN = self.exact_distances(first_hop_BK, neighbor_BK, host_distance_BK)
         else:
@@ -214,8 +233,8 @@ class GeodesicSnapshot:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """An upper bound on d(a, j) through the landmarks, in device tensor ops:
 
-        d(a, l) = min_n [ (1 - a.x_n) + D(l, n) ]  over a's k nearest nodes n,
-        d(a, j) ~ min_l [ d(a, l) + D(l, j) ],     and for j among a's k nearest, also 1 - a.x_j.
+        d(a, l) = min_n [ |a - x_n| + D(l, n) ]  over a's k nearest nodes n,
+        d(a, j) ~ min_l [ d(a, l) + D(l, j) ],     and for j among a's k nearest, also |a - x_j|.
 
         The (B, L, n) sums are formed over blocks of nodes to bound memory.
         """

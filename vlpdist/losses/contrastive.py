@@ -194,7 +194,7 @@ def supcon_loss(
     """SupCon among visual embeddings (Khosla et al. 2020, L_out, eq. 2); {"supcon", "supcon_anchors"}.
 
     Candidates A(i): valid keys that are no copy of anchor i's own sample (its own momentum key
-    included) and that keep_bK (b, K) keeps. Positives P(i): candidates sharing a label with i,
+    included), of which keep_bK (b, K) drops negatives only. Positives P(i): candidates sharing a label with i,
     weighted 1 each ("any_shared") or by label Jaccard ("jaccard"), weights normalised to sum 1.
     loss_i = -sum_p w_ip log(exp(s_ip / T) / sum_{a in A(i)} exp(s_ia / T)), s = visual_q @ visual_K.T
     or similarity_bK (b, K) when given.
@@ -205,7 +205,7 @@ def supcon_loss(
     of per-rank losses, as DeepSpeed averages gradients, is the global mean over all anchors with a
     positive however they are spread. "supcon_anchors" is this rank's fraction of anchors with a positive (no grad).
     """
-    excluded_bK = build_excluded_keys(keys, own_index_b, keep_bK)
+    excluded_bK = build_excluded_keys(keys, own_index_b, keep_bK=None)
     anchor_labels_bV = anchor_labels_bV.float()
     shared_labels_bK = anchor_labels_bV @ keys.labels_KV.float().T  # (b, K) |Li ∩ Lk|
     if positives == "any_shared":
@@ -216,6 +216,10 @@ def supcon_loss(
     else:
         raise ValueError(f"positives must be 'any_shared' or 'jaccard', not {positives!r}")
     overlap_bK = overlap_bK.masked_fill(excluded_bK, 0.0)
+    if keep_bK is not None:
+        # keep_bK selects negatives (geodesic hard negatives, false-negative removal): a key that
+        # shares a label with the anchor stays a positive whatever it says.
+        excluded_bK = excluded_bK | (~keep_bK & (overlap_bK == 0))
     overlap_sum_b = overlap_bK.sum(dim=1)
     has_positive_b = overlap_sum_b > 0
     weight_bK = overlap_bK / overlap_sum_b.clamp(min=torch.finfo(torch.float32).tiny)[:, None]

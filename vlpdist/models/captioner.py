@@ -88,15 +88,21 @@ class AlignmentHeads(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor([math.log(align.temperature_init)]), requires_grad=align.learn_temperature)
         self.temperature_bounds = (align.temperature_min, align.temperature_max)
 
+    # The heads compute in fp32 whatever the engine cast their weights to (bf16 on GPUs): the
+    # embeddings feed softmaxes over 65k keys, a bank kept in fp32 and geodesic distances.
     def visual_embed(self, prefix_BPD: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.visual(prefix_BPD.float().mean(dim=1)), dim=-1)
+        return nn.functional.normalize(_linear_fp32(self.visual, prefix_BPD.float().mean(dim=1)), dim=-1)
 
     def text_embed(self, text_BDt: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.text(text_BDt.float()), dim=-1)
+        return nn.functional.normalize(_linear_fp32(self.text, text_BDt.float()), dim=-1)
 
     def temperature(self) -> torch.Tensor:
-        """0-dim, within its bounds (clamped in the forward, as CLIP clamps its logit scale)."""
-        return self.log_temperature.exp().clamp(*self.temperature_bounds)[0]
+        """0-dim fp32, within its bounds (clamped in the forward, as CLIP clamps its logit scale)."""
+        return self.log_temperature.float().exp().clamp(*self.temperature_bounds)[0]
+
+
+def _linear_fp32(layer: nn.Linear, x_BI: torch.Tensor) -> torch.Tensor:
+    return nn.functional.linear(x_BI, layer.weight.float(), layer.bias.float() if layer.bias is not None else None)
 
 
 def lm_supports_4d_attention_mask(lm: nn.Module) -> bool:
@@ -297,6 +303,7 @@ class PrefixCaptioner(nn.Module):
         first_token_B1 = first.logits[:, -1].argmax(dim=-1, keepdim=True)
         if common["max_new_tokens"] == 1:
             return first_token_B1
+        ended_B = first_token_B1[:, 0] == common["eos_token_id"]
         # `generate` reads the cached length off the cache and feeds only the ids after it; the ids
         # standing for cached positions are placeholders that are never embedded.
         placeholder_BS = torch.full((batch, start_len), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -311,7 +318,10 @@ class PrefixCaptioner(nn.Module):
             cache=first.past_key_values,
             **{**common, "max_new_tokens": common["max_new_tokens"] - 1},
         )
-        return generated[:, start_len:]
+        new_BT = generated[:, start_len:]
+        # `generate` does not know its first token was already EOS for these rows: what follows is not the caption.
+        new_BT[ended_B, 1:] = common["pad_token_id"]
+        return new_BT
 
     def global_state_dict(self, ep_rank: int) -> dict[str, torch.Tensor]:
         """This rank's state with expert params renamed to global ids (gather all ranks' to consolidate)."""

@@ -31,15 +31,34 @@ from vlpdist.train.text_cache import TextFeatureCache
 
 def multi_hot(label_ids_BL: torch.Tensor, num_labels: int, device: torch.device) -> torch.Tensor:
     """(B, L) label ids padded with -1 (a host tensor) -> (B, V) float multi-hot on `device`;
-    (B, 0) when the run uses no labels (SupCon off), whatever the samples carry."""
+    (B, 0) when the run uses no labels (SupCon off), whatever the samples carry.
+
+    Ids outside the vocabulary are dropped like padding rather than raised on: this runs per
+    rank, and an error on one rank would leave the others waiting in the next gather. The
+    processing stage writes ids of the vocabulary it records, so they only come from a foreign shard."""
     if num_labels == 0:
         return torch.zeros(label_ids_BL.shape[0], 0, device=device)
-    if label_ids_BL.numel() and int(label_ids_BL.max()) >= num_labels:
-        raise UserError(f"a sample has label id {int(label_ids_BL.max())}, but the recorded label vocabulary has {num_labels} names")
     ids_BL = label_ids_BL.to(device, non_blocking=True)
     hot_BV = torch.zeros(ids_BL.shape[0], num_labels + 1, device=device)
-    hot_BV.scatter_(1, torch.where(ids_BL < 0, num_labels, ids_BL), 1.0)  # padding lands in a spare column, dropped
+    outside_BL = (ids_BL < 0) | (ids_BL >= num_labels)
+    hot_BV.scatter_(1, torch.where(outside_BL, num_labels, ids_BL), 1.0)  # padding lands in a spare column, dropped
     return hot_BV[:, :num_labels]
+
+
+def check_geodesic_settings(align, rows_per_step: int) -> None:
+    """UserError for geodesic settings that cannot work as configured (checked on every rank alike)."""
+    turnover = align.bank_size / rows_per_step
+    if align.geodesic_refresh_every > turnover:
+        raise UserError(
+            f"config key 'align.geodesic_refresh_every' is {align.geodesic_refresh_every}, but the bank of "
+            f"{align.bank_size} turns over every {turnover:g} steps ({rows_per_step} rows per step): the graph would "
+            f"describe entries the bank no longer holds; refresh at most every {max(int(turnover), 1)} steps or grow the bank"
+        )
+    if align.geodesic_backend == "faiss_hnsw":
+        # Every rank builds the graph from the same bank; a multi-threaded HNSW build differs from
+        # run to run, so ranks (and a resumed run) would pick other negatives.
+        raise UserError("config key 'align.geodesic_backend' faiss_hnsw builds differently on every rank; "
+                        "use torch, faiss_flat or faiss_ivf for training (faiss_hnsw is in the benchmark)")
 
 
 class AlignmentObjective:
@@ -52,6 +71,8 @@ class AlignmentObjective:
         self.num_labels = num_labels
         self.weights_itc, self.weights_supcon = align.itc_weight > 0, align.supcon_weight > 0
         check_bank_geometry(align.bank_size, ctx.world_size, config.train.micro_batch_size)
+        if align.uses_geodesic:
+            check_geodesic_settings(align, ctx.world_size * config.train.micro_batch_size * config.train.gradient_accumulation_steps)
         self.bank = MemoryBank(align.bank_size, align.embed_dim, num_labels, ctx.device, unique_ids=align.bank_unique_ids)
         self.momentum = MomentumEncoder(captioner, align.momentum) if align.momentum > 0 else None
         self.ep_size = config.train.ep_size
@@ -96,12 +117,12 @@ class AlignmentObjective:
         keys, own_index_b = build_keys(visual_m_bE, text_m_bE, sample_ids_b, labels_bV, self.ctx, bank_keys)
         gathered = keys.sample_ids_K.shape[0] - self.bank.size
         self.pending_rows = (keys.visual_KD[:gathered], keys.text_KD[:gathered], keys.labels_KV[:gathered], keys.sample_ids_K[:gathered])
-        keep_bK, similarity_bK = self.geodesic_masks(visual_q_bE, keys, gathered)
+        keep_bK, similarity_bK = self.geodesic_masks(visual_q_bE, keys, gathered, own_index_b)
         terms: dict[str, torch.Tensor] = {}
         if self.weights_itc:
             terms.update(itc_loss(
                 visual_q_bE, text_q_bE, keys, own_index_b, out["itc_temperature"],
-                v2t_keep_bK=keep_bK, t2v_keep_bK=keep_bK, v2t_similarity_bK=similarity_bK,
+                v2t_keep_bK=keep_bK, t2v_keep_bK=keep_bK,
                 distill_alpha=self.align.distill_alpha, visual_m_bD=visual_m_bE, text_m_bD=text_m_bE,
             ))
         if self.weights_supcon:
@@ -149,43 +170,54 @@ class AlignmentObjective:
         )
         self.snapshot_slots_n, self.snapshot_step = slots_n, step
 
-    def geodesic_masks(self, visual_q_bE: torch.Tensor, keys: ContrastiveKeys, gathered: int):
+    def geodesic_masks(self, visual_q_bE: torch.Tensor, keys: ContrastiveKeys, gathered: int, own_index_b: torch.Tensor):
         """(keep_bK or None, similarity_bK or None) from the geodesic snapshot, per align.negatives /
-        false_negatives / metric. In-batch keys (not graph nodes) are always kept and compared by cosine;
-        bank slots rewritten since the snapshot count as unknown: kept, never picked as hard, cosine."""
+        false_negatives / metric. In-batch keys (not graph nodes) are always kept and compared by cosine.
+        Bank slots the graph does not describe (rewritten since the refresh, invalid) are unknown: never
+        removed as false negatives, never picked as hard (hard mode keeps only its picks among bank
+        slots), compared by cosine. The keep mask drops negatives only: SupCon keeps its positives."""
         align = self.align
         if not align.uses_geodesic or self.snapshot is None:
             return None, None
         b, device = visual_q_bE.shape[0], visual_q_bE.device
-        geodesic_bn, reachable_bn = self.snapshot.distances(visual_q_bE)
+        # Distances need a gradient only when they are logits (through the anchor's first hop).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and align.metric == "geodesic"):
+            geodesic_bn, reachable_bn = self.snapshot.distances(visual_q_bE.float())
         slots_n = self.snapshot_slots_n
-        # A node still stands for its slot only while the slot holds the entry the graph was built from.
-        current_n = self.bank.sample_ids_N.index_select(0, slots_n) == self.snapshot.node_ids_N
-        distance_bN = torch.zeros(b, self.bank.size, device=device)
-        distance_bN = distance_bN.index_copy(1, slots_n, geodesic_bn)
+        bank_valid_N = keys.valid_K[gathered:]
+        # A node still stands for its slot only while the slot holds the (valid) entry the graph was built from.
+        current_n = (self.bank.sample_ids_N.index_select(0, slots_n) == self.snapshot.node_ids_N) & bank_valid_N.index_select(0, slots_n)
+        distance_bN = torch.zeros(b, self.bank.size, device=device, dtype=geodesic_bn.dtype).index_copy(1, slots_n, geodesic_bn)
         known_bN = torch.zeros(b, self.bank.size, dtype=torch.bool, device=device)
         known_bN[:, slots_n] = current_n[None, :].expand(b, -1)
         reachable_bN = torch.zeros_like(known_bN)
         reachable_bN[:, slots_n] = reachable_bn & current_n[None, :]
         cosine_bN = visual_q_bE.float() @ keys.visual_KD[gathered:].T  # anchors vs the bank's visual keys
+        own_ids_b = keys.sample_ids_K[:gathered][own_index_b]
+        usable_bN = bank_valid_N[None, :] & (keys.sample_ids_K[gathered:][None, :] != own_ids_b[:, None])
         keep_bN = torch.ones_like(known_bN)
         if align.false_negatives == "geodesic":
             keep_bN &= ~(reachable_bN & (distance_bN < align.false_negative_radius))
         if align.negatives == "geodesic_hard":
             pool = min(align.hard_negative_pool, self.bank.size)
-            pool_bP = cosine_bN.masked_fill(~keys.valid_K[gathered:][None, :], float("-inf")).topk(pool, dim=1).indices
-            # Stretch: how much longer the manifold path is than the straight (cosine) distance; unknown slots never qualify.
-            stretch_bP = (distance_bN.gather(1, pool_bP) / (1.0 - cosine_bN.gather(1, pool_bP)).clamp(min=1e-6))
-            stretch_bP = stretch_bP.masked_fill(~known_bN.gather(1, pool_bP), float("-inf"))
+            # Hard picks come from what false-negative removal left, among slots the graph describes.
+            eligible_bN = known_bN & usable_bN & keep_bN
+            pool_bP = cosine_bN.masked_fill(~usable_bN, float("-inf")).topk(pool, dim=1).indices
+            # Stretch: how much longer the path along the manifold is than the straight chord |a - x|
+            # (the graph's own unit), >= 1 up to the anchor's first hop; large = near in space, far on the manifold.
+            chord_bP = (2.0 * (1.0 - cosine_bN.gather(1, pool_bP))).clamp(min=1e-12).sqrt()
+            stretch_bP = distance_bN.gather(1, pool_bP).float() / chord_bP
+            stretch_bP = stretch_bP.masked_fill(~eligible_bN.gather(1, pool_bP), float("-inf"))
             chosen_bH = pool_bP.gather(1, stretch_bP.topk(min(align.hard_negatives, pool), dim=1).indices)
-            hard_bN = torch.zeros_like(keep_bN).scatter(1, chosen_bH, True) & known_bN
-            keep_bN &= hard_bN
+            keep_bN = torch.zeros_like(keep_bN).scatter(1, chosen_bH, True) & eligible_bN
         keep_bK = torch.cat([torch.ones(b, gathered, dtype=torch.bool, device=device), keep_bN], dim=1)
         similarity_bK = None
         if align.metric == "geodesic":
+            # Visual-visual similarities: they replace SupCon's logits (ITC stays image-text cosine).
             batch_cosine_bM = visual_q_bE.float() @ keys.visual_KD[:gathered].T
-            bank_similarity_bN = torch.where(known_bN, 1.0 - distance_bN, cosine_bN)
+            bank_similarity_bN = torch.where(known_bN, 1.0 - distance_bN.float(), cosine_bN)
             similarity_bK = torch.cat([batch_cosine_bM, bank_similarity_bN], dim=1)
+        self.known_fraction = known_bN.float().mean()  # logged at log time (a device value until then)
         return keep_bK, similarity_bK
 
     # -- logging and checkpoints -----------------------------------------------------------------
@@ -197,6 +229,8 @@ class AlignmentObjective:
             scalars["align/text_cache_rows"] = float(len(self.text_cache.row_of))
         if self.snapshot is not None:
             scalars.update({f"geodesic/{name}": float(value) for name, value in self.snapshot.stats.items()})
+            if hasattr(self, "known_fraction"):
+                scalars["geodesic/known_fraction"] = float(self.known_fraction)
             scalars["geodesic/snapshot_step"] = float(self.snapshot_step)
         return scalars
 

@@ -191,14 +191,17 @@ def save_checkpoint(
 
 
 def _check_extras(folder: Path, rank: int, extras: Sequence[CheckpointExtra]) -> None:
-    """Before DeepSpeed loads anything: a checkpoint without this run's extra state was made with other settings."""
-    for extra in extras:
-        path = folder / extra_file_name(extra.name, extra.source_rank(rank))
-        if not path.is_file():
-            raise UserError(
-                f"checkpoint {folder} has no {extra.name} state ({path.name}): it was made with other alignment "
-                "settings; resume with those, or start a new train.output_dir"
-            )
+    """Collective, before DeepSpeed loads anything: a checkpoint without this run's extra state was
+    made with other settings. Every rank's verdict is gathered, so all ranks stop alike (a rank
+    raising alone would leave the others waiting in DeepSpeed's load)."""
+    missing = [folder / extra_file_name(extra.name, extra.source_rank(rank)) for extra in extras]
+    problem = next((f"{extra.name} state ({path.name})" for extra, path in zip(extras, missing) if not path.is_file()), None)
+    problem = next((verdict for verdict in all_gather_values(problem) if verdict is not None), None)
+    if problem is not None:
+        raise UserError(
+            f"checkpoint {folder} has no {problem}: it was made with other alignment or expert-parallel "
+            "settings; resume with those, or start a new train.output_dir"
+        )
 
 
 def _load_extras(folder: Path, rank: int, extras: Sequence[CheckpointExtra]) -> None:

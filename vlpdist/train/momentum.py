@@ -4,9 +4,11 @@ Bank entries of different steps stay comparable because the copy moves slowly:
 `p_m <- m p_m + (1 - m) p` after every applied optimizer step. The copy is taken from the online
 module on each rank, so an expert-parallel mapper's copy holds this rank's experts, sharded like
 the online ones, and its forward takes part in the same expert all-to-all. It runs in eval mode
-(no capacity dropping, deterministic top-k: no draws from the RNG training restores) and keeps
-fp32 weights whatever precision the online model trains in: a bf16 EMA with m = 0.995 would round
-most updates away.
+(no capacity dropping; with top_k 1 DeepSpeed's gate still draws its random token selection from
+the torch RNG, which the checkpoint restores, so resume stays exact) and keeps fp32 weights
+whatever precision the online model trains in: a bf16 EMA with m = 0.995 would round most
+updates away. It follows the online module's weights (bf16 on GPUs), not the optimizer's fp32
+master copy.
 """
 
 from __future__ import annotations

@@ -22,10 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_bench}"
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/vlpdist-site .whl/*.whl \
-        && export PYTHONPATH="/tmp/vlpdist-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+. launcher/gpu_wheels.sh
 python=python3
 [ -x .venv/bin/python ] && python=.venv/bin/python
 export TOKENIZERS_PARALLELISM=false NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1

@@ -15,10 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_smoke}"
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/vlpdist-site .whl/*.whl \
-        && export PYTHONPATH="/tmp/vlpdist-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+. launcher/gpu_wheels.sh
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
     || { echo "error: no CUDA device here; the GPU smoke check needs one" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"

@@ -43,6 +43,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mapper_transformer": ("ClipCap transformer mapper, caption loss only",
                            ["align.itc_weight=0", "align.supcon_weight=0", "model.mapper=transformer", "model.transformer_heads=4", "train.ep_size=1"]),
 }
+# Not a training variant: the caption-only MoE runs folded statically (one dense layer per block from
+# the gates' mean over this many training samples), scored on the held-out shard like their exact fold.
+STATIC_FOLD = "static_fold"
+STATIC_FOLD_CALIBRATION = 1024
 CAPTION_METRICS = ("BLEU-4", "CIDEr", "ROUGE-L")
 RETRIEVAL_METRICS = tuple(f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10))
 
@@ -75,12 +79,50 @@ def run_variant(config_path: Path, overrides: list[str], run_dir: Path, ranks: i
     return figures
 
 
+def run_static_fold(config_path: Path, common: list[str], caption_run: Path, out_dir: Path) -> dict:
+    """Export the caption-only run's MoE exactly and statically folded, evaluate both on the held-out
+    shards with `launcher.evaluate`; the static fold's figures, with the exact fold's beside them."""
+    import sys
+
+    from launcher.evaluate import main as evaluate_main
+    from launcher.export import main as export_main
+    from vlpdist.data.feature_shards import list_feature_shards, split_heldout
+
+    config = load_config(config_path, common)
+    features = Path(config.train.features_dir) if config.train.features_dir else Path(config.root) / "features"
+    _, heldout = split_heldout(list_feature_shards(features), config.train.heldout_shards)
+    consolidated = caption_run / "export" / "model_fp32.safetensors"
+    if not consolidated.is_file():
+        raise UserError(f"{STATIC_FOLD} folds {consolidated}, which the caption run did not write (train.export_at_end=false?)")
+    figures = {}
+    for name, extra in (("exact", []), ("static", ["--static-fold", str(STATIC_FOLD_CALIBRATION)])):
+        export_dir, eval_path = out_dir / f"export_{name}", out_dir / f"eval_{name}.json"
+        if not eval_path.is_file():
+            report = export_main(["--checkpoint", str(consolidated), "--out", str(export_dir),
+                                  *extra, *common])
+            atomic_write_json(out_dir / f"export_{name}.json", report)
+            evaluate_main(["--model", str(export_dir), "--features", *map(str, heldout), "--no-spice",
+                           "--max-samples", str(config.train.eval_max_samples), "--out", str(eval_path)])
+        evaluation = json.loads(eval_path.read_text())
+        report = json.loads((out_dir / f"export_{name}.json").read_text())
+        figures[name] = {**{metric: evaluation["captioning"]["greedy"][metric] for metric in CAPTION_METRICS},
+                         **{metric: evaluation["retrieval"][metric] for metric in RETRIEVAL_METRICS},
+                         "caption_loss": evaluation["caption_loss"], "fold_relative_error": report["fold_relative_error"],
+                         "mapper_params": report["folded_params"]}
+    sys.stdout.flush()
+    static = dict(figures["static"])
+    static["samples_per_s"] = json.loads((caption_run / "eval.json").read_text())["training"]["samples_per_s"]
+    static["exact_fold"] = figures["exact"]
+    return static
+
+
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(name: str, description: str, overrides: list[str], runs: dict[int, dict], run_dirs: dict[int, Path]) -> dict:
-    metrics = {metric: mean_and_spread([runs[seed][metric] for seed in sorted(runs)]) for metric in next(iter(runs.values()))}
+    metrics = {metric: mean_and_spread([runs[seed][metric] for seed in sorted(runs)])
+               for metric, value in next(iter(runs.values())).items() if isinstance(value, (int, float))}
     return {
         "variant": name, "description": description, "overrides": overrides, "seeds": sorted(runs),
         "per_seed": {str(seed): runs[seed] for seed in sorted(runs)},
@@ -131,7 +173,8 @@ def prepare_demo_data(config_path: Path, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="launcher.ablate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join([*VARIANTS, STATIC_FOLD]),
+                        help=f"comma-separated subset of {','.join(VARIANTS)},{STATIC_FOLD} ({STATIC_FOLD} needs caption)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds (at least two to see the noise)")
     parser.add_argument("--out", type=Path, default=None, help="default: <root>/ablation")
     parser.add_argument("--ranks", type=int, default=2)
@@ -139,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every variant")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
+    unknown = [name for name in names if name not in VARIANTS and name != STATIC_FOLD]
     if unknown:
         raise UserError(f"unknown ablation variants {unknown}; choose from {list(VARIANTS)}")
     seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
@@ -148,15 +191,24 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_prepare:
         prepare_demo_data(args.config, args.overrides)
     rows = []
+    if STATIC_FOLD in names and "caption" not in names:
+        raise UserError(f"variant {STATIC_FOLD} folds the caption variant's runs: add caption to --variants")
     for name in names:
-        description, variant_overrides = VARIANTS[name]
-        load_config(args.config, [*args.overrides, *variant_overrides])  # a bad override fails here, before training
-        runs, run_dirs = {}, {}
-        for seed in seeds:
-            run_dirs[seed] = out / name / f"seed{seed}"
-            print(f"[ablate] {name} seed {seed} -> {run_dirs[seed]}", flush=True)
-            runs[seed] = run_variant(args.config, [*args.overrides, *variant_overrides, f"train.seed={seed}"], run_dirs[seed], args.ranks)
-        rows.append(summarise(name, description, variant_overrides, runs, run_dirs))
+        if name == STATIC_FOLD:
+            runs = {seed: run_static_fold(args.config, [*args.overrides, *VARIANTS["caption"][1], f"train.seed={seed}"],
+                                          out / "caption" / f"seed{seed}", out / STATIC_FOLD / f"seed{seed}") for seed in seeds}
+            description = f"caption-only MoE, static fold (gates' mean over {STATIC_FOLD_CALIBRATION} training samples)"
+            rows.append(summarise(name, description, [f"launcher.export --static-fold {STATIC_FOLD_CALIBRATION}"], runs,
+                                  {seed: out / "caption" / f"seed{seed}" for seed in seeds}))
+        else:
+            description, variant_overrides = VARIANTS[name]
+            load_config(args.config, [*args.overrides, *variant_overrides])  # a bad override fails here, before training
+            runs, run_dirs = {}, {}
+            for seed in seeds:
+                run_dirs[seed] = out / name / f"seed{seed}"
+                print(f"[ablate] {name} seed {seed} -> {run_dirs[seed]}", flush=True)
+                runs[seed] = run_variant(args.config, [*args.overrides, *variant_overrides, f"train.seed={seed}"], run_dirs[seed], args.ranks)
+            rows.append(summarise(name, description, variant_overrides, runs, run_dirs))
         result = {"config": str(args.config), "common_overrides": list(args.overrides), "rows": rows}
         atomic_write_json(out / "ablation.json", result)
         atomic_write_text(out / "ablation.md", markdown_table(rows, f"Ablation on {args.config.name}"))

@@ -79,6 +79,26 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
+def static_fold_from_features(exact, config, calibration_samples: int):
+    """(static fold, its relative error against the exact fold on held-out samples): the gates are
+    averaged over the first `calibration_samples` training samples of the run's feature shards."""
+    from vlpdist.data.feature_shards import iterate_heldout, list_feature_shards, split_heldout
+    from vlpdist.models.fold import fold_mapper_static, measure_static_fold_error
+
+    features = Path(config.train.features_dir) if config.train.features_dir else Path(config.root) / "features"
+    train_shards, heldout_shards = split_heldout(list_feature_shards(features), config.train.heldout_shards)
+
+    def clip_of(shards, count):
+        batches = [batch["clip"] for batch in iterate_heldout(shards, 256, count)]
+        if not batches:
+            raise UserError(f"--static-fold needs feature shards with samples in {features}")
+        return torch.cat(batches)
+
+    static = fold_mapper_static(exact, clip_of(train_shards, calibration_samples))
+    heldout = clip_of(heldout_shards or train_shards, 512)
+    return static, measure_static_fold_error(exact, static, heldout)
+
+
 def relative_fold_error(moe_mapper, folded, clip_dim: int, samples: int = FOLD_CHECK_SAMPLES) -> float:
     """||folded(x) - moe(x)|| / ||moe(x)|| on standard-normal CLIP inputs (both in eval mode)."""
     clip_BC = torch.randn(samples, clip_dim, generator=torch.Generator().manual_seed(0))
@@ -108,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=None, help="run config (default: config.yaml of the checkpoint's run)")
     parser.add_argument("--copy-lm", action="store_true", help="copy a frozen LM and tokenizer into the export instead of naming them")
     parser.add_argument("--copy-clip", action="store_true", help="copy a local CLIP checkpoint into the export instead of naming it")
+    parser.add_argument("--static-fold", type=int, default=0, metavar="N",
+                        help="write a static fold instead (one dense layer per block from the gates' mean over the first N "
+                             "training samples' CLIP embeddings): fewer parameters, approximate; its error is printed")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     args = parser.parse_args(argv)
 
@@ -137,6 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"checkpoint does not fit model config: {str(err).splitlines()[-1].strip()}") from None
     folded = fold_mapper(moe_mapper)
     fold_error = relative_fold_error(moe_mapper, folded, clip_dim)
+    static_note = ""
+    if args.static_fold > 0:
+        folded, fold_error = static_fold_from_features(folded, config, args.static_fold)
+        static_note = f" (static: gates' mean over {args.static_fold} training samples; error on held-out samples)"
     with atomic_path(out) as staging:
         staging.mkdir()
         meta = {"source_checkpoint": str(checkpoint.resolve()), "fold_relative_error": fold_error}
@@ -170,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     lm_note = "the LM as trained, bundled" if manifest["lm"]["source"] == "bundled" else f"frozen LM {manifest['lm']['name']}"
     print(
         f"MoE mapper {report['moe_params']:,} params -> folded dense mapper {report['folded_params']:,} params; "
-        f"fold relative error {fold_error:.2e}; {lm_note}; CLIP {clip['model_name']} ({clip['pretrained'] or 'random'}); "
+        f"fold relative error {fold_error:.2e}{static_note}; {lm_note}; CLIP {clip['model_name']} ({clip['pretrained'] or 'random'}); "
         f"written to {out}"
     )
     return report

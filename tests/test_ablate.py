@@ -14,16 +14,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_ablation_runner_table_and_configs(tmp_path, tiny_lm):
-    from launcher.ablate import CAPTION_METRICS, RETRIEVAL_METRICS, VARIANTS, main
+    from launcher.ablate import CAPTION_METRICS, RETRIEVAL_METRICS, STATIC_FOLD, VARIANTS, main
 
     features = tiny_features(tmp_path / "features", num_shards=3, samples_per_shard=40)
     common = [f"root={tmp_path}", f"train.features_dir={features}", f"model.lm_name={tiny_lm}", "train.max_steps=3",
-              "train.checkpoint_every=3", "train.export_at_end=false", "train.eval_max_samples=16", "align.bank_size=32"]
+              "train.checkpoint_every=3", "train.eval_max_samples=16", "align.bank_size=32"]
     out = tmp_path / "ablation"
-    result = main(["--config", str(TINY_CONFIG), "--variants", "caption,itc_supcon", "--seeds", "0,1", "--out", str(out),
-                   "--no-prepare", *common])
+    result = main(["--config", str(TINY_CONFIG), "--variants", f"caption,itc_supcon,{STATIC_FOLD}", "--seeds", "0,1",
+                   "--out", str(out), "--no-prepare", *common])
     rows = result["rows"]
-    assert [row["variant"] for row in rows] == ["caption", "itc_supcon"]
+    assert [row["variant"] for row in rows] == ["caption", "itc_supcon", STATIC_FOLD]
+    static = rows.pop()
+    # The static fold of each caption-only run, scored like its exact fold: fewer mapper parameters, an error > 0.
+    for seed in ("0", "1"):
+        figures = static["per_seed"][seed]
+        assert figures["mapper_params"] < figures["exact_fold"]["mapper_params"]
+        assert 0 < figures["fold_relative_error"] and figures["exact_fold"]["fold_relative_error"] < 1e-4
+        assert set(CAPTION_METRICS) <= set(figures) and set(RETRIEVAL_METRICS) <= set(figures)
     for row in rows:
         assert row["seeds"] == [0, 1] and set(row["per_seed"]) == {"0", "1"}
         assert set(row["mean"]) == set(row["sd"]) == {*CAPTION_METRICS, *RETRIEVAL_METRICS, "caption_loss", "samples_per_s"}
@@ -46,6 +53,6 @@ def test_ablation_runner_table_and_configs(tmp_path, tiny_lm):
     table = (out / "ablation.md").read_text().splitlines()
     header_at = next(index for index, line in enumerate(table) if line.startswith("| variant"))
     header, separator = table[header_at], table[header_at + 1]
-    body = [line for line in table if line.startswith("| caption") or line.startswith("| itc_supcon")]
-    assert len(body) == 2 and all(line.count("|") == header.count("|") == separator.count("|") for line in body)
-    assert json.loads((out / "ablation.json").read_text())["rows"] == rows
+    body = [line for line in table if line.startswith(("| caption", "| itc_supcon", f"| {STATIC_FOLD}"))]
+    assert len(body) == 3 and all(line.count("|") == header.count("|") == separator.count("|") for line in body)
+    assert json.loads((out / "ablation.json").read_text())["rows"] == [*rows, static]

@@ -6,11 +6,10 @@ checkpoint; resume bit-exact."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from train_fixtures import launch, read_metrics, tiny_features, tiny_overrides
+from train_fixtures import launch, read_metrics, seed_checkpoints, tiny_features, tiny_overrides
 
 from vlpdist.train.text_cache import TextFeatureCache
 
@@ -84,10 +83,7 @@ def test_checkpoint_holds_bank_momentum_and_snapshot_as_safetensors(aligned_run)
 def test_resume_with_bank_momentum_and_geodesics_is_bit_exact(aligned_run, world, tmp_path):
     straight_dir, _ = aligned_run
     features, lm_dir = world
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    shutil.copytree(straight_dir / "checkpoints" / "step_00000006", checkpoints / "step_00000006")
-    (checkpoints / "latest").write_text("step_00000006")
+    seed_checkpoints(straight_dir, tmp_path, ["step_00000006"], latest="step_00000006")
     result = launch(tiny_overrides(features, lm_dir, tmp_path, *ALIGNED, "train.eval_at_end=false", "train.export_at_end=false"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from step 6" in result.stdout

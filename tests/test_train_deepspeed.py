@@ -18,6 +18,7 @@ from train_fixtures import (
     read_metrics,
     recorded_collectives,
     run_train_main,
+    seed_checkpoints,
     tiny_features,
     tiny_overrides,
 )
@@ -107,13 +108,9 @@ def test_export_holds_every_expert_and_eval_json_has_losses_and_metrics(ep2_run)
 def test_resume_mid_epoch_matches_straight_run_and_skips_damaged_latest(ep2_run, world, tmp_path):
     straight_dir, _ = ep2_run
     features, lm_dir = world
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    shutil.copytree(straight_dir / "checkpoints" / "step_00000006", checkpoints / "step_00000006")
-    shutil.copytree(straight_dir / "checkpoints" / "step_00000012", checkpoints / "step_00000012")
+    checkpoints = seed_checkpoints(straight_dir, tmp_path, ["step_00000006", "step_00000012"], latest="step_00000012")
     damaged = checkpoints / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     damaged.write_bytes(damaged.read_bytes()[:100])
-    (checkpoints / "latest").write_text("step_00000012")
     # The events of the straight run up to step 12 are there, as after a run killed past step 6.
     shutil.copytree(straight_dir / "tb", tmp_path / "tb")
     # Steps 1..6 were 96 samples per rank of 240 training samples: resuming mid-epoch.

@@ -86,3 +86,15 @@ def evaluate_export_in_one_rank(features: Path, lm_dir: Path, export_dir: Path, 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of `run_dir/metrics.jsonl`, one per logged optimizer step."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def seed_checkpoints(source_run: Path, run_dir: Path, tags: list[str], latest: str) -> Path:
+    """A fresh run folder holding copies of `source_run`'s checkpoint `tags`, with `latest` pointing at one."""
+    import shutil
+
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for tag in tags:
+        shutil.copytree(source_run / "checkpoints" / tag, checkpoints / tag)
+    (checkpoints / "latest").write_text(latest)
+    return checkpoints

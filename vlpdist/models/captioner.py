@@ -259,11 +259,8 @@ class PrefixCaptioner(nn.Module):
             start_BSD = embed(input_ids_BT.new_full((batch, 1), bos))
         else:
             start_BSD = embed.weight.new_zeros(batch, self.prefix_length, embed.embedding_dim)
-        mask = torch.cat([attention_mask_BT.new_ones(batch, start_BSD.shape[1]), attention_mask_BT], dim=1)
-        tokens_BTD = embed(input_ids_BT)
-        labels = torch.cat([input_ids_BT.new_full((batch, start_BSD.shape[1]), IGNORE_INDEX),
-                            input_ids_BT.masked_fill(attention_mask_BT == 0, IGNORE_INDEX)], dim=1)
-        return lm(inputs_embeds=torch.cat([start_BSD, tokens_BTD], dim=1), attention_mask=mask, labels=labels).loss
+        # At most P start embeddings: never the bottleneck mask (that needs more than P).
+        return self.caption_loss_after(start_BSD, input_ids_BT, attention_mask_BT, lm)
 
     @torch.no_grad()
     def generate_captions(self, clip_emb_BC: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> list[str]:

@@ -280,7 +280,7 @@ def run_training(config: Config) -> int:
     steps_before, samples_before, started = state.step, state.samples_seen, time.perf_counter()
     try:
         stopped, last_saved_step = _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan,
-                                                last_saved_step, objective)
+                                                last_saved_step, objective, extras)
         if state.step > last_saved_step:
             save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen, plan.describe(), device, extras)
         if stopped:
@@ -305,7 +305,7 @@ def run_training(config: Config) -> int:
 
 
 def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan, last_saved_step,
-                 objective=None) -> tuple[bool, int]:
+                 objective=None, extras=()) -> tuple[bool, int]:
     """Optimizer steps until max_steps; (stopped early by a preemption signal, last step saved).
 
     Per micro-batch: forward, backward, `engine.step()`; the loss terms and expert load stay on
@@ -320,7 +320,6 @@ def _train_steps(config, info, engine, scheduler, loader, state, tb, preemption,
     window = StepWindow()
     metrics_path = run_dir / "metrics.jsonl"
     weights = loss_weights(config)
-    extras = objective.checkpoint_extras() if objective is not None else []
     term_names: list[str] | None = None
     while state.step < train.max_steps:
         sums_device = None

@@ -72,6 +72,7 @@ def test_train_recipe_deepspeed_config_on_nodes_of_8_gpus(nodes):
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == train.zero_stage == 2  # DeepSpeed's MoE allows ZeRO 1 or 2 only
     assert ds["zero_optimization"]["overlap_comm"] and not ds["optimizer"]["params"]["torch_adam"]  # GPU settings
+    assert "fused" not in ds["optimizer"]["params"]  # torch AdamW's setting; DeepSpeed's FusedAdam would refuse it
     # Expert parallelism: one expert per GPU within a node, the experts replicated once per node.
     assert world_size % train.ep_size == 0 and config.model.num_experts % train.ep_size == 0
     assert config.model.num_experts // train.ep_size == 1

@@ -229,3 +229,28 @@ def test_static_fold_exports_in_the_same_format(tmp_path):
         actual_BPD, _, actual_load = loaded(clip_BC)
     assert torch.equal(actual_BPD, expected_BPD)
     assert actual_load.numel() == 0 == expected_load.numel()
+
+
+@pytest.mark.parametrize("kernel_sizes", [[3], [3, 5], [1, 5, 3]])
+def test_expert_forward_is_its_branches_summed(kernel_sizes):
+    """The expert applies its depthwise kernels summed, as shifted multiply-adds; that must equal the
+    branches as defined (identity + channel linear + each Conv1d over the prefix axis), values and
+    gradients, so that training, the fold and the design's formula are one model."""
+    from vlpdist.models.experts import MultiBranchLinearExpert
+
+    torch.manual_seed(0)
+    expert = MultiBranchLinearExpert(prefix_length=6, width=8, kernel_sizes=kernel_sizes)
+    for mixer in expert.token_mixers:
+        torch.nn.init.normal_(mixer.weight)  # well away from zero, so a misplaced tap shows
+    x_NF = torch.randn(5, 6 * 8, requires_grad=True)
+    h_NPD = x_NF.view(5, 6, 8)
+    branches = h_NPD + expert.channel(h_NPD)
+    for mixer in expert.token_mixers:
+        branches = branches + mixer(h_NPD.transpose(1, 2)).transpose(1, 2)
+    upstream = torch.randn(5, 6 * 8)
+    params = [x_NF, *expert.parameters()]
+    expected = torch.autograd.grad(branches.reshape(5, -1), params, upstream)
+    out = expert(x_NF)
+    torch.testing.assert_close(out, branches.reshape(5, -1), rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(out, params, upstream), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -175,3 +175,70 @@ def test_exported_folded_captioner_captions_like_the_moe_one(cfg, tmp_path):
     ids, mask = captioner.tokenize(["a red circle"] * 4)
     with torch.no_grad():
         assert torch.allclose(exported(clip_BC, ids, mask)["cap"], captioner(clip_BC, ids, mask)["cap"], rtol=1e-5)
+
+
+class _LmWithoutChosenLogits(torch.nn.Module):
+    """The same LM behind a forward that does not take `logits_to_keep` (as before transformers 4.50)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.inner = lm
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, inputs_embeds=None, attention_mask=None, labels=None):
+        return self.inner(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("bottleneck_tokens", [0, 2])
+def test_caption_loss_from_chosen_logits_equals_the_lms_own_loss(cfg, captions, bottleneck_tokens):
+    """The head runs at the T positions that predict caption tokens only; loss and prefix gradient
+    equal Hugging Face's loss over all positions with the start and padding labels ignored."""
+    from vlpdist.models.captioner import lm_keeps_chosen_logits
+
+    torch.manual_seed(0)
+    captioner = build_captioner(dataclasses.replace(cfg, bottleneck_tokens=bottleneck_tokens, bottleneck_only=bottleneck_tokens > 0),
+                                CLIP_DIM)
+    assert lm_keeps_chosen_logits(captioner.lm) and not lm_keeps_chosen_logits(_LmWithoutChosenLogits(captioner.lm))
+    input_ids, attention_mask = captioner.tokenize(captions[:6])
+    assert not attention_mask.all()  # padding rows are in the batch
+    prefix = torch.randn(6, cfg.prefix_length, 32, requires_grad=True)
+    start = captioner.start_embeddings(prefix)
+    chosen = captioner.caption_loss_after(start, input_ids, attention_mask)
+    (chosen_grad,) = torch.autograd.grad(chosen, prefix)
+    everywhere = captioner.caption_loss_after(start, input_ids, attention_mask, lm=_LmWithoutChosenLogits(captioner.lm))
+    (everywhere_grad,) = torch.autograd.grad(everywhere, prefix)
+    torch.testing.assert_close(chosen, everywhere, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chosen_grad, everywhere_grad, rtol=1e-5, atol=1e-7)
+    # Shifted by one position, the loss is a different number: the check above can fail.
+    wrong = captioner.caption_loss_after(start[:, :-1], input_ids, attention_mask, lm=_LmWithoutChosenLogits(captioner.lm))
+    assert abs(wrong.item() - chosen.item()) > 1e-3
+
+
+def test_compiled_training_forward_matches_eager_and_keeps_state_names(cfg, captions):
+    """`compile_for_training` swaps in compiled callables for the training forward only; the state
+    dict keeps its names and eval runs the eager modules."""
+    torch.manual_seed(0)
+    captioner = build_captioner(cfg, CLIP_DIM)
+    names = list(captioner.state_dict())
+    input_ids, attention_mask = captioner.tokenize(captions[:4])
+    clip_BC = torch.randn(4, CLIP_DIM)
+    captioner.eval()
+    eager = captioner(clip_BC, input_ids, attention_mask)["cap"]
+    assert captioner.compile_for_training() == ["lm", "mapper"]
+    assert list(captioner.state_dict()) == names
+    assert captioner._training_callable("lm", captioner.lm) is captioner.lm  # eval: eager
+    captioner.train()
+    assert captioner._training_callable("lm", captioner.lm) is not captioner.lm
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for block in captioner.mapper.blocks:  # eval routing in train mode: the same experts as the eager eval forward
+            block.moe.deepspeed_moe.gate.drop_tokens = False
+            block.moe.deepspeed_moe.gate.top2_2nd_expert_sampling = False
+        captioner.lm.eval()
+        compiled = captioner(clip_BC, input_ids, attention_mask)["cap"]
+    assert counters["stats"]["unique_graphs"] > graphs_before
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

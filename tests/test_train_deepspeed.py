@@ -212,3 +212,21 @@ def test_no_heldout_shards_trains_and_skips_evaluation(world, tmp_path):
     assert "no held-out shards (train.heldout_shards=0): evaluation skipped" in result.stdout
     assert "288 training samples in 6 shards" in result.stdout
     assert not (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "export").is_dir()
+
+
+def test_compiled_training_runs_with_expert_parallel_all_to_all(world, tmp_path):
+    """`train.compile=true` on 2 gloo ranks at ep_size 2: the compiled LM and mapper train (DeepSpeed's
+    gradient hooks and the experts' all-to-all under torch.compile), switch to eager for the sample
+    captions and the held-out evaluation, and the run says what was compiled."""
+    features, lm_dir = world
+    overrides = tiny_overrides(features, lm_dir, tmp_path / "run", "train.compile=true", "train.max_steps=4",
+                               "train.caption_log_every=2", "train.eval_max_samples=16")
+    result = launch(overrides, timeout_s=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "torch.compile: lm, mapper for the training step" in result.stdout
+    (summary,) = [line for line in result.stdout.splitlines() if line.startswith("torch.compile: ") and "graphs" in line]
+    graphs = int(summary.split()[1])
+    assert graphs >= 2, summary  # at least the LM's graph and the mapper's
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    assert len(losses) == 4 and all(loss == loss for loss in losses)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["samples"] == 16

@@ -215,6 +215,10 @@ class TrainConfig:
     """DeepSpeed ZeRO stage: 1 or 2 (DeepSpeed MoE does not support stage 3)."""
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    compile: bool = False
+    """torch.compile the LM and the mapper for the training step (held-out scoring and generation
+    stay eager). The first steps pay the compile (about a minute for GPT-2 small on 2 CPU cores);
+    after it, GPT-2 small's step was 1.1x faster on CPU."""
     ep_size: int = 1
     """Expert-parallel degree: ranks that share one copy of all experts; must divide the world size."""
     num_workers: int = 1

@@ -9,11 +9,13 @@ encodings of a probe sentence.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from pathlib import Path
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlpdist.config import AlignConfig, ModelConfig
@@ -122,6 +124,12 @@ def lm_supports_4d_attention_mask(lm: nn.Module) -> bool:
     return torch.allclose(causal, same, atol=1e-5) and not torch.allclose(causal[0, 2], barred[0, 2], atol=1e-6)
 
 
+def lm_keeps_chosen_logits(lm: nn.Module) -> bool:
+    """Whether the LM's forward takes `logits_to_keep` (transformers >= 4.50's causal LMs), so the
+    head runs only at the positions given."""
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
 def additive_mask(allowed_BQK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, Q, K) bool "may attend" -> (B, 1, Q, K) additive mask (0 or the dtype's minimum), the form
     Hugging Face LMs take as a ready 4-D mask (eager adds it; sdpa accepts a float mask)."""
@@ -173,6 +181,19 @@ class PrefixCaptioner(nn.Module):
         self.heads = None
         if self.text_target:
             self.heads = AlignmentHeads(width, clip_dim if self.text_target == "clip" else width, align)
+        # Training-mode callables from `compile_for_training`, kept in a plain dict so they are not
+        # submodules: state_dict names, checkpoints and the momentum copy of the mapper stay as they are.
+        self._compiled: dict[str, nn.Module] = {}
+
+    def compile_for_training(self, **options) -> list[str]:
+        """`torch.compile` the LM and the mapper for the training forward (`self.training` only).
+        Held-out scoring and `generate` keep the eager modules: decoding changes the sequence length
+        every token, which would recompile. Returns the names of what was compiled."""
+        self._compiled = {"lm": torch.compile(self.lm, **options), "mapper": torch.compile(self.mapper, **options)}
+        return list(self._compiled)
+
+    def _training_callable(self, name: str, module: nn.Module) -> nn.Module:
+        return self._compiled.get(name, module) if self.training else module
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (input_ids (B, T), attention_mask (B, T)): see `tokenize_captions`."""
@@ -181,7 +202,7 @@ class PrefixCaptioner(nn.Module):
     def map_prefix(self, clip_emb_BC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(prefix_BPD in the LM's dtype, moe_aux, expert_load_E)."""
         mapper_dtype = next(self.mapper.parameters()).dtype
-        prefix_BPD, moe_aux, load_E = self.mapper(clip_emb_BC.to(mapper_dtype))
+        prefix_BPD, moe_aux, load_E = self._training_callable("mapper", self.mapper)(clip_emb_BC.to(mapper_dtype))
         return prefix_BPD.to(self.lm.get_input_embeddings().weight.dtype), moe_aux, load_E
 
     def start_embeddings(self, prefix_BPD: torch.Tensor) -> torch.Tensor:
@@ -227,8 +248,10 @@ class PrefixCaptioner(nn.Module):
     ) -> torch.Tensor:
         """The LM's (or `lm`'s) caption cross-entropy after the S start embeddings `start_BSD` (B, S, D)
         (in bottleneck mode the last B of them are the bottleneck tokens and a 4-D mask applies)."""
+        run = self._training_callable("lm", self.lm) if lm is None or lm is self.lm else lm
         lm = self.lm if lm is None else lm
         batch, start_len = start_BSD.shape[:2]
+        caption_len = input_ids_BT.shape[1]
         tokens_BTD = lm.get_input_embeddings()(input_ids_BT)
         embeds = torch.cat([start_BSD, tokens_BTD], dim=1)  # (B, S+T, D)
         if self.bottleneck_only and start_len > self.prefix_length:
@@ -236,12 +259,18 @@ class PrefixCaptioner(nn.Module):
             mask = additive_mask(allowed, embeds.dtype)
         else:
             mask = torch.cat([attention_mask_BT.new_ones(batch, start_len), attention_mask_BT], dim=1)
-        labels = torch.cat(
-            [input_ids_BT.new_full((batch, start_len), IGNORE_INDEX), input_ids_BT.masked_fill(attention_mask_BT == 0, IGNORE_INDEX)],
-            dim=1,
-        )
+        targets_BT = input_ids_BT.masked_fill(attention_mask_BT == 0, IGNORE_INDEX)
+        if lm_keeps_chosen_logits(lm):
+            # Position t predicts token t+1: logits only at S-1 .. S+T-2, the T positions that predict a
+            # caption token. The LM head (D x V: 50,257 rows for GPT-2, ~30 % of its forward) then skips
+            # the other S positions; padding rows are still computed and ignored by the loss.
+            keep_T = torch.arange(start_len - 1, start_len + caption_len - 1, device=embeds.device)
+            logits_BTV = run(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep_T).logits
+            # As Hugging Face's causal-LM loss: fp32 logits, the mean over the tokens that count.
+            return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
+        labels = torch.cat([input_ids_BT.new_full((batch, start_len), IGNORE_INDEX), targets_BT], dim=1)
         # The LM shifts labels itself: position t predicts token t+1, so the last start position predicts the first caption token.
-        return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        return run(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     def text_only_caption_loss(
         self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None

@@ -214,7 +214,20 @@ def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_d
     engine, scheduler = build_engine(model, config.train, info, run_dir)
     if config.train.ep_size > 1 and expert_parallel_rank(config.train.ep_size) != ep_rank_of_this_process:
         raise RuntimeError("DeepSpeed's expert-parallel rank layout is not rank % ep_size")
+    if config.train.compile:
+        compiled = model.compile_for_training()
+        if info.is_main:
+            print(f"torch.compile: {', '.join(compiled)} for the training step; the first steps compile them", flush=True)
     return engine, scheduler
+
+
+def compile_summary() -> str:
+    """What torch.compile did in this process: graphs made and graph breaks (each break is eager code
+    between two graphs; DeepSpeed's MoE gating makes some, reading its capacity with `int()`)."""
+    from torch._dynamo.utils import counters
+
+    return (f"torch.compile: {counters['stats']['unique_graphs']} graphs, "
+            f"{sum(counters['graph_break'].values())} graph breaks")
 
 
 def build_alignment_objective(config: Config, captioner, world: DataWorld, device: torch.device):
@@ -281,6 +294,8 @@ def run_training(config: Config) -> int:
     try:
         stopped, last_saved_step = _train_steps(config, info, engine, scheduler, loader, state, tb, preemption, run_dir, plan,
                                                 last_saved_step, objective, extras)
+        if train.compile and info.is_main:
+            print(compile_summary(), flush=True)
         if state.step > last_saved_step:
             save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen, plan.describe(), device, extras)
         if stopped:

@@ -7,10 +7,13 @@ best round counts):
   workers, DeepSpeed engine forward/backward/step, the per-step collective), MoE mapper, LM frozen;
   with alignment off and on (ITC + SupCon over a 65,536-entry bank with the momentum mapper),
   text target lm, lm_cached (the cache filled during the warm-up, as after the first epoch) and clip;
-- `full, fused AdamW`: the same loop on an engine whose torch AdamW runs fused (a setting
-  DeepSpeed passes through to torch) — what the optimizer setting buys;
+- `full, unfused AdamW`: the same loop on an engine whose torch AdamW runs unfused (vlpdist's
+  CPU default is fused, a setting DeepSpeed passes through to torch) — what the setting buys;
+- `full, compiled`: the loop with `train.compile=true` (the LM and mapper compiled for the
+  training step), against the bare LM step compiled the same way;
 - `bare LM`: forward + backward of the frozen LM over [prefix | caption] embeddings, gradients
-  reaching the prefix only: the work no captioner of a frozen LM can avoid;
+  reaching the prefix only, through the captioner's own caption loss (its LM head runs at the
+  caption positions only): the work no captioner of a frozen LM can avoid;
 - `ClipCap`: a plain PyTorch step of ClipCap's baseline (its transformer mapper, 8 layers, frozen LM,
   torch AdamW, no DeepSpeed) on a fixed batch of the same shape;
 - the pieces of the aligned step (mapper fwd+bwd, LM text forward, momentum forward, key gather +
@@ -29,6 +32,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -175,6 +179,8 @@ def build_engine_for(config, info, run_dir: Path, clip_dim: int, ds_optimizer_pa
     ])
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=[g for g in groups if g["params"]], config=ds_config)
     scheduler.step(0)
+    if config.train.compile:
+        model.compile_for_training()
     return engine, scheduler
 
 
@@ -193,19 +199,22 @@ def run_benchmark(
     bank_size: int = 65536,
     samples_per_shard: int | None = None,
     text_targets: tuple[str, ...] = TEXT_TARGETS,
-    fused_adamw: bool = True,
+    unfused_adamw_row: bool = True,
+    compiled_rows: bool = False,
     compile_lm: bool = False,
     work: Path | None = None,
 ) -> dict:
     """Time every row (see the module docstring); returns a JSON-ready dict. `width`/`layers`/`heads`/
-    `vocab_size` None keep GPT-2 small's. `compile_lm` compiles the frozen LM and the mapper in place
-    (`nn.Module.compile`) for the full steps and the bare step alike."""
+    `vocab_size` None keep GPT-2 small's. `compile_lm` runs every row with `train.compile=true` (the
+    LM and mapper compiled for the training step; ClipCap's LM and mapper likewise); `compiled_rows`
+    adds one compiled full step and bare step beside the eager rows."""
     if work is None:
         with tempfile.TemporaryDirectory(prefix="vlpdist-bench-train-") as folder:
             return run_benchmark(batch=batch, steps=steps, rounds=rounds, width=width, layers=layers, heads=heads,
                                  vocab_size=vocab_size, prefix_length=prefix_length, caption_tokens=caption_tokens,
                                  clip_dim=clip_dim, bank_size=bank_size, samples_per_shard=samples_per_shard,
-                                 text_targets=text_targets, fused_adamw=fused_adamw, compile_lm=compile_lm, work=Path(folder))
+                                 text_targets=text_targets, unfused_adamw_row=unfused_adamw_row, compiled_rows=compiled_rows,
+                                 compile_lm=compile_lm, work=Path(folder))
     import os
 
     from vlpdist.config import load_config
@@ -223,7 +232,7 @@ def run_benchmark(
         f"model.prefix_length={prefix_length}", f"model.max_caption_tokens={caption_tokens}", "train.ep_size=1",
         f"train.micro_batch_size={batch}", "train.num_workers=1", "train.warmup_steps=1", "train.max_steps=1000000",
         "train.checkpoint_every=1000000000", "train.log_every=1000000000", "train.caption_log_every=0",
-        f"align.bank_size={bank_size}",
+        f"align.bank_size={bank_size}", f"train.compile={str(compile_lm).lower()}",
     ]
     info = init_distributed(300.0)
     device = device_of(info)
@@ -238,9 +247,12 @@ def run_benchmark(
     for target in text_targets:
         runners[f"full, ITC+SupCon, text {target}"] = LoopRunner(
             config_for(target, *align_on, f"align.text_target={target}"), info, work / "runs" / target, clip_dim, label_names)
-    if fused_adamw:
-        runners["full, alignment off, fused AdamW"] = LoopRunner(
-            config_for("fused"), info, work / "runs" / "fused", clip_dim, label_names, {"fused": True})
+    if unfused_adamw_row:
+        runners["full, alignment off, unfused AdamW"] = LoopRunner(
+            config_for("unfused"), info, work / "runs" / "unfused", clip_dim, label_names, {"fused": False})
+    if compiled_rows and not compile_lm:
+        runners["full, alignment off, compiled"] = LoopRunner(
+            config_for("compiled", "train.compile=true"), info, work / "runs" / "compiled", clip_dim, label_names)
 
     off = runners["full, alignment off"]
     captioner = off.engine.module
@@ -251,18 +263,15 @@ def run_benchmark(
     embed = captioner.lm.get_input_embeddings()
     prefix_BPD = torch.randn(batch, prefix_length, embed.embedding_dim, device=device, dtype=embed.weight.dtype,
                              requires_grad=True)
-    if compile_lm:
-        for runner in runners.values():
-            runner.engine.module.lm.compile()
-            runner.engine.module.mapper.compile()
 
-    def bare_lm_step() -> None:
-        captioner.caption_loss_after(prefix_BPD, ids_BT, mask_BT).backward()
+    def bare_step_of(model) -> Callable[[], None]:
+        # The engine's module is in training mode: a compiled run's bare step goes through its compiled LM.
+        return lambda: model.caption_loss_after(prefix_BPD, ids_BT, mask_BT).backward()
 
     clipcap_cfg = load_config(None, base + ["model.mapper=transformer", f"model.mapper_depth={CLIPCAP_LAYERS}"]).model
     clipcap = build_captioner(clipcap_cfg, clip_dim, 1).to(device, embed.weight.dtype)
     if compile_lm:
-        clipcap.lm.compile()
+        clipcap.compile_for_training()
     clipcap_optimizer = torch.optim.AdamW([p for p in clipcap.parameters() if p.requires_grad], lr=2e-4)
 
     def clipcap_step() -> None:
@@ -271,12 +280,19 @@ def run_benchmark(
         clipcap_optimizer.zero_grad(set_to_none=True)
 
     variants = {name: runner.step for name, runner in runners.items()}
-    variants |= {"bare LM fwd+bwd": bare_lm_step, "ClipCap plain step": clipcap_step}
+    variants |= {"bare LM fwd+bwd": bare_step_of(captioner), "ClipCap plain step": clipcap_step}
+    compiled_runner = runners.get("full, alignment off, compiled")
+    if compiled_runner is not None:
+        variants["bare LM fwd+bwd, compiled"] = bare_step_of(compiled_runner.engine.module)
     pieces_of = next((name for name in runners if name.endswith("text lm_cached")), None)
     if pieces_of is not None:
         variants |= piece_steps(runners[pieces_of], fixed, device, clip_dim)
     # The cached text target is measured once every caption is cached (after one epoch, as in a long run).
     warmup = {name: runner.plan.batches_per_rank + 1 for name, runner in runners.items() if "lm_cached" in name}
+    # Compiled rows: the first call compiles, the second settles any recompile.
+    for name in variants:
+        if compile_lm or name.endswith(", compiled"):
+            warmup[name] = max(warmup.get(name, 1), 2)
     seconds = timed_rounds(variants, steps, rounds, synchronize, warmup)
 
     bare_s = seconds["bare LM fwd+bwd"]
@@ -286,8 +302,10 @@ def run_benchmark(
     for name, value in seconds.items():
         if name.startswith("piece:"):
             continue
+        # Each step against the bare LM step at the same compile setting.
+        own_bare_s = seconds["bare LM fwd+bwd, compiled"] if name.endswith(", compiled") else bare_s
         rows.append({"name": name, "ms": 1e3 * value, "samples_per_s": batch / value,
-                     "x_bare": bare_s / value, "x_clipcap": seconds["ClipCap plain step"] / value,
+                     "x_bare": own_bare_s / value, "x_clipcap": seconds["ClipCap plain step"] / value,
                      "x_alignment_off": value / off_s if name.startswith("full") else None})
     pieces = []
     if pieces_of is not None:
@@ -303,10 +321,12 @@ def run_benchmark(
                    "ms": 1e3 * value, "share_of_step": value / aligned_s} for name, value in measured.items()]
     cache = next((runner.objective.text_cache for runner in runners.values()
                   if runner.objective is not None and runner.objective.text_cache is not None), None)
+    torch_optimizer = off.engine.optimizer.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch one
     return {
         "device": "cuda" if info.on_gpu else "cpu",
         "precision": "bf16" if embed.weight.dtype == torch.bfloat16 else str(embed.weight.dtype).removeprefix("torch."),
         "compiled": compile_lm,
+        "optimizer": {"class": type(torch_optimizer).__name__, "fused": bool(torch_optimizer.defaults.get("fused"))},
         "lm": lm,
         "mapper": {"kind": captioner.mapper.__class__.__name__, "experts": off.config.model.num_experts,
                    "top_k": off.config.model.top_k, "depth": off.config.model.mapper_depth,
@@ -392,11 +412,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=None, help="LM layers (default GPT-2 small: 12)")
     parser.add_argument("--heads", type=int, default=None, help="LM heads (default GPT-2 small: 12)")
     parser.add_argument("--vocab-size", type=int, default=None, help="LM vocabulary (default GPT-2: 50,257)")
-    parser.add_argument("--compile", action="store_true", help="compile the frozen LM and the mapper in place")
+    parser.add_argument("--compile", action="store_true", help="every row with train.compile=true (the LM and mapper compiled)")
+    parser.add_argument("--compiled-rows", action="store_true", help="add a compiled full step and bare step beside the eager rows")
     parser.add_argument("--quick", action="store_true", help=f"a small LM and batch: {QUICK}")
     args = parser.parse_args(argv)
     settings = dict(batch=args.batch, steps=args.steps, rounds=args.rounds, width=args.width, layers=args.layers,
-                    heads=args.heads, vocab_size=args.vocab_size, compile_lm=args.compile)
+                    heads=args.heads, vocab_size=args.vocab_size, compile_lm=args.compile,
+                    compiled_rows=args.compiled_rows)
     if args.quick:
         settings |= QUICK
     report = run_benchmark(**settings)

@@ -33,7 +33,11 @@ def test_quick_suite_writes_valid_json_and_a_row_per_section(tmp_path):
     clip = report["sections"]["clip"]["detail"]["clip_retrieval"]
     assert clip["available"] or clip["reason"].startswith("clip-retrieval does not import here")
     train = {item["vs"] for item in report["sections"]["train"]["summary"]}
-    assert {"bare LM fwd+bwd", "full, alignment off", "share of the aligned step"} <= train
+    assert {"bare LM fwd+bwd", "full, alignment off", "share of the aligned step", "bare LM fwd+bwd, compiled",
+            "full, alignment off, eager", "full, alignment off (fused torch AdamW, the CPU default)"} <= train
+    train_detail = report["sections"]["train"]["detail"]
+    assert train_detail["optimizer"] == {"class": "AdamW", "fused": True}  # what the CPU default builds through DeepSpeed
+    assert train_detail["larger_batch"]["batch"] == 4 * train_detail["batch"]
     markdown = (out / "bench.md").read_text().splitlines()
     for name in SECTIONS:
         assert any(line.startswith(f"| {name} | ") for line in markdown), name

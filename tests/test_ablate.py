@@ -1,4 +1,4 @@
-"""The ablation runner on a tiny variant set: real 2-rank DeepSpeed runs on the tiny synthetic
+"""The ablation runner on a tiny variant set: real DeepSpeed runs (one rank each) on the tiny synthetic
 features; the table has a row per variant with mean ± spread over two seeds, and each row's runs
 resolved exactly the overrides it names."""
 
@@ -17,11 +17,12 @@ def test_ablation_runner_table_and_configs(tmp_path, tiny_lm):
     from launcher.ablate import CAPTION_METRICS, RETRIEVAL_METRICS, STATIC_FOLD, VARIANTS, main
 
     features = tiny_features(tmp_path / "features", num_shards=3, samples_per_shard=40)
+    # One rank per run (the 2-rank runs are the training tests'): the runner and its table are what is checked here.
     common = [f"root={tmp_path}", f"train.features_dir={features}", f"model.lm_name={tiny_lm}", "train.max_steps=3",
-              "train.checkpoint_every=3", "train.eval_max_samples=16", "align.bank_size=32"]
+              "train.checkpoint_every=3", "train.eval_max_samples=16", "align.bank_size=32", "train.ep_size=1"]
     out = tmp_path / "ablation"
     result = main(["--config", str(TINY_CONFIG), "--variants", f"caption,itc_supcon,{STATIC_FOLD}", "--seeds", "0,1",
-                   "--out", str(out), "--no-prepare", *common])
+                   "--ranks", "1", "--out", str(out), "--no-prepare", *common])
     rows = result["rows"]
     assert [row["variant"] for row in rows] == ["caption", "itc_supcon", STATIC_FOLD]
     static = rows.pop()

@@ -1,6 +1,6 @@
 """On one CUDA device (`pytest -m gpu`; skipped, saying so, where there is none): DeepSpeed on
-NCCL in bf16 for 20 steps at ep_size 1 with every collective vlpdist issues checked to be on the
-GPU, and the folded mapper equal to the MoE mapper on the GPU. `launcher/gpu_smoke.sh` runs these
+NCCL in bf16 for 20 steps at ep_size 1, eager and with `train.compile`, with every collective
+vlpdist issues checked to be on the GPU, and the folded mapper equal to the MoE mapper on the GPU. `launcher/gpu_smoke.sh` runs these
 and the training benchmark in one short run."""
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from train_fixtures import (
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
 
-def test_one_rank_bf16_trains_20_steps_on_nccl_with_collectives_on_the_gpu(tiny_lm, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_one_rank_bf16_trains_20_steps_on_nccl_with_collectives_on_the_gpu(tiny_lm, tmp_path, compiled):
     features = tiny_features(tmp_path / "features")
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(
         features, tiny_lm, run_dir, "train.ep_size=1", "train.precision=bf16", "train.max_steps=20",
-        "train.checkpoint_every=10", "train.log_every=5", "train.caption_log_every=10",
+        "train.checkpoint_every=10", "train.log_every=5", "train.caption_log_every=10", f"train.compile={str(compiled).lower()}",
     )
     probe_log = tmp_path / "collectives"
     env = {**collective_probe_env(probe_log), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
@@ -47,6 +48,7 @@ def test_one_rank_bf16_trains_20_steps_on_nccl_with_collectives_on_the_gpu(tiny_
     assert {call["device"] for call in calls} == {"cuda:0"}, calls
     assert (run_dir / "export" / "model_fp32.safetensors").is_file()
     assert json.loads((run_dir / "eval.json").read_text())["samples"] == 48
+    assert ("torch.compile: lm, mapper for the training step" in result.stdout) == compiled
 
 
 def test_folded_mapper_equals_the_moe_mapper_on_the_gpu():

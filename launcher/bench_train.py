@@ -229,7 +229,9 @@ def run_benchmark(
     write_bench_shards(features, captions, 3, clip_dim, seed=0)
     base = [
         f"root={work}", f"train.features_dir={features}", f"model.lm_name={work / 'lm'}",
-        f"model.prefix_length={prefix_length}", f"model.max_caption_tokens={caption_tokens}", "train.ep_size=1",
+        # The CC3M recipe's mapper: 8 experts, top-2, kernels 3 and 5, depth 2 (the last two are the defaults).
+        f"model.prefix_length={prefix_length}", f"model.max_caption_tokens={caption_tokens}", "model.num_experts=8", "model.top_k=2",
+        "train.ep_size=1",
         f"train.micro_batch_size={batch}", "train.num_workers=1", "train.warmup_steps=1", "train.max_steps=1000000",
         "train.checkpoint_every=1000000000", "train.log_every=1000000000", "train.caption_log_every=0",
         f"align.bank_size={bank_size}", f"train.compile={str(compile_lm).lower()}",

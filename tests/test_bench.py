@@ -38,6 +38,7 @@ def test_quick_suite_writes_valid_json_and_a_row_per_section(tmp_path):
     train_detail = report["sections"]["train"]["detail"]
     assert train_detail["optimizer"] == {"class": "AdamW", "fused": True}  # what the CPU default builds through DeepSpeed
     assert train_detail["larger_batch"]["batch"] == 4 * train_detail["batch"]
+    assert (train_detail["mapper"]["experts"], train_detail["mapper"]["top_k"]) == (8, 2)  # the CC3M recipe's MoE
     markdown = (out / "bench.md").read_text().splitlines()
     for name in SECTIONS:
         assert any(line.startswith(f"| {name} | ") for line in markdown), name

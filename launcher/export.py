@@ -102,8 +102,9 @@ def static_fold_from_features(exact, config, calibration_samples: int):
 def relative_fold_error(moe_mapper, folded, clip_dim: int, samples: int = FOLD_CHECK_SAMPLES) -> float:
     """||folded(x) - moe(x)|| / ||moe(x)|| on standard-normal CLIP inputs (both in eval mode)."""
     clip_BC = torch.randn(samples, clip_dim, generator=torch.Generator().manual_seed(0))
-    expected = moe_mapper.eval()(clip_BC)[0]
-    return float((folded(clip_BC)[0] - expected).norm() / expected.norm())
+    with torch.no_grad():  # a measurement: no graph through the mapper's parameters
+        expected = moe_mapper.eval()(clip_BC)[0]
+        return float((folded(clip_BC)[0] - expected).norm() / expected.norm())
 
 
 def refuse_out_holding_checkpoint(checkpoint: Path, out: Path) -> None:

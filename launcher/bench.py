@@ -189,27 +189,22 @@ def section_train(mode: str, work: Path, results: dict) -> tuple[list[dict], dic
     rows = {r["name"]: r for r in detail["rows"]}
     off = rows["full, alignment off"]
     on_gpu = mode == "gpu"
-
-    def geometry(report: dict) -> str:
-        lm = report["lm"]
-        return (f"LM {lm['layers']}x{lm['width']}, vocab {lm['vocab_size']:,}, batch {report['batch']}, "
-                f"{report['prefix_length']}+{report['caption_tokens']} tokens")
-
     bare_goal = 0.85 if on_gpu else 0.95
-    summary = [
-        row(f"full step samples/s ({geometry(detail)})", off["samples_per_s"], "samples/s", off["x_bare"],
-            "bare LM fwd+bwd" + (" (compiled)" if detail["compiled"] else ""), f">= {bare_goal} x bare", off["x_bare"] >= bare_goal),
-        row(f"full step vs ClipCap's plain step, batch {detail['batch']}", off["samples_per_s"], "samples/s", off["x_clipcap"],
-            "ClipCap transformer mapper, frozen LM, torch AdamW", ">= 2 x ClipCap (CPU)", None if on_gpu else off["x_clipcap"] >= 2.0),
-    ]
-    if larger is not None:
-        large = {r["name"]: r for r in larger["rows"]}["full, alignment off"]
-        summary += [
-            row(f"full step samples/s ({geometry(larger)})", large["samples_per_s"], "samples/s", large["x_bare"], "bare LM fwd+bwd",
-                f">= {bare_goal} x bare", large["x_bare"] >= bare_goal),
-            row(f"full step vs ClipCap's plain step, batch {larger['batch']}", large["samples_per_s"], "samples/s", large["x_clipcap"],
-                "ClipCap transformer mapper, frozen LM, torch AdamW", ">= 2 x ClipCap (CPU)", large["x_clipcap"] >= 2.0),
+
+    def full_step_rows(report: dict) -> list[dict]:
+        """The full step (alignment off) of one run against the bare LM step and ClipCap's step."""
+        full = {r["name"]: r for r in report["rows"]}["full, alignment off"]
+        lm = report["lm"]
+        geometry = (f"LM {lm['layers']}x{lm['width']}, vocab {lm['vocab_size']:,}, batch {report['batch']}, "
+                    f"{report['prefix_length']}+{report['caption_tokens']} tokens")
+        return [
+            row(f"full step samples/s ({geometry})", full["samples_per_s"], "samples/s", full["x_bare"],
+                "bare LM fwd+bwd" + (" (compiled)" if report["compiled"] else ""), f">= {bare_goal} x bare", full["x_bare"] >= bare_goal),
+            row(f"full step vs ClipCap's plain step, batch {report['batch']}", full["samples_per_s"], "samples/s", full["x_clipcap"],
+                "ClipCap transformer mapper, frozen LM, torch AdamW", ">= 2 x ClipCap (CPU)", None if on_gpu else full["x_clipcap"] >= 2.0),
         ]
+
+    summary = full_step_rows(detail) + (full_step_rows(larger) if larger is not None else [])
     if on_gpu:
         summary.append(row("full step samples/s on one GPU", off["samples_per_s"], "samples/s", off["samples_per_s"] / 778.0,
                            "ClipCap's published step (778 samples/s)", "> 8,000 samples/s", off["samples_per_s"] > 8000))

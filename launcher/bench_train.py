@@ -125,13 +125,13 @@ class LoopRunner:
         from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
         from vlpdist.models.captioner import tokenize_captions
         from vlpdist.monitor.tensorboard import TensorBoardLogger
-        from vlpdist.train.loop import DataWorld, PreemptionSignal, build_alignment_objective
+        from vlpdist.train.loop import DataWorld, PreemptionSignal, build_alignment_objective, build_model_and_engine
         from vlpdist.train.state import TrainState
         from functools import partial
 
         run_dir.mkdir(parents=True)
         self.config, self.info, self.run_dir = config, info, run_dir
-        self.engine, self.scheduler = build_engine_for(config, info, run_dir, clip_dim, ds_optimizer_params)
+        self.engine, self.scheduler = build_model_and_engine(config, info, run_dir, clip_dim, optimizer_params=ds_optimizer_params)
         device = self.engine.device
         self.objective = build_alignment_objective(config, self.engine.module, DataWorld(label_names=label_names), device)
         train = config.train
@@ -152,36 +152,6 @@ class LoopRunner:
         with contextlib.redirect_stdout(io.StringIO()):  # the loop's log line at its last step
             _train_steps(self.config, self.info, self.engine, self.scheduler, self.loader, self.state, self.tb, self.preemption,
                          self.run_dir, self.plan, self.state.step, self.objective)
-
-
-def build_engine_for(config, info, run_dir: Path, clip_dim: int, ds_optimizer_params: dict | None):
-    """`build_model_and_engine`, or (with `ds_optimizer_params`) the same engine set-up with extra
-    torch AdamW settings in the generated DeepSpeed config."""
-    from vlpdist.train.loop import build_model_and_engine
-
-    if ds_optimizer_params is None:
-        return build_model_and_engine(config, info, run_dir, clip_dim)
-    import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    from vlpdist.models.captioner import build_captioner
-    from vlpdist.parallel.deepspeed_config import build_deepspeed_config
-    from vlpdist.parallel.engine import device_of, no_decay_parameter
-
-    torch.manual_seed(config.train.seed)
-    model = build_captioner(config.model, clip_dim, 1, align=config.align).to(device_of(info))
-    ds_config = build_deepspeed_config(config.train, info.world_size, info.on_gpu)
-    ds_config["optimizer"]["params"].update(ds_optimizer_params)
-    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    groups = split_params_into_different_moe_groups_for_optimizer([
-        {"params": [p for n, p in trainable if not no_decay_parameter(n, p)], "name": "decay"},
-        {"params": [p for n, p in trainable if no_decay_parameter(n, p)], "name": "no_decay", "weight_decay": 0.0},
-    ])
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=[g for g in groups if g["params"]], config=ds_config)
-    scheduler.step(0)
-    if config.train.compile:
-        model.compile_for_training()
-    return engine, scheduler
 
 
 def run_benchmark(
@@ -208,13 +178,10 @@ def run_benchmark(
     `vocab_size` None keep GPT-2 small's. `compile_lm` runs every row with `train.compile=true` (the
     LM and mapper compiled for the training step; ClipCap's LM and mapper likewise); `compiled_rows`
     adds one compiled full step and bare step beside the eager rows."""
+    arguments = dict(locals())  # first statement: exactly the keyword arguments, forwarded whole below
     if work is None:
         with tempfile.TemporaryDirectory(prefix="vlpdist-bench-train-") as folder:
-            return run_benchmark(batch=batch, steps=steps, rounds=rounds, width=width, layers=layers, heads=heads,
-                                 vocab_size=vocab_size, prefix_length=prefix_length, caption_tokens=caption_tokens,
-                                 clip_dim=clip_dim, bank_size=bank_size, samples_per_shard=samples_per_shard,
-                                 text_targets=text_targets, unfused_adamw_row=unfused_adamw_row, compiled_rows=compiled_rows,
-                                 compile_lm=compile_lm, work=Path(folder))
+            return run_benchmark(**(arguments | {"work": Path(folder)}))
     import os
 
     from vlpdist.config import load_config

@@ -9,6 +9,7 @@ encodings of a probe sentence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from pathlib import Path
@@ -127,7 +128,13 @@ def lm_supports_4d_attention_mask(lm: nn.Module) -> bool:
 def lm_keeps_chosen_logits(lm: nn.Module) -> bool:
     """Whether the LM's forward takes `logits_to_keep` (transformers >= 4.50's causal LMs), so the
     head runs only at the positions given."""
-    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+    return _forward_takes_logits_to_keep(type(lm))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(lm_class: type) -> bool:
+    # Per class, once: the caption loss asks at every training step.
+    return "logits_to_keep" in inspect.signature(lm_class.forward).parameters
 
 
 def additive_mask(allowed_BQK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -248,8 +255,8 @@ class PrefixCaptioner(nn.Module):
     ) -> torch.Tensor:
         """The LM's (or `lm`'s) caption cross-entropy after the S start embeddings `start_BSD` (B, S, D)
         (in bottleneck mode the last B of them are the bottleneck tokens and a 4-D mask applies)."""
-        run = self._training_callable("lm", self.lm) if lm is None or lm is self.lm else lm
         lm = self.lm if lm is None else lm
+        run = self._training_callable("lm", lm) if lm is self.lm else lm
         batch, start_len = start_BSD.shape[:2]
         caption_len = input_ids_BT.shape[1]
         tokens_BTD = lm.get_input_embeddings()(input_ids_BT)

@@ -89,8 +89,9 @@ def no_decay_parameter(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or ".gate." in name
 
 
-def build_engine(model: nn.Module, train: TrainConfig, info: DistInfo, run_dir: Path):
+def build_engine(model: nn.Module, train: TrainConfig, info: DistInfo, run_dir: Path, optimizer_params: dict | None = None):
     """The DeepSpeed engine over `model`'s trainable parameters, MoE experts in their own groups.
+    `optimizer_params` go over the generated optimizer params (the benchmark's unfused-AdamW row).
 
     Writes the generated DeepSpeed JSON into the run folder (for reference; the config is the truth).
     Returns (engine, lr_scheduler)."""
@@ -98,6 +99,7 @@ def build_engine(model: nn.Module, train: TrainConfig, info: DistInfo, run_dir: 
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     ds_config = build_deepspeed_config(train, info.world_size, info.on_gpu)
+    ds_config["optimizer"]["params"].update(optimizer_params or {})
     if info.is_main:
         atomic_write_json(run_dir / "deepspeed_config.json", ds_config)
     trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]

@@ -197,7 +197,8 @@ def resume_state_for(plan: ShardPlan, replan: bool, is_main: bool) -> Callable[[
     return resume_state
 
 
-def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_dim: int, consolidated=None):
+def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_dim: int, consolidated=None,
+                           optimizer_params: dict | None = None):
     from vlpdist.models.captioner import build_captioner
     from vlpdist.models.mapper import check_model_config
 
@@ -211,7 +212,7 @@ def build_model_and_engine(config: Config, info: DistInfo, run_dir: Path, clip_d
         config.model, clip_dim, config.train.ep_size, consolidated_state=consolidated, ep_rank=ep_rank_of_this_process,
         align=config.align,
     ).to(device_of(info))
-    engine, scheduler = build_engine(model, config.train, info, run_dir)
+    engine, scheduler = build_engine(model, config.train, info, run_dir, optimizer_params)
     if config.train.ep_size > 1 and expert_parallel_rank(config.train.ep_size) != ep_rank_of_this_process:
         raise RuntimeError("DeepSpeed's expert-parallel rank layout is not rank % ep_size")
     if config.train.compile:

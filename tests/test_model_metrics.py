@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlpdist.errors import UserError
-from vlpdist.eval.captioning import caption_metrics, most_frequent_caption_baseline
+from vlpdist.eval.captioning import TokenizerMismatch, caption_metrics, most_frequent_caption_baseline, run_ptb_tokenizer
 
 REFERENCES = {
     0: ["a red circle left of a blue square", "a red circle and a blue square"],
@@ -35,3 +35,29 @@ def test_most_frequent_caption_baseline():
     assert predictions == {key: "a green star" for key in REFERENCES}
     scores = caption_metrics(REFERENCES, predictions)
     assert 0.0 < scores["CIDEr"] < caption_metrics(REFERENCES, {k: r[0] for k, r in REFERENCES.items()})["CIDEr"]
+
+
+# 20 images, two references each; the predictions are each image's first reference.
+TWENTY = {f"img{i}": [f"a {colour} {shape} on the {place}", f"the {shape} is {colour}"]
+          for i, (colour, shape, place) in enumerate(
+              (c, s, p) for c in ("red", "green", "blue", "yellow", "white") for s, p in (("car", "table"), ("dog", "road"),
+                                                                                          ("cup", "shelf"), ("bird", "wire"))
+          )}
+
+
+@pytest.mark.parametrize("line_break", ["\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029", "\r\n"])
+def test_a_line_break_in_a_caption_scores_as_a_space(line_break):
+    predictions = {key: refs[0] for key, refs in TWENTY.items()}
+    predictions["img0"] = f"a red car{line_break}on the table"
+    with_space = dict(predictions, img0="a red car on the table")
+    assert caption_metrics(TWENTY, predictions) == caption_metrics(TWENTY, with_space)
+    # In a reference too: the later images keep their own references.
+    references = dict(TWENTY, img3=[f"a red bird{line_break}on the wire", "the bird is red"])
+    assert caption_metrics(references, predictions) == caption_metrics(dict(TWENTY, img3=["a red bird on the wire", "the bird is red"]), with_space)
+
+
+def test_the_tokenizer_line_count_is_checked():
+    # The Java tokenizer really ends a line at \r: without the normalisation, captions would shift.
+    assert run_ptb_tokenizer(["a red car on the table", "", "a dog"]) == ["a red car on the table", "", "a dog"]
+    with pytest.raises(TokenizerMismatch, match="returned 4 lines for 3 captions"):
+        run_ptb_tokenizer(["a red car\ron the table", "", "a dog"])

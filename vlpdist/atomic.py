@@ -1,4 +1,12 @@
-"""Atomic writes: a file or folder appears under its final name complete, or not at all."""
+"""Atomic writes: a file or folder appears under its final name complete, or not at all.
+
+Output folders of commands (`launcher.export --out`, the demo's root, `launcher.ablate --out`,
+`launcher.bench --out`) carry a marker file, `OUTPUT_MARKER`, naming the command that wrote them.
+A command writes only into a folder that is missing, empty, or marked as its own
+(`refuse_foreign_output`): whatever else a folder holds was not written by it and is never replaced.
+A folder written whole is staged beside its final name and swapped in (`replace_output_dir`); a
+folder its command fills stage by stage and resumes (the demo's root) is claimed (`claim_output_dir`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from vlpdist.errors import UserError
 
 
 def _remove(path: Path) -> None:
@@ -20,6 +30,24 @@ def _remove(path: Path) -> None:
 def _staging_path(path: Path, writer: str) -> Path:
     """Where `writer` (a pid, or `*` to match any) stages `path`: `.<name>.tmp.<writer>` beside it."""
     return path.with_name(f".{path.name}.tmp.{writer}")
+
+
+def _swap_into_place(staging: Path, path: Path) -> None:
+    """Rename `staging` to `path`. A folder already at `path` (os.replace cannot replace a non-empty
+    one) is renamed aside first and removed only once the new one is in: a crash leaves the old
+    folder under its name or aside, never neither; a failed rename puts the old one back."""
+    if not (staging.is_dir() and path.is_dir() and not path.is_symlink()):
+        os.replace(staging, path)
+        return
+    aside = path.with_name(f".{path.name}.old.{os.getpid()}")
+    _remove(aside)
+    os.rename(path, aside)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside)
 
 
 @contextmanager
@@ -36,12 +64,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _remove(staging)
     try:
         yield staging
+        _swap_into_place(staging, path)
     except BaseException:
         _remove(staging)
         raise
-    if staging.is_dir() and path.is_dir():
-        shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
-    os.replace(staging, path)
 
 
 def remove_stale_staging(path: str | os.PathLike) -> None:
@@ -69,3 +95,60 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, value: object) -> Path:
     return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+OUTPUT_MARKER = ".vlpdist-output.json"
+
+
+def output_writer(path: str | os.PathLike) -> str | None:
+    """The command named by the marker of the output folder `path`, or None (no folder, no or unreadable marker)."""
+    marker = Path(path) / OUTPUT_MARKER
+    try:
+        return json.loads(marker.read_text()).get("writer")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def refuse_foreign_output(path: str | os.PathLike, writer: str, option: str) -> None:
+    """A `UserError` unless `path` is missing, an empty folder, or `writer`'s own earlier output.
+
+    `option` names the setting that chose `path` (`--out`, `root=`), for the message."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not path.is_symlink() and (not any(path.iterdir()) or output_writer(path) == writer):
+        return
+    what = "a file" if path.is_file() else "a link" if path.is_symlink() else "a non-empty folder"
+    owner = output_writer(path)
+    if owner:
+        what += f" written by {owner}"
+    raise UserError(f"{option} {path} is {what}, not an earlier output of {writer}: choose a new or empty folder "
+                    f"(it is never overwritten)")
+
+
+def _write_marker(folder: Path, writer: str) -> None:
+    atomic_write_json(folder / OUTPUT_MARKER, {"writer": writer})
+
+
+def claim_output_dir(path: str | os.PathLike, writer: str, option: str) -> Path:
+    """Make `path` `writer`'s output folder (created and marked when missing or empty), for a command
+    that fills it in place and reuses what it finished there; refused when it is not its own."""
+    path = Path(path)
+    refuse_foreign_output(path, writer, option)
+    path.mkdir(parents=True, exist_ok=True)
+    if output_writer(path) != writer:
+        _write_marker(path, writer)
+    return path
+
+
+@contextmanager
+def replace_output_dir(path: str | os.PathLike, writer: str, option: str) -> Iterator[Path]:
+    """Yield an empty staging folder to write `writer`'s output into; on success it is marked and
+    swapped in for `path` (missing, empty, or `writer`'s own earlier output, else refused up front);
+    on any failure the staging folder is removed and `path` is left as it was."""
+    path = Path(path)
+    refuse_foreign_output(path, writer, option)
+    with atomic_path(path) as staging:
+        staging.mkdir()
+        yield staging
+        _write_marker(staging, writer)

@@ -9,14 +9,15 @@
   (`model_fp32.safetensors`, `config.yaml`, `export.json`), so `launcher/train.py --evaluate-export
   <out>` reloads it at any ep_size.
 Then it rebuilds the MoE mapper at ep_size 1, folds it into the dense inference mapper, checks the
-fold on random inputs, and writes the self-contained export into `--out`
-(`vlpdist.models.export_bundle`): the folded mapper (`mapper.safetensors` + `mapper_config.json`),
-the LM and tokenizer as trained (`lm/`: a tuned LM always, a frozen one with `--copy-lm`; else
-named by hub name or absolute folder), bottleneck tokens and alignment heads (`extras.safetensors`),
-the CLIP the features came from (`clip/`, from the config's `process.clip_model` /
-`process.clip_pretrained`; the checkpoint itself with `--copy-clip`), `config.yaml`, and the
-manifest `export.json` with every file's size. The folder is staged and renamed into place, so
-`--out` is complete or untouched. `vlpdist.models.load_exported_captioner(<out>)` loads it;
+fold on random inputs (a relative error above `--max-fold-error` is refused, nothing written), and
+writes the self-contained export into `--out` (`vlpdist.models.export_bundle`): the folded mapper
+(`mapper.safetensors` + `mapper_config.json`), the LM and tokenizer as trained (`lm/`: a tuned LM
+always, a frozen local folder by default; a frozen hub name is recorded with its revision),
+bottleneck tokens and alignment heads (`extras.safetensors`), the CLIP the features came from
+(`clip/`, from the config's `process.clip_model` / `process.clip_pretrained`; a local checkpoint is
+copied by default), `config.yaml`, and the manifest `export.json` with every file's size. The
+folder is staged and swapped into place, so `--out` is complete or untouched; `--out` must be new,
+empty, or an earlier export (`vlpdist.atomic.replace_output_dir`): any other folder is refused. `vlpdist.models.load_exported_captioner(<out>)` loads it;
 `python -m launcher.caption --export <out> ...` captions images with it. The model config comes
 from `--config`, else from the `config.yaml` of the run folder the checkpoint sits in.
 """
@@ -35,6 +36,11 @@ from vlpdist.models.export_bundle import MANIFEST_FILE
 
 MAPPER_PREFIX = "mapper."
 FOLD_CHECK_SAMPLES = 16
+# The exact fold is the MoE mapper's algebra rewritten, so only fp32 rounding separates them: the demo's
+# trained mapper folds to ~1e-7 relative error. A wrong fold (an expert misplaced, a bias dropped, gates
+# mis-summed) is off by 1e-2 and more. 1e-4 sits a thousand times above rounding and far below any of those.
+DEFAULT_MAX_FOLD_ERROR = 1e-4
+WRITER = "launcher.export"
 
 
 def read_consolidated_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -107,6 +113,13 @@ def relative_fold_error(moe_mapper, folded, clip_dim: int, samples: int = FOLD_C
         return float((folded(clip_BC)[0] - expected).norm() / expected.norm())
 
 
+def check_fold_error(fold_error: float, tolerance: float) -> None:
+    """Refuse to export a fold whose relative error against the MoE mapper exceeds `tolerance`."""
+    if not fold_error <= tolerance:  # NaN too
+        raise UserError(f"the folded mapper differs from the MoE mapper by {fold_error:.2e} (relative), above "
+                        f"--max-fold-error {tolerance:.0e}: the fold is wrong for this checkpoint; nothing was written")
+
+
 def refuse_out_holding_checkpoint(checkpoint: Path, out: Path) -> None:
     """`--out` is replaced as a whole: it must not be, or hold, what is being exported."""
     if checkpoint.resolve().is_relative_to(out.resolve()):
@@ -116,8 +129,9 @@ def refuse_out_holding_checkpoint(checkpoint: Path, out: Path) -> None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR
-    from vlpdist.atomic import atomic_path
+    from vlpdist.atomic import refuse_foreign_output, replace_output_dir
     from vlpdist.config import load_config, save_config
+    from vlpdist.data.provenance import find_run_provenance
     from vlpdist.models.export_bundle import write_export_bundle
     from vlpdist.models.fold import fold_mapper, save_folded_mapper
     from vlpdist.models.mapper import build_mapper
@@ -125,10 +139,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="launcher.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="consolidated fp32 state dict (.safetensors or torch file), or a DeepSpeed checkpoint folder")
-    parser.add_argument("--out", required=True, help="export folder (replaced as a whole, atomically)")
+    parser.add_argument("--out", required=True, help="export folder: new, empty, or an earlier export (then replaced as a whole, "
+                                                     "atomically); any other folder is refused")
     parser.add_argument("--config", default=None, help="run config (default: config.yaml of the checkpoint's run)")
-    parser.add_argument("--copy-lm", action="store_true", help="copy a frozen LM and tokenizer into the export instead of naming them")
-    parser.add_argument("--copy-clip", action="store_true", help="copy a local CLIP checkpoint into the export instead of naming it")
+    parser.add_argument("--copy-lm", action=argparse.BooleanOptionalAction, default=None,
+                        help="copy a frozen LM and tokenizer into the export (default: a local folder is copied, a hub name "
+                             "is recorded with its revision); --no-copy-lm names a local folder by absolute path instead")
+    parser.add_argument("--copy-clip", action=argparse.BooleanOptionalAction, default=True,
+                        help="copy a local CLIP checkpoint into the export (default); --no-copy-clip names it by absolute path and SHA-256")
+    parser.add_argument("--max-fold-error", type=float, default=DEFAULT_MAX_FOLD_ERROR, metavar="REL",
+                        help=f"refuse an exact fold whose relative error against the MoE mapper exceeds this (default {DEFAULT_MAX_FOLD_ERROR:.0e})")
     parser.add_argument("--static-fold", type=int, default=0, metavar="N",
                         help="write a static fold instead (one dense layer per block from the gates' mean over the first N "
                              "training samples' CLIP embeddings): fewer parameters, approximate; its error is printed")
@@ -137,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     refuse_out_holding_checkpoint(checkpoint, out)
+    refuse_foreign_output(out, WRITER, "--out")  # before the work: replace_output_dir checks it again at the end
     consolidated = None
     if checkpoint.is_dir():
         from vlpdist.parallel.consolidate import MODULE_STATES, consolidate_checkpoint
@@ -161,13 +182,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"checkpoint does not fit model config: {str(err).splitlines()[-1].strip()}") from None
     folded = fold_mapper(moe_mapper)
     fold_error = relative_fold_error(moe_mapper, folded, clip_dim)
+    # The exact fold is checked; a static fold is an approximation by choice and its error only reported.
+    check_fold_error(fold_error, args.max_fold_error)
     static_note = ""
     if args.static_fold > 0:
         folded, fold_error = static_fold_from_features(folded, config, args.static_fold)
         static_note = f" (static: gates' mean over {args.static_fold} training samples; error on held-out samples)"
-    with atomic_path(out) as staging:
-        staging.mkdir()
-        meta = {"source_checkpoint": str(checkpoint.resolve()), "fold_relative_error": fold_error}
+    with replace_output_dir(out, WRITER, "--out") as staging:
+        meta = {"source_checkpoint": str(checkpoint.resolve()), "fold_relative_error": fold_error,
+                "fold_tolerance": args.max_fold_error}
         if consolidated is not None:
             from vlpdist.parallel.consolidate import write_consolidated_export
 
@@ -178,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
             save_config(config, staging)
         save_folded_mapper(folded, staging, {"model": asdict(config.model), "fold_relative_error": fold_error})
         manifest = write_export_bundle(staging, config, full_state, clip_dim, copy_lm=args.copy_lm, copy_clip=args.copy_clip,
-                                       clip_config_dirs=[SHIPPED_CLIP_CONFIG_DIR], meta=meta)
+                                       clip_config_dirs=[SHIPPED_CLIP_CONFIG_DIR], meta=meta,
+                                       provenance=find_run_provenance(checkpoint))
     if consolidated is not None:
         print(f"consolidated {consolidated.folder} (step {consolidated.step}, {consolidated.precision} run, fp32 weights "
               f"from the {consolidated.fp32_source} files, {len(consolidated.state)} tensors) into {out}", flush=True)
@@ -191,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "moe_params": count_parameters(moe_mapper),
         "folded_params": count_parameters(folded),
         "fold_relative_error": fold_error,
+        "fold_tolerance": args.max_fold_error,
         "out": str(out),
         "lm": manifest["lm"]["source"],
         "files": len(manifest["files"]),

@@ -27,11 +27,13 @@ from vlpdist.models.export_bundle import read_export_manifest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("tuned, copy_lm", [(False, False), (False, True), (True, False)], ids=["frozen", "frozen-copied", "tuned"])
+@pytest.mark.parametrize("tuned, copy_lm", [(False, False), (False, True), (True, False)], ids=["frozen-named", "frozen-copied", "tuned"])
 def test_export_round_trip_captions_like_the_trained_model(tmp_path, tiny_lm, tiny_clip, tuned, copy_lm):
     checkpoint, trained = trained_run(tmp_path / "run", tiny_lm, tiny_clip, tuned=tuned)
     export_dir = tmp_path / "elsewhere" / "export"
-    export_main(["--checkpoint", str(checkpoint), "--out", str(export_dir), *(["--copy-lm"] if copy_lm else [])])
+    # A local frozen LM is copied by default; --no-copy-lm names it, as a hub LM is named.
+    export_main(["--checkpoint", str(checkpoint), "--out", str(export_dir), *([] if copy_lm or tuned else ["--no-copy-lm"]),
+                 "--no-copy-clip"])
 
     manifest = read_export_manifest(export_dir)
     if tuned or copy_lm:
@@ -39,7 +41,7 @@ def test_export_round_trip_captions_like_the_trained_model(tmp_path, tiny_lm, ti
         assert (export_dir / "lm" / "config.json").is_file() and any(name.startswith("lm/tokenizer") for name in manifest["files"])
     else:
         assert manifest["lm"] == {"source": "reference", "tuned": False, "name": str(Path(tiny_lm).resolve()),
-                                  "tokenizer": str(Path(tiny_lm).resolve())}
+                                  "tokenizer": str(Path(tiny_lm).resolve()), "revision": None, "tokenizer_revision": None}
     assert manifest["clip"]["pretrained"] == str(Path(tiny_clip).resolve()) and manifest["clip"]["embed_dim"] == CLIP_DIM
     assert (manifest["extras"] == "extras.safetensors") == tuned
 
@@ -67,7 +69,7 @@ def test_clip_rebuilt_from_the_export_embeds_as_ingestion_did(tmp_path, tiny_lm,
     from data_ingest.process.clip_model import encode_images, load_clip
 
     checkpoint, _ = trained_run(tmp_path / "run", tiny_lm, tiny_clip, tuned=False)
-    export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "export"), "--copy-clip"])
+    export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")])  # a local CLIP is copied by default
     manifest = read_export_manifest(tmp_path / "export")
     assert manifest["clip"]["pretrained"] == f"clip/{Path(tiny_clip).name}"
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))

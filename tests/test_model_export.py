@@ -15,6 +15,7 @@ from common_fixtures import REPO
 from safetensors.torch import save_file
 
 from launcher.export import main as export_main
+from vlpdist.atomic import OUTPUT_MARKER
 from vlpdist.config import Config, ModelConfig, save_config
 from vlpdist.models import build_mapper, load_folded_mapper
 
@@ -44,9 +45,12 @@ def run_dir(tmp_path) -> Path:
 def test_export_writes_folded_mapper_that_matches_the_moe(run_dir, capsys, checkpoint):
     report = export_main(["--checkpoint", str(run_dir / "checkpoints" / checkpoint), "--out", str(run_dir / "export")])
     export = run_dir / "export"
-    assert {p.name for p in export.iterdir()} == {"mapper.safetensors", "mapper_config.json", "config.yaml", "clip", "export.json"}
+    assert {p.name for p in export.iterdir()} == {"mapper.safetensors", "mapper_config.json", "config.yaml", "clip", "export.json",
+                                                  OUTPUT_MARKER}
     manifest = json.loads((export / "export.json").read_text())
-    assert manifest["lm"] == {"source": "reference", "tuned": False, "name": "gpt2", "tokenizer": "gpt2"}
+    # A hub LM is named, pinned to the hub cache's commit when there is one (none offline here).
+    assert manifest["lm"] == {"source": "reference", "tuned": False, "name": "gpt2", "tokenizer": "gpt2",
+                              "revision": None, "tokenizer_revision": None}
     assert manifest["clip"]["model_name"] == "ViT-B-32" and manifest["clip"]["pretrained_kind"] == "tag"
     assert manifest["clip"]["preprocess"]["size"] == [224, 224] and (export / manifest["clip"]["model_config"]).is_file()
     assert set(manifest["files"]) == {"mapper.safetensors", "mapper_config.json", "config.yaml", "clip/ViT-B-32.json"}
@@ -78,6 +82,36 @@ def test_out_holding_the_checkpoint_is_refused(run_dir, capsys):
     with pytest.raises(SystemExit):
         export_main(["--checkpoint", str(run_dir / "checkpoints" / "model_fp32.safetensors"), "--out", str(run_dir / "checkpoints")])
     assert "would be replaced" in capsys.readouterr().err and (run_dir / "checkpoints" / "model_fp32.safetensors").is_file()
+
+
+def test_out_holding_other_files_is_refused_and_an_earlier_export_replaced(run_dir, capsys):
+    """T1: `--out mymodels` holding the user's files is refused untouched; an earlier export is replaced."""
+    checkpoint = str(run_dir / "checkpoints" / "model_fp32.safetensors")
+    mymodels = run_dir / "mymodels"
+    (mymodels / "other_model").mkdir(parents=True)
+    (mymodels / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exited:
+        export_main(["--checkpoint", checkpoint, "--out", str(mymodels)])
+    assert exited.value.code == 2 and "not an earlier output of launcher.export" in capsys.readouterr().err
+    assert sorted(p.name for p in mymodels.iterdir()) == ["notes.txt", "other_model"]
+    export_main(["--checkpoint", checkpoint, "--out", str(run_dir / "export")])
+    (run_dir / "export" / "stale.txt").write_text("left by the earlier export's run")
+    export_main(["--checkpoint", checkpoint, "--out", str(run_dir / "export")])
+    assert not (run_dir / "export" / "stale.txt").exists() and (run_dir / "export" / "mapper.safetensors").is_file()
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".export.")]
+
+
+def test_fold_error_above_the_tolerance_is_refused(run_dir, capsys):
+    """The measured exact-fold error (~1e-7 here) is checked: under a tolerance below it, nothing is written."""
+    checkpoint = str(run_dir / "checkpoints" / "model_fp32.safetensors")
+    with pytest.raises(SystemExit) as exited:
+        export_main(["--checkpoint", checkpoint, "--out", str(run_dir / "export"), "--max-fold-error", "1e-12"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "above --max-fold-error 1e-12" in err and len(err.strip().splitlines()) == 1
+    assert not (run_dir / "export").exists() and not [p for p in run_dir.iterdir() if p.name.startswith(".export")]
+    report = export_main(["--checkpoint", checkpoint, "--out", str(run_dir / "export")])
+    assert report["fold_tolerance"] == 1e-4 > report["fold_relative_error"]
+    assert json.loads((run_dir / "export" / "export.json").read_text())["fold_tolerance"] == 1e-4
 
 
 @pytest.mark.slow

@@ -3,13 +3,17 @@
 An export folder holds (next to `mapper.safetensors` + `mapper_config.json`, the folded mapper):
 
 - `lm/`: the LM and tokenizer as trained (`save_pretrained`), when the LM was tuned (its weights
-  come from the consolidated `lm.*` entries) or copied (`copy_lm`); a frozen LM not copied is
-  named instead, by hub name or by the absolute path of its local folder;
+  come from the consolidated `lm.*` entries) or copied (`copy_lm`: by default a frozen LM from a
+  local folder is, a frozen hub LM is not); a frozen LM not copied is named instead, by hub name
+  with the revision (commit) of the hub cache's copy when there is one, or by absolute path;
 - `extras.safetensors`: the bottleneck tokens (`bottleneck`, (B, D)) and the alignment heads
   (`heads.*`, for retrieval), when the model has them;
 - `clip/`: the open_clip model config (and the checkpoint, when copied) of the CLIP the features
   came from (`vlpdist.models.clip_identity`);
 - `config.yaml`: the run config it was exported with;
+- in the manifest, `features_provenance`: which CLIP made the training features from images prepared
+  how (`vlpdist.data.provenance`), so inference prepares images the same way; None for a run whose
+  features had no provenance;
 - `export.json`: the manifest, written last: format and version, model and align config, the LM and
   CLIP identities, and every other file with its size. An export without it, or with a listed
   file missing or of another size, is refused (`read_export_manifest`).
@@ -42,6 +46,24 @@ def resolve_model_name(name: str) -> str:
     return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
+def hub_revision(repo_id: str) -> str | None:
+    """The commit the hub cache's `main` of model repo `repo_id` points at (what `from_pretrained`
+    loaded offline), or None: a local path, not in the cache."""
+    if not repo_id or Path(repo_id).exists():
+        return None
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.strip('/').replace('/', '--')}" / "refs" / "main"
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def clip_tag_revision(model_name: str, tag: str) -> str | None:
+    """The hub commit of an open_clip pretrained tag's weights, when open_clip fetches them from the hub and they are cached."""
+    from open_clip import get_pretrained_cfg
+
+    return hub_revision((get_pretrained_cfg(model_name, tag) or {}).get("hf_hub", ""))
+
+
 def expected_extras(config: Config) -> tuple[bool, bool]:
     """(has bottleneck tokens, has alignment heads), as `PrefixCaptioner.__init__` decides them."""
     return config.model.bottleneck_tokens > 0, config.align.enabled and bool(config.align.text_target)
@@ -61,10 +83,12 @@ def load_trained_lm_weights(lm: torch.nn.Module, lm_state: Mapping[str, torch.Te
         raise UserError(f"the checkpoint's 'lm.*' weights do not fit LM {name!r}: missing {untrained[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
-def write_language_model(out_dir: Path, config: Config, state: Mapping[str, torch.Tensor], copy_lm: bool) -> dict:
+def write_language_model(out_dir: Path, config: Config, state: Mapping[str, torch.Tensor], copy_lm: bool | None) -> dict:
     """Save the LM as trained into `out_dir/lm` (tuned, or frozen and `copy_lm`), or name it; the manifest's `lm` entry.
 
-    A consolidated state holds `lm.*` exactly when the LM was trained (a frozen LM is left out of it)."""
+    `copy_lm=None`: copy a frozen LM whose model or tokenizer is a local folder (nothing outside the
+    export is then needed), name a hub LM. A consolidated state holds `lm.*` exactly when the LM was
+    trained (a frozen LM is left out of it)."""
     from vlpdist.models.captioner import load_language_model_and_tokenizer
 
     lm_state = {key[len(LM_PREFIX):]: value for key, value in state.items() if key.startswith(LM_PREFIX)}
@@ -72,8 +96,11 @@ def write_language_model(out_dir: Path, config: Config, state: Mapping[str, torc
         raise UserError("model.freeze_lm is false but the checkpoint holds no 'lm.*' weights: the tuned LM is missing from it")
     base = {"name": resolve_model_name(config.model.lm_name),
             "tokenizer": resolve_model_name(config.model.tokenizer_name or config.model.lm_name)}
+    if copy_lm is None:
+        copy_lm = Path(config.model.lm_name).is_dir() or Path(config.model.tokenizer_name or config.model.lm_name).is_dir()
     if not lm_state and not copy_lm:
-        return {"source": "reference", "tuned": False, **base}
+        return {"source": "reference", "tuned": False, **base,
+                "revision": hub_revision(config.model.lm_name), "tokenizer_revision": hub_revision(base["tokenizer"])}
     lm, tokenizer = load_language_model_and_tokenizer(config.model)
     if lm_state:
         load_trained_lm_weights(lm, lm_state, config.model.lm_name)
@@ -107,10 +134,14 @@ def list_files(folder: Path) -> dict[str, int]:
 
 def write_export_bundle(
     out_dir: Path, config: Config, state: Mapping[str, torch.Tensor], clip_dim: int, *,
-    copy_lm: bool = False, copy_clip: bool = False, clip_config_dirs: Iterable[str | Path] = (), meta: dict | None = None,
+    copy_lm: bool | None = None, copy_clip: bool = True, clip_config_dirs: Iterable[str | Path] = (), meta: dict | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Write the LM, extras, CLIP identity and (last) the manifest into `out_dir`, which already holds
-    the folded mapper; returns the manifest. `out_dir` is a staging folder: the caller renames it into place."""
+    the folded mapper; returns the manifest. `out_dir` is a staging folder: the caller renames it into place.
+
+    `provenance`: the run's features provenance (`vlpdist.data.provenance`), carried in the manifest;
+    a CLIP other than the one it names is refused."""
     from vlpdist.atomic import atomic_write_json
     from vlpdist.models.clip_identity import record_clip_identity
 
@@ -118,6 +149,12 @@ def write_export_bundle(
     extras = write_extras(out_dir, config, state)
     clip = record_clip_identity(config.process.clip_model, config.process.clip_pretrained, out_dir,
                                 config_dirs=clip_config_dirs, copy_checkpoint=copy_clip)
+    if clip["pretrained_kind"] == "tag":
+        clip["revision"] = clip_tag_revision(config.process.clip_model, config.process.clip_pretrained)
+    if provenance is not None:
+        from vlpdist.data.provenance import check_same_clip
+
+        check_same_clip(provenance, clip, "the run config (process.clip_model / process.clip_pretrained)")
     manifest = {
         **(meta or {}),
         "format": EXPORT_FORMAT,
@@ -127,6 +164,7 @@ def write_export_bundle(
         "align": asdict(config.align),
         "lm": lm,
         "clip": clip,
+        "features_provenance": provenance,
         "extras": extras,
         "files": list_files(out_dir),
     }

@@ -8,6 +8,9 @@ Import explicitly: `from process_ray_fixtures import ...` (pytest puts tests/ on
   - `_run_shard`: each attempt at a shard writes `<hold dir>/<shard>.<pid>.started`; on an
     `OSError`, if `<hold dir>/<shard>.repair` names a file, that file is moved over the raw shard
     (which the test broke) before the error goes on to the driver, so the next attempt finds it;
+    if `<hold dir>/stall_once` exists, the first attempt to claim it (renaming it to
+    `<shard>.<pid>.stalled`) blocks until that file is removed, like a read that never returns:
+    later attempts run normally;
   - `_process_batch`: before a shard's second batch (its first is in the staging tar), while
     `<hold dir>/hold` exists, the worker writes `<hold dir>/<shard>.<pid>.holding` and waits.
   Workers import this module by name, so tests/ and the repository are put on the PYTHONPATH that
@@ -64,6 +67,15 @@ def install_hold() -> None:
         name = Path(raw_tar).name.split(".")[0]
         current.update(shard=name, batches=0)
         (folder / f"{name}.{os.getpid()}.started").write_text(str(os.getpid()))
+        stalled = folder / f"{name}.{os.getpid()}.stalled"
+        try:
+            os.rename(folder / "stall_once", stalled)  # only one attempt can win the rename
+        except FileNotFoundError:
+            pass
+        else:
+            deadline = time.monotonic() + 300
+            while stalled.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         try:
             return run_shard(raw_tar, *args, **kwargs)
         except OSError:

@@ -102,8 +102,17 @@ class ProcessConfig:
     floor(cpus_per_task) - 1 (one CPU drives the models, the rest feed them)."""
     max_retries: int = 3
     """Ray retries of a shard task whose worker died; other shards go on meanwhile."""
+    task_timeout_s: float = 7200.0
+    """A shard attempt running longer than this is stopped (its actor killed) and counts as a
+    failed attempt: the shard is retried (max_retries), so a read stuck for ever holds no actor."""
+    schedule_timeout_s: float = 300.0
+    """How long the driver waits while no shard actor can start before it says which resource is
+    missing; when the cluster has none of it at all, the waiting shards then fail with that line."""
     batch_size: int = 64
     """Images per batched forward pass (CLIP, captioner, ITM)."""
+    max_image_pixels: int = 40_000_000
+    """Largest image (width x height) decoded; a larger one is a failed row (too_many_pixels). A chunk
+    holds batch_size decoded images: 64 at this bound are 7.7 GB of RGB."""
     clip_model: str = "ViT-B-32"
     """open_clip model name (a built-in or one registered from clip_config_dir / beside the checkpoint)."""
     clip_pretrained: str = "laion2b_s34b_b79k"

@@ -28,6 +28,7 @@ from data_ingest.process.clip_model import check_clip_checkpoint
 from data_ingest.process.shard import ShardProcessor, stats_path
 from vlpdist.atomic import atomic_write_json
 from vlpdist.config import Config, ProcessConfig
+from vlpdist.data.provenance import write_provenance
 from vlpdist.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +47,11 @@ def check_process_config(settings: ProcessConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"config key '{key}' is {value!r}; expected one of {list(allowed)}")
-    if settings.batch_size < 1 or settings.num_synthetic_captions < 1:
-        raise UserError("config keys 'process.batch_size' and 'process.num_synthetic_captions' must be >= 1")
+    if min(settings.batch_size, settings.num_synthetic_captions, settings.max_image_pixels) < 1:
+        raise UserError("config keys 'process.batch_size', 'process.num_synthetic_captions' and "
+                        "'process.max_image_pixels' must be >= 1")
+    if settings.task_timeout_s <= 0 or settings.schedule_timeout_s <= 0:
+        raise UserError("config keys 'process.task_timeout_s' and 'process.schedule_timeout_s' must be > 0 (seconds)")
     if not 0.0 <= settings.demo_clip_clean_fraction < 1.0:
         raise UserError("config key 'process.demo_clip_clean_fraction' must be in [0, 1)")
     if settings.caption_policy == "synthetic" and not settings.captioner:
@@ -108,6 +112,27 @@ def _actor_slots(settings: ProcessConfig, shards: int) -> int:
     return max(1, min(slots))
 
 
+def _actor_demand(settings: ProcessConfig) -> dict[str, float]:
+    """The Ray resources one shard actor asks for."""
+    return {name: amount for name, amount in (("CPU", settings.cpus_per_task), ("GPU", settings.gpus_per_task)) if amount > 0}
+
+
+def _unschedulable(settings: ProcessConfig) -> tuple[str, bool]:
+    """(one line naming what keeps every shard actor from starting, whether the cluster lacks it
+    altogether), from Ray's view of the cluster's total and free resources."""
+    import ray
+
+    demand, total, free = _actor_demand(settings), ray.cluster_resources(), ray.available_resources()
+    missing = [f"{name} (an actor asks for {need:g}, the cluster has {total.get(name, 0.0):g})"
+               for name, need in demand.items() if total.get(name, 0.0) + 1e-9 < need]
+    waited = f"no shard actor became ready in {settings.schedule_timeout_s:g} s (process.schedule_timeout_s)"
+    if missing:
+        return f"{waited}: the cluster lacks {', '.join(missing)}", True
+    free_now = ", ".join(f"{name} {free.get(name, 0.0):g} free of {total[name]:g}" for name in demand)
+    return (f"{waited}: {free_now} (held by actors still loading their models, or by other work); still waiting",
+            False)
+
+
 def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig) -> tuple[list[dict], dict[str, str], dict[str, int]]:
     """Run the shards on a pool of `ShardProcessor` actors; returns (the stats of each shard that
     finished, shard name -> error for each that failed after all retries, shard name -> attempts for
@@ -116,9 +141,13 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
     An attempt fails when its actor dies (worker killed, node lost): the actor is replaced and the
     shard goes back to the queue; or when the task raised an `OSError` (a transient read error):
     the shard goes back to the queue. Each shard has `1 + process.max_retries` attempts; any other
-    exception is a bug or a bad input and fails the shard at once. An actor whose models fail to
-    load is not replaced; when none is left, the waiting shards fail with its error. A shard is
-    taken as done only from its own stats file or the attempt's answer, so it is never done twice.
+    exception is a bug or a bad input and fails the shard at once. An attempt running longer than
+    `process.task_timeout_s` fails too: a running actor task cannot be cancelled, so its actor is
+    killed and replaced. An actor whose models fail to load is not replaced; when none is left, the
+    waiting shards fail with its error. While no actor is ready or running and none could start for
+    `process.schedule_timeout_s`, the driver prints which resource is missing (and fails the waiting
+    shards if the cluster has none of it). A shard is taken as done only from its own stats file or
+    the attempt's answer, so it is never done twice.
     """
     import ray
     from tqdm import tqdm
@@ -134,6 +163,7 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
     for _ in range(_actor_slots(settings, len(pending))):
         start_actor()
     queue, idle, running = deque(pending), [], {}  # running: process() ref -> (actor, raw shard)
+    attempt_started: dict = {}  # process() ref -> time.monotonic() at submission
     attempts: Counter = Counter()
     finished: dict[str, dict] = {}
     errors: dict[str, str] = {}
@@ -151,14 +181,38 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
         else:
             fail(raw, err)
 
+    # ray.wait returns at least this often, so that stuck attempts and missing resources are seen.
+    poll_s = min(5.0, settings.task_timeout_s, settings.schedule_timeout_s)
+    last_usable = time.monotonic()  # when an actor was last ready or running (or the run began)
     with tqdm(total=len(pending), desc="process shards", unit="shard") as progress:
         try:
             while queue or running:
                 while idle and queue:
                     actor, raw = idle.pop(), queue.popleft()
                     attempts[raw.stem] += 1
-                    running[actor.process.remote(str(raw), str(features_dir))] = (actor, raw)
-                (done,), _ = ray.wait([*running, *starting], num_returns=1)
+                    attempt = actor.process.remote(str(raw), str(features_dir))
+                    running[attempt], attempt_started[attempt] = (actor, raw), time.monotonic()
+                if idle or running:
+                    last_usable = time.monotonic()
+                ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=poll_s)
+                if not ready:
+                    now = time.monotonic()
+                    for attempt in [ref for ref in running if now - attempt_started[ref] > settings.task_timeout_s]:
+                        actor, raw = running.pop(attempt)
+                        del attempt_started[attempt]
+                        ray.kill(actor, no_restart=True)
+                        start_actor()
+                        overrun = f"attempt {attempts[raw.stem]} ran over process.task_timeout_s={settings.task_timeout_s:g} s"
+                        print(f"[process] shard {raw.stem}: {overrun}; its actor is killed", flush=True)
+                        failed_attempt(raw, TimeoutError(overrun))
+                    if not idle and not running and now - last_usable > settings.schedule_timeout_s:
+                        message, never = _unschedulable(settings)
+                        print(f"[process] {message}", flush=True)
+                        last_usable = now  # the next report after another schedule_timeout_s
+                        while never and queue:
+                            fail(queue.popleft(), RuntimeError(message))
+                    continue
+                done = ready[0]
                 if done in starting:
                     actor = starting.pop(done)
                     try:
@@ -172,6 +226,7 @@ def _run_shards(pending: list[Path], features_dir: Path, settings: ProcessConfig
                                 fail(queue.popleft(), err)
                     continue
                 actor, raw = running.pop(done)
+                del attempt_started[done]
                 try:
                     finished[raw.stem] = ray.get(done)
                     idle.append(actor)
@@ -245,6 +300,35 @@ def summarize(features_dir: Path, shard_names: list[str]) -> dict:
     return {**totals, "failed": dict(failed), "decisions": dict(decisions), "task_seconds": round(seconds, 2)}
 
 
+def features_provenance(config: Config) -> dict:
+    """The provenance manifest of the features this config makes: its CLIP, and the image preparation the
+    download stage recorded beside `raw/` (this config's `download` settings for raw shards made elsewhere)."""
+    from data_ingest.download import STATE_FILENAME
+    from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR
+    from vlpdist.data.provenance import build_provenance, ingestion_preparation
+    from vlpdist.models.clip_identity import describe_clip
+
+    state_path = Path(config.root) / STATE_FILENAME
+    recorded = json.loads(state_path.read_text()).get("image_preparation") if state_path.is_file() else None
+    ingestion = recorded or ingestion_preparation(config.download, recorded_by="process config")
+    identity, _ = describe_clip(config.process.clip_model, config.process.clip_pretrained, config_dirs=[SHIPPED_CLIP_CONFIG_DIR])
+    return build_provenance(identity, ingestion)
+
+
+def refuse_other_provenance(features_dir: Path, provenance: dict) -> None:
+    """Features already made with another CLIP or image preparation must not be mixed with new ones."""
+    from vlpdist.data.provenance import INGESTION_KEYS, read_provenance, same_clip
+
+    before = read_provenance(features_dir)
+    if before is None:
+        return
+    same_preparation = all(before["ingestion"][key] == provenance["ingestion"][key] for key in INGESTION_KEYS)
+    if not (same_clip(before["clip"], provenance["clip"]) and same_preparation
+            and before["processing"] == provenance["processing"]):
+        raise UserError(f"{features_dir} holds features made with another CLIP or image preparation ({features_dir}/provenance.json): "
+                        "use a new root (or features folder) for this config")
+
+
 def run_process(config: Config) -> dict:
     """Process every raw shard under `<root>/raw` into `<root>/features`; returns the stage summary."""
     settings = config.process
@@ -256,6 +340,8 @@ def run_process(config: Config) -> dict:
 
         train_demo_clip(config)
     _check_inputs_exist(settings)
+    provenance = features_provenance(config)
+    refuse_other_provenance(features_dir, provenance)
     features_dir.mkdir(parents=True, exist_ok=True)
     _record_label_vocabulary(features_dir, settings)
     pending = [raw for raw in raw_shards if not stats_path(features_dir, raw.stem).is_file()]
@@ -286,6 +372,7 @@ def run_process(config: Config) -> dict:
     if settings.demo_truth:
         summary["filter_vs_truth"] = score_against_truth(features_dir, settings.demo_truth)
     atomic_write_json(features_dir / "process_summary.json", summary)
+    write_provenance(features_dir, provenance)
     print_summary(summary)
     return summary
 

@@ -113,6 +113,36 @@ def test_tuned_lm_gets_gradients(cfg, captions):
     assert captioner.lm.get_input_embeddings().weight.grad is not None
 
 
+@pytest.fixture(scope="module")
+def dropout_lm_dir(tmp_path_factory, lm_dir):
+    """The module's tiny LM with GPT-2's own 0.1 dropout (embeddings, residuals, attention)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lm") / "dropout_lm"
+    AutoModelForCausalLM.from_pretrained(lm_dir, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(lm_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("freeze_lm", [True, False])
+def test_a_frozen_lm_runs_without_dropout_in_train_mode(cfg, captions, dropout_lm_dir, freeze_lm):
+    """Train mode (as `engine.train()` sets it, and as generation restores it) keeps a frozen LM in
+    eval mode: the caption loss after a fixed prefix and the text features (what `lm_cached` keeps)
+    are the same on every pass. A tuned LM keeps its dropout."""
+    captioner = build_captioner(dataclasses.replace(cfg, lm_name=dropout_lm_dir, freeze_lm=freeze_lm), CLIP_DIM)
+    input_ids, attention_mask = captioner.tokenize(captions[:8])
+    prefix_BPD = torch.randn(8, cfg.prefix_length, captioner.lm.get_input_embeddings().embedding_dim)
+    captioner.train()
+    captioner.generate_captions(torch.randn(2, CLIP_DIM), max_new_tokens=2)  # eval, then back to train
+    with torch.no_grad():
+        losses = [captioner.caption_loss_after(prefix_BPD, input_ids, attention_mask) for _ in range(2)]
+        features = [captioner.lm_text_features(input_ids, attention_mask) for _ in range(2)]
+    assert torch.equal(losses[0], losses[1]) is freeze_lm
+    assert torch.equal(features[0], features[1]) is freeze_lm
+    assert captioner.training and captioner.mapper.training
+    assert captioner.lm.training is not freeze_lm
+
+
 def test_generate_returns_captions_greedy_and_beam(cfg):
     captioner = build_captioner(cfg, CLIP_DIM)
     clip_BC = torch.randn(3, CLIP_DIM)

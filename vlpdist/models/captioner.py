@@ -100,8 +100,25 @@ class AlignmentHeads(nn.Module):
         return nn.functional.normalize(_linear_fp32(self.text, text_BDt.float()), dim=-1)
 
     def temperature(self) -> torch.Tensor:
-        """0-dim fp32, within its bounds (clamped in the forward, as CLIP clamps its logit scale)."""
-        return self.log_temperature.float().exp().clamp(*self.temperature_bounds)[0]
+        """0-dim fp32. Not clamped here: a clamp in the forward has no gradient past a bound, and Adam's
+        momentum would carry the parameter further out for good; `clamp_temperature_` bounds it instead."""
+        return self.log_temperature.float().exp()[0]
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp the log-temperature in place into its bounds; call after every applied optimizer step
+        (as open_clip and ALBEF clamp their logit scale). At the bound the gradient still flows, so the
+        temperature comes back as soon as the loss favours it.
+
+        Under DeepSpeed ZeRO the optimizer steps an fp32 master copy and writes it over the module's
+        parameter at the next step, so the master is clamped too: each rank clamps the fragment it
+        owns (`_hp_mapping`, DeepSpeed's link from a parameter to its master fragment; a clamp is
+        elementwise, so fragment-wise is the whole clamp). No collective, no host sync."""
+        low, high = (math.log(bound) for bound in self.temperature_bounds)
+        self.log_temperature.data.clamp_(low, high)
+        master = getattr(self.log_temperature, "_hp_mapping", None)
+        if master is not None:
+            master.get_hp_fragment().data.clamp_(low, high)
 
 
 def _linear_fp32(layer: nn.Linear, x_BI: torch.Tensor) -> torch.Tensor:
@@ -191,6 +208,19 @@ class PrefixCaptioner(nn.Module):
         # Training-mode callables from `compile_for_training`, kept in a plain dict so they are not
         # submodules: state_dict names, checkpoints and the momentum copy of the mapper stay as they are.
         self._compiled: dict[str, nn.Module] = {}
+        # `from_pretrained` hands the LM over in eval mode; the captioner starts in train mode as a
+        # whole (a tuned LM with its dropout, a frozen one without, see `train`).
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "PrefixCaptioner":
+        """As `nn.Module.train`, except that a frozen LM always stays in eval mode (ClipCap's frozen
+        GPT-2 does): no dropout in the caption loss, and text features that depend on the caption
+        alone, so `lm_cached` keeps the LM's feature, not one dropout draw of it. The engine's
+        `train()`/`eval()` and the restore after generation and evaluation all come through here."""
+        super().train(mode)
+        if self.freeze_lm:
+            self.lm.eval()
+        return self
 
     def compile_for_training(self, **options) -> list[str]:
         """`torch.compile` the LM and the mapper for the training forward (`self.training` only).

@@ -1,7 +1,8 @@
 """A frozen LM's text features of captions, computed once per (sample, caption) and kept on the training device.
 
-With a frozen LM a caption's mean-pooled hidden states never change, so ITC's text side need not
-cost an LM forward every step. The index lives on the host (a dict from (sample id, caption index)
+With a frozen LM a caption's mean-pooled hidden states never change (the captioner keeps a frozen
+LM in eval mode, so a row is the LM's feature, not one dropout draw of it), so ITC's text side need
+not cost an LM forward every step. The index lives on the host (a dict from (sample id, caption index)
 to a row), so deciding whether a batch is all cached costs no device sync; the rows live on the
 device. Once `capacity` rows are taken, further captions are computed every time they come.
 A cached row was computed inside some earlier batch, so its last bits may differ from a fresh

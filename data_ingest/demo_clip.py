@@ -22,14 +22,14 @@ from vlpdist.errors import UserError
 DEMO_CLIP_MODEL = "vlpdist-demo-clip"
 
 
-def _load_pairs(shards: list[Path], preprocess):
+def _load_pairs(shards: list[Path], preprocess, max_pixels: int):
     """Every usable (image tensor, caption) pair in `shards`, in key order, read as the processing stage reads them."""
     import torch
 
     from data_ingest.process.shard import read_inputs
 
     pairs = [(preprocess(image), caption) for shard in shards
-             for _, image, caption in read_inputs(shard, captioner_on=False)[0]]
+             for _, image, caption in read_inputs(shard, captioner_on=False, max_pixels=max_pixels)[0]]
     return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]
 
 
@@ -96,7 +96,7 @@ def train_demo_clip(config: Config) -> Path:
     tokenizer = open_clip.get_tokenizer(process.clip_model)
     # Images are already at the model's size; the eval transform (no random crops) keeps the
     # left/right layout the captions talk about.
-    images_BCHW, captions = _load_pairs(training_raw_shards(config), preprocess_eval)
+    images_BCHW, captions = _load_pairs(training_raw_shards(config), preprocess_eval, process.max_image_pixels)
     tokens_BL = tokenizer(captions)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=process.demo_clip_lr, weight_decay=0.1)

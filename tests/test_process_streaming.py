@@ -81,7 +81,7 @@ def _whole_shard_reference(raw, settings: ProcessConfig, models: dict):
     """What the stage computed before it streamed: every sample of the shard decoded first, then
     each batch of `batch_size` usable samples preprocessed together and run through the models.
     Returns (failures as (key, url, reason), one result per usable sample)."""
-    good, failures, _ = read_inputs(raw, captioner_on=bool(settings.captioner))
+    good, failures, _ = read_inputs(raw, captioner_on=bool(settings.captioner), max_pixels=settings.max_image_pixels)
     transforms = _image_transforms(models)
     results = []
     for start in range(0, len(good), settings.batch_size):

@@ -13,9 +13,14 @@ Outputs: `features/NNNNN.tar`, `NNNNN_decisions.parquet` (one row per raw sample
 or failed with a reason) and, last, `NNNNN_stats.json`, whose presence marks the shard done. Every
 file is written under a temporary name and renamed.
 
-Only a cut archive (`tarfile.ReadError`, `EOFError`) is a data failure (`truncated_tar`, the
-samples it lost named from img2dataset's parquet). Any other `OSError` (a file system hiccup, a
-shard not yet readable) propagates: the task fails and the driver retries it.
+Only a cut or corrupt archive is a data failure (`truncated_tar`, one row for every sample it
+lost, named from img2dataset's parquet): `tarfile` raising, an archive that stops without its
+end-of-archive block (`tarfile` reads a cut or invalid header past the first as a normal end), or
+one that lacks samples the parquet lists as downloaded. Any other `OSError` (a file system
+hiccup, a shard not yet readable) propagates: the task fails and the driver retries it.
+
+Decoding admits only the formats web images come in (`ADMITTED_IMAGE_FORMATS`) and at most
+`process.max_image_pixels` pixels; anything else is a failed row with its reason.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ from vlpdist.errors import UserError
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 """Members that can hold a sample's image, in the order they are looked for."""
 
+ADMITTED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+"""PIL formats a sample's image may be in: img2dataset re-encodes to JPEG, PNG or WebP, and with
+resizing off it keeps what the server sent (GIF, BMP and TIFF are served too). Other PIL decoders
+(EPS through Ghostscript, PSD, ICO, ...) never see web bytes."""
+
 
 @dataclass
 class RawSample:
@@ -61,18 +71,27 @@ def stats_path(features_dir: Path, shard_name: str) -> Path:
     return features_dir / f"{shard_name}_stats.json"
 
 
-def index_raw_shard(tar_path: Path) -> tuple[list[IndexedSample], str | None]:
-    """The samples of a raw tar in key order, and an error text if the tar ended early (the cut sample is left out).
+@dataclass
+class RawIndex:
+    """What the first pass over a raw tar found: its whole samples in key order, the error text if
+    the archive is cut or corrupt, and a (key, url, "truncated_tar") row for each sample it lost."""
 
-    Key order, not tar order: img2dataset writes a shard's samples as its download threads finish,
-    so tar order differs run to run; in key order every later stage (and the seeded demo CLIP)
-    repeats run to run. Every member is read through (and dropped) with tarfile's stream reader,
-    so a cut is found wherever it is, header or data. An `OSError` opening or reading the file is
-    not a cut: it propagates.
+    samples: list[IndexedSample]
+    tar_error: str | None
+    lost: list[tuple[str, str, str]]
+
+
+def _scan_members(tar_path: Path) -> tuple[list[IndexedSample], IndexedSample | None, str | None]:
+    """(the samples before the last one, the last one, an error text if the archive is cut), in tar order.
+
+    Every member is read through (and dropped) with tarfile's stream reader, so a cut in the data
+    is found wherever it is. A cut, empty or invalid header past the first one is, to tarfile, a
+    normal end of the archive; so where its reading stops must be an end-of-archive block (512 zero
+    bytes: one proves that every member before it is whole; the second POSIX asks for adds nothing).
+    An `OSError` opening or reading the file is not a cut: it propagates.
     """
     samples: list[IndexedSample] = []
     current: IndexedSample | None = None
-    tar_error = None
     with open(tar_path, "rb") as raw_file:
         try:
             with tarfile.open(fileobj=raw_file, mode="r|*") as archive:
@@ -85,21 +104,69 @@ def index_raw_shard(tar_path: Path) -> tuple[list[IndexedSample], str | None]:
                     directory, _, base = member.name.rpartition("/")
                     stem, _, extension = base.partition(".")
                     key = f"{directory}/{stem}" if directory else stem
-                    content = archive.extractfile(member)
-                    while content.read(1 << 20):
-                        pass
-                    if current is None or current.key != key:
+                    if current is None or current.key != key:  # before reading: a cut in this member is this sample's
                         if current is not None:
                             samples.append(current)
                         current = IndexedSample(key)
+                    content = archive.extractfile(member)
+                    while content.read(1 << 20):
+                        pass
                     current.members[extension] = (member.offset_data, member.size)
                     archive.members = []  # tarfile keeps every header it read; the index is all this needs
+                end = archive.offset  # where the header that stopped the reading begins
         except (tarfile.ReadError, EOFError) as err:
-            tar_error = f"{type(err).__name__}: {err}"
-        else:
-            if current is not None:
-                samples.append(current)
-    return sorted(samples, key=lambda sample: sample.key), tar_error
+            return samples, current, f"{type(err).__name__}: {err}"
+        raw_file.seek(end)
+        block = raw_file.read(tarfile.BLOCKSIZE)
+    if block == bytes(tarfile.BLOCKSIZE):
+        return samples, current, None
+    if len(block) < tarfile.BLOCKSIZE:
+        return samples, current, (f"the archive ends at byte {end + len(block)}, inside or instead of a member header "
+                                  "(no end-of-archive block)")
+    return samples, current, f"invalid member header at byte {end}"
+
+
+def _downloaded_samples(tar_path: Path) -> list[tuple[str, str]] | None:
+    """(key, url) of each sample img2dataset wrote into this tar, from its parquet beside it (None without one)."""
+    parquet = tar_path.with_suffix(".parquet")
+    if not parquet.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    columns = [name for name in ("key", "status", "url") if name in pq.read_schema(parquet).names]
+    table = pq.read_table(parquet, columns=columns).to_pydict()
+    urls = table.get("url", [""] * len(table["key"]))
+    return [(key, url) for key, status, url in zip(table["key"], table["status"], urls) if status == "success"]
+
+
+def index_raw_shard(tar_path: Path) -> RawIndex:
+    """Where each whole sample of a raw tar lies, in key order, checked against img2dataset's parquet.
+
+    Key order, not tar order: img2dataset writes a shard's samples as its download threads finish,
+    so tar order differs run to run; in key order every later stage (and the seeded demo CLIP)
+    repeats run to run. An archive that lacks samples its parquet lists as downloaded is cut too
+    (a tail of zeros after a crash reads as a normal end). When the archive is cut, the sample it
+    was in (the last one read) may miss members, so it is lost with the rest: every downloaded
+    sample ends as a whole sample or a `truncated_tar` row (one `<unknown>` row without the parquet).
+    """
+    samples, last, tar_error = _scan_members(tar_path)
+    downloaded = _downloaded_samples(tar_path)
+    if tar_error is None and downloaded is not None:
+        found = {sample.key for sample in samples} | ({last.key} if last is not None else set())
+        missing = [key for key, _ in downloaded if key not in found]
+        if missing:
+            tar_error = (f"the archive holds {len(downloaded) - len(missing)} of the {len(downloaded)} samples its "
+                         f"parquet lists as downloaded (first missing: {missing[0]})")
+    if tar_error is None and last is not None:
+        samples.append(last)
+    if tar_error is None:
+        lost = []
+    elif downloaded is None:
+        lost = [("<unknown>", "", "truncated_tar")]
+    else:
+        whole = {sample.key for sample in samples}
+        lost = [(key, url, "truncated_tar") for key, url in downloaded if key not in whole]
+    return RawIndex(sorted(samples, key=lambda sample: sample.key), tar_error, lost)
 
 
 def _read_sample(raw_file, tar_path: Path, indexed: IndexedSample) -> RawSample:
@@ -112,27 +179,6 @@ def _read_sample(raw_file, tar_path: Path, indexed: IndexedSample) -> RawSample:
     return sample
 
 
-def _expected_keys(tar_path: Path) -> list[str] | None:
-    """Keys img2dataset wrote into this tar (its parquet beside it), to name samples a truncation lost."""
-    parquet = tar_path.with_suffix(".parquet")
-    if not parquet.is_file():
-        return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(parquet, columns=["key", "status"]).to_pydict()
-    return [key for key, status in zip(table["key"], table["status"]) if status == "success"]
-
-
-def _truncation_failures(tar_path: Path, indexed: list[IndexedSample], tar_error: str | None) -> list[tuple[str, str, str]]:
-    """(key, url, "truncated_tar") for each sample a cut tar lost (one "<unknown>" row without img2dataset's parquet)."""
-    if tar_error is None:
-        return []
-    expected = _expected_keys(tar_path)
-    seen = {sample.key for sample in indexed}
-    lost = [key for key in expected if key not in seen] if expected is not None else ["<unknown>"]
-    return [(key, "", "truncated_tar") for key in lost]
-
-
 def _sample_meta(sample: RawSample) -> dict:
     try:
         return json.loads(sample.members.get("json", b"{}"))
@@ -140,33 +186,46 @@ def _sample_meta(sample: RawSample) -> dict:
         return {}
 
 
-def _decode(sample: RawSample):
-    """(RGB image, web caption, "") for a usable sample, (None, caption, reason) for one that is not."""
+def _decode(sample: RawSample, max_pixels: int):
+    """(RGB image, web caption, "") for a usable sample, (None, caption, reason) for one that is not:
+    missing_image, decode_error (not an image in an admitted format, or broken) or too_many_pixels."""
+    import warnings
+
     from PIL import Image
 
     caption = sample.members.get("txt", b"").decode("utf-8", "replace").strip()
     image_bytes = next((sample.members[ext] for ext in IMAGE_EXTENSIONS if sample.members.get(ext)), None)
     if not image_bytes:
         return None, caption, "missing_image"
+    # PIL's bound is a module global, checked on opening (before any pixel is decoded) and on each
+    # GIF frame: this stage's bound while it decodes, the caller's after. Above the bound PIL only
+    # warns (it raises above twice it): the warning becomes an error, so the image is refused.
+    bound_before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
-        image = Image.open(io.BytesIO(image_bytes))
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(image_bytes), formats=ADMITTED_IMAGE_FORMATS)
+            image.load()
         return image.convert("RGB"), caption, ""
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return None, caption, "too_many_pixels"
+    except (OSError, ValueError):
         return None, caption, "decode_error"
+    finally:
+        Image.MAX_IMAGE_PIXELS = bound_before
 
 
-def read_inputs(raw_path: Path, captioner_on: bool):
+def read_inputs(raw_path: Path, captioner_on: bool, max_pixels: int):
     """The whole shard at once, for callers that need every pair (the demo CLIP's training): usable
     samples as (sample, RGB image, caption), failures as (key, url, reason), and the tar error if
     the tar was cut short. The processing task streams instead (`_DecodedChunks`)."""
-    indexed, tar_error = index_raw_shard(raw_path)
-    failures = _truncation_failures(raw_path, indexed, tar_error)
+    index = index_raw_shard(raw_path)
+    failures = list(index.lost)
     good, undecodable = [], []
     with open(raw_path, "rb") as raw_file:
-        for entry in indexed:
+        for entry in index.samples:
             sample = _read_sample(raw_file, raw_path, entry)
-            image, caption, reason = _decode(sample)
+            image, caption, reason = _decode(sample, max_pixels)
             if reason:
                 undecodable.append((sample, reason))
             else:
@@ -175,7 +234,7 @@ def read_inputs(raw_path: Path, captioner_on: bool):
         undecodable += [(sample, "empty_caption") for sample, _, caption in good if not caption]
         good = [item for item in good if item[2]]
     failures += [(sample.key, _sample_meta(sample).get("url", ""), reason) for sample, reason in undecodable]
-    return good, failures, tar_error
+    return good, failures, index.tar_error
 
 
 @dataclass
@@ -193,7 +252,7 @@ class DecodedChunk:
     """What a loader worker returns for a chunk of raw samples (in key order)."""
 
     samples: list[DecodedSample] = field(default_factory=list)
-    undecodable: list[tuple[str, str, str]] = field(default_factory=list)  # (key, url, missing_image/decode_error)
+    undecodable: list[tuple[str, str, str]] = field(default_factory=list)  # (key, url, reason `_decode` gave)
     empty_caption: list[tuple[str, str, str]] = field(default_factory=list)  # (key, url, "empty_caption")
 
 
@@ -214,9 +273,9 @@ class _DecodedChunks:
     preprocessed by every model's transform (in a loader worker, or the task's thread)."""
 
     def __init__(self, tar_path: Path, indexed: list[IndexedSample], chunk_size: int, transforms: dict,
-                 drop_empty_captions: bool):
+                 drop_empty_captions: bool, max_pixels: int):
         self.tar_path, self.indexed, self.chunk_size = tar_path, indexed, chunk_size
-        self.transforms, self.drop_empty_captions = transforms, drop_empty_captions
+        self.transforms, self.drop_empty_captions, self.max_pixels = transforms, drop_empty_captions, max_pixels
 
     def __len__(self) -> int:
         return math.ceil(len(self.indexed) / self.chunk_size)
@@ -228,7 +287,7 @@ class _DecodedChunks:
             for entry in self.indexed[chunk_index * self.chunk_size : (chunk_index + 1) * self.chunk_size]:
                 sample = _read_sample(raw_file, self.tar_path, entry)
                 url = _sample_meta(sample).get("url", "")
-                image, caption, reason = _decode(sample)
+                image, caption, reason = _decode(sample, self.max_pixels)
                 if reason:
                     chunk.undecodable.append((sample.key, url, reason))
                 elif self.drop_empty_captions and not caption:  # no captioner: nothing it could keep
@@ -410,9 +469,9 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
     feature_tar, decisions_file = out_dir / f"{shard_name}.tar", out_dir / f"{shard_name}_decisions.parquet"
     for output in (feature_tar, decisions_file, stats_path(out_dir, shard_name)):
         remove_stale_staging(output)  # left by an attempt whose worker died
-    indexed, tar_error = index_raw_shard(raw_path)
-    chunks = _DecodedChunks(raw_path, indexed, settings.batch_size, _image_transforms(models),
-                            drop_empty_captions=not settings.captioner)
+    index = index_raw_shard(raw_path)
+    chunks = _DecodedChunks(raw_path, index.samples, settings.batch_size, _image_transforms(models),
+                            drop_empty_captions=not settings.captioner, max_pixels=settings.max_image_pixels)
     workers = loader_workers(settings)
     # Its own generator: a loader draws its workers' base seed from it, which from the global one
     # would shift the captioner's sampling.
@@ -448,7 +507,7 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
                                        "decision": choice.decision, "web_clip": result["scores"]["web_clip"],
                                        "web_kept": choice.web_kept})
     # Failures first, as (key, url, reason): what the cut lost, then undecodable, then captionless samples.
-    failures = _truncation_failures(raw_path, indexed, tar_error) + undecodable + empty_caption
+    failures = index.lost + undecodable + empty_caption
     rows = [{"key": key, "url": url, "status": "failed", "reason": reason, "decision": "", "web_clip": None,
              "web_kept": False} for key, url, reason in failures] + processed_rows
     _write_decisions(rows, decisions_file)
@@ -462,7 +521,7 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
         "decisions": dict(decision_counts),
         "captions_kept": captions_kept,
         "synthetic_captions_kept": synthetic_kept,
-        "tar_error": tar_error,
+        "tar_error": index.tar_error,
         "device": device,
         "seconds": round(time.time() - started, 3),
     }

@@ -11,7 +11,7 @@ from common_fixtures import REPO
 from data_ingest.process.run import check_process_config
 from data_ingest.url_list import check_url_list
 from vlpdist.config import Config, load_config, save_config
-from vlpdist.errors import UserError
+from vlpdist.errors import UserError, exit_on_user_error
 from vlpdist.models.mapper import check_model_config
 from vlpdist.parallel.deepspeed_config import build_deepspeed_config, check_train_config
 
@@ -71,8 +71,8 @@ def test_train_recipe_deepspeed_config_on_nodes_of_8_gpus(nodes):
     assert ds["train_batch_size"] == train.micro_batch_size * train.gradient_accumulation_steps * world_size
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == train.zero_stage == 2  # DeepSpeed's MoE allows ZeRO 1 or 2 only
-    assert ds["zero_optimization"]["overlap_comm"] and not ds["optimizer"]["params"]["torch_adam"]  # GPU settings
-    assert "fused" not in ds["optimizer"]["params"]  # torch AdamW's setting; DeepSpeed's FusedAdam would refuse it
+    assert ds["zero_optimization"]["overlap_comm"]  # a GPU setting
+    assert ds["optimizer"]["params"]["torch_adam"] and ds["optimizer"]["params"]["fused"]  # torch's fused AdamW, no op compiled
     # Expert parallelism: one expert per GPU within a node, the experts replicated once per node.
     assert world_size % train.ep_size == 0 and config.model.num_experts % train.ep_size == 0
     assert config.model.num_experts // train.ep_size == 1
@@ -123,6 +123,7 @@ def test_overrides_win_over_yaml_and_are_typed(tmp_path):
         ("", ["demo.num_samples=many"], "config key 'demo.num_samples' in command line"),
         ("", ["download.distributor=spark"], "config key 'download.distributor' is 'spark'"),
         ("download: [1, 2\n", [], "config file {file} line"),
+        ("train: 5\n", [], "config key 'train' in {file} is a section"),
     ],
 )
 def test_config_errors_name_the_key_and_the_file(tmp_path, yaml_text, overrides, expected):
@@ -133,6 +134,107 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, yaml_text, overrides,
     message = str(err.value)
     assert expected.format(file=path) in message
     assert "\n" not in message
+
+
+# Malformed overrides: each is one line naming the key, exit code 2, no traceback.
+BAD_OVERRIDES = [
+    ("train=5", "config key 'train' in command line is a section"),
+    ("root.x=1", "config key 'root' in command line is a value, not a section"),
+    ("train.seed.x=1", "config key 'train.seed' in command line is a value, not a section"),
+    ("train.nope=1", "unknown config key 'train.nope' in command line"),
+    ("nope.seed=1", "unknown config key 'nope' in command line"),
+    ("train.seed=abc", "config key 'train.seed' in command line: 'abc' is not an integer"),
+    ("train.seed=1.5", "config key 'train.seed' in command line: '1.5' is not an integer"),
+    ("train.seed=", "config key 'train.seed' in command line: '' is not an integer"),
+    ("train.lr=fast", "config key 'train.lr' in command line: 'fast' is not a number"),
+    ("train.lr=nan", "config key 'train.lr' in command line: 'nan' is not a finite number"),
+    ("train.compile=yes", "config key 'train.compile' in command line: 'yes' is not true or false"),
+    ("train.compile=1", "config key 'train.compile' in command line: '1' is not true or false"),
+    ("model.kernel_sizes=3", "config key 'model.kernel_sizes' in command line: '3' is not a list"),
+    ("model.kernel_sizes=[3, x]", "config key 'model.kernel_sizes' in command line: 'x' is not an integer"),
+    ("=x", "config override '=x' (command line) has an empty key"),
+    ("train.=1", "config override 'train.=1' (command line) has an empty key"),
+    ("train..seed=1", "has an empty key"),
+    ("train.", "config override 'train.' (command line) is not of the form key.sub=value"),
+    ("train.seed", "is not of the form key.sub=value"),
+    ("train.seed=-1", "config key 'train.seed' is -1; it must be in [0, 2**32)"),
+    ("train.seed=4294967296", "config key 'train.seed' is 4294967296"),
+]
+
+
+@pytest.mark.parametrize("override, expected", BAD_OVERRIDES, ids=[item for item, _ in BAD_OVERRIDES])
+def test_a_malformed_override_is_one_line_and_exit_2(capsys, override, expected):
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(load_config)(None, [override])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert "Traceback" not in err
+
+
+# (override, field, the value it must hold): a string field keeps the text after the first '=' as
+# typed; the others are converted by the field's declared type, not by YAML.
+GOOD_OVERRIDES = [
+    ("train.output_dir=/data/my runs/run #2", "train.output_dir", "/data/my runs/run #2"),
+    ("root=007", "root", "007"),
+    ("download.url_list=@x", "download.url_list", "@x"),
+    ("download.url_list= padded ", "download.url_list", " padded "),
+    ("download.url_list=a=b", "download.url_list", "a=b"),
+    ("download.url_list=${HOME}", "download.url_list", "${HOME}"),
+    ("download.url_list=", "download.url_list", ""),
+    ("process.filter=null", "process.filter", "null"),
+    ("process.captioner=true", "process.captioner", "true"),
+    ("train.seed=007", "train.seed", 7),
+    ("train.lr=1e-3", "train.lr", 1e-3),
+    ("align.itc_weight=0", "align.itc_weight", 0.0),
+    ("process.clip_threshold=-1.0", "process.clip_threshold", -1.0),
+    ("train.compile=true", "train.compile", True),
+    ("train.resume=False", "train.resume", False),
+    ("model.kernel_sizes=[3, 5]", "model.kernel_sizes", [3, 5]),
+    ("model.kernel_sizes=[]", "model.kernel_sizes", []),
+    ("download.extra_columns=[similarity, punsafe]", "download.extra_columns", ["similarity", "punsafe"]),
+]
+
+
+@pytest.mark.parametrize("override, key, expected", GOOD_OVERRIDES, ids=[item for item, _, _ in GOOD_OVERRIDES])
+def test_an_override_holds_exactly_its_typed_value_and_round_trips(tmp_path, override, key, expected):
+    def value(config):
+        section, _, name = key.rpartition(".")
+        return getattr(getattr(config, section) if section else config, name)
+
+    config = load_config(REPO / "configs" / "demo.yaml", [override])
+    assert value(config) == expected and type(value(config)) is type(expected)
+    assert value(load_config(save_config(config, tmp_path))) == expected  # the saved run config reads back the same
+
+
+def test_optional_and_enum_fields_take_null_and_member_names():
+    from enum import Enum
+    from typing import Optional
+
+    from vlpdist.config import _convert_override_value
+
+    class Mode(Enum):
+        FAST = "fast"
+
+    assert _convert_override_value("null", Optional[int], "k") is None
+    assert _convert_override_value("3", Optional[int], "k") == 3
+    assert _convert_override_value("null", str, "k") == "null"
+    assert _convert_override_value("FAST", Mode, "k") is Mode.FAST and _convert_override_value("fast", Mode, "k") is Mode.FAST
+    with pytest.raises(UserError, match="'slow' is not one of"):
+        _convert_override_value("slow", Mode, "k")
+
+
+@pytest.mark.parametrize(
+    "command, override, expected",
+    [
+        (["launcher/train.py", "--config", "configs/demo.yaml"], "train=5", "config key 'train' in command line is a section"),
+        (["-m", "data_ingest.run", "--config", "configs/demo.yaml"], "train.compile=yes", "'yes' is not true or false"),
+    ],
+)
+def test_the_entry_points_refuse_a_malformed_override_in_one_line(command, override, expected):
+    result = subprocess.run([sys.executable, *command, override], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,12 @@ stages add their own dataclass here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -240,6 +245,10 @@ class TrainConfig:
     """How many of the most recent checkpoints to keep."""
     resume: bool = True
     """Resume from the latest valid checkpoint in output_dir/checkpoints when there is one."""
+    overwrite: bool = False
+    """With resume false: remove the checkpoint tags (and `latest`) already in output_dir/checkpoints
+    before training, so the new run's saves do not mix with them. False refuses to start a new run
+    over checkpoints (exit 2). Nothing else in output_dir is removed."""
     replan_on_resume: bool = False
     """When the data plan (shards, held-out shards, workers, micro-batch, seed) differs from the
     checkpoint's: false refuses to resume, naming what changed; true starts the new plan at the
@@ -355,35 +364,116 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file at `path` (optional) <- `key.sub=value` overrides."""
+    """Defaults <- YAML file at `path` (optional) <- `key.sub=value` overrides (see `parse_override`)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = OmegaConf.structured(Config)
-    layers: list[tuple[str, Any]] = []
+    # Every override is checked before the file is read: a typo on the command line fails first.
+    assignments = [parse_override(item) for item in overrides]
+    merged = OmegaConf.structured(Config)
     if path is not None:
-        layers.append((str(path), _read_yaml(Path(path))))
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"config override {item!r} (command line) is not of the form key.sub=value")
-        key, raw_value = item.split("=", 1)
-        nested: dict = {}
-        cursor = nested
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            cursor = cursor.setdefault(part, {})
-        cursor[leaf] = yaml.safe_load(raw_value) if raw_value != "" else ""
-        layers.append(("command line", nested))
-
-    merged = schema
-    for origin, values in layers:
+        values = _read_yaml(Path(path))
+        _check_sections(values, Config, str(path))
         try:
             merged = OmegaConf.merge(merged, values)
         except OmegaConfBaseException as err:
-            raise UserError(_describe_config_error(err, origin)) from None
+            raise UserError(_describe_config_error(err, str(path))) from None
+    # Merged before the YAML's interpolations resolve, so `root=<dir>` moves every `${root}/...` path.
+    for names, value in assignments:
+        nested: Any = _literal(value)
+        for name in reversed(names):
+            nested = {name: nested}
+        merged = OmegaConf.merge(merged, nested)
     config = OmegaConf.to_object(merged)
     _check_values(config)
     return config
+
+
+def _literal(value: Any) -> Any:
+    """`value` escaped so that OmegaConf resolves it to itself: a `${` in a string is text, not an
+    interpolation (the backslashes before it doubled, as OmegaConf's grammar reads them)."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", value)
+    if isinstance(value, list):
+        return [_literal(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _literal(item) for key, item in value.items()}
+    return value
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """`key.sub=value` -> (("key", "sub"), the value in the field's declared type).
+
+    The value is the text after the first `=`, not YAML: a str field takes it exactly as typed
+    (spaces, `#`, leading zeros, `@`, an empty string); an int, float or bool field converts it
+    (true/false, any case, for a bool); a list field takes `[a, b, ...]`, each element converted
+    by the element type (elements cannot hold a comma); an Optional field takes `null` for None;
+    an Enum field takes a member's name or value. Anything else is a `UserError` naming the key."""
+    key, equals, text = item.partition("=")
+    key = key.strip()
+    if not equals:
+        raise UserError(f"config override {item!r} (command line) is not of the form key.sub=value")
+    names = tuple(key.split("."))
+    if not all(names):
+        raise UserError(f"config override {item!r} (command line) has an empty key or key part before '='")
+    section: type = Config
+    for depth, name in enumerate(names):
+        where = ".".join(names[: depth + 1])
+        if not dataclasses.is_dataclass(section):
+            raise UserError(f"config key '{'.'.join(names[:depth])}' in command line is a value, not a section: '{key}' does not exist")
+        field_types = typing.get_type_hints(section)
+        if name not in {f.name for f in dataclasses.fields(section)}:
+            raise UserError(f"unknown config key '{where}' in command line")
+        section = field_types[name]
+    if dataclasses.is_dataclass(section):
+        example = dataclasses.fields(section)[0].name
+        raise UserError(f"config key '{key}' in command line is a section, not a value: set its keys, e.g. {key}.{example}=...")
+    return names, _convert_override_value(text, section, key)
+
+
+def _convert_override_value(text: str, kind: Any, key: str) -> Any:
+    def refuse(what: str) -> UserError:
+        return UserError(f"config key '{key}' in command line: {text!r} is not {what}")
+
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        others = [arg for arg in args if arg is not type(None)]
+        if len(others) != 1:
+            raise TypeError(f"config key '{key}': a union of {others} has no command-line form")
+        if text.strip() == "null" and len(others) < len(args):
+            return None
+        return _convert_override_value(text, others[0], key)
+    if origin is list:
+        inner = text.strip()
+        if not (inner.startswith("[") and inner.endswith("]")):
+            raise refuse("a list (write [a, b, ...])")
+        inner = inner[1:-1].strip()
+        return [_convert_override_value(part.strip(), args[0], key) for part in inner.split(",")] if inner else []
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.strip().lower() not in ("true", "false"):
+            raise refuse("true or false")
+        return text.strip().lower() == "true"
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise refuse("an integer") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise refuse("a number") from None
+        if not math.isfinite(value):
+            raise refuse("a finite number")
+        return value
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        for member in kind:
+            if text in (member.name, str(member.value)):
+                return member
+        raise refuse(f"one of {[member.name for member in kind]}")
+    raise TypeError(f"config key '{key}': field type {kind!r} has no command-line form")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -400,6 +490,18 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of keys, not {type(values).__name__}")
     return values
+
+
+def _check_sections(values: dict, section: type, origin: str, prefix: str = "") -> None:
+    """A section given a value (`train: 5`) is refused by name; OmegaConf's own error names no key."""
+    field_types = typing.get_type_hints(section)
+    for name, value in values.items():
+        kind = field_types.get(name) if name in {f.name for f in dataclasses.fields(section)} else None
+        if kind is None or not dataclasses.is_dataclass(kind):
+            continue  # unknown keys and plain values: OmegaConf's merge names them
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{prefix}{name}' in {origin} is a section: it takes a mapping of its keys, not {value!r}")
+        _check_sections(value, kind, origin, f"{prefix}{name}.")
 
 
 def _describe_config_error(err: Exception, origin: str) -> str:
@@ -448,6 +550,9 @@ def _check_values(config: Config) -> None:
         raise UserError("config keys 'align.*_weight' must be >= 0")
     if config.model.bottleneck_tokens < 0:
         raise UserError("config key 'model.bottleneck_tokens' must be >= 0")
+    # numpy's generators (shard order, shuffling) refuse a negative seed: here, not in a loader worker hours in.
+    if not 0 <= config.train.seed < 2**32:
+        raise UserError(f"config key 'train.seed' is {config.train.seed}; it must be in [0, 2**32)")
     if not 0.0 <= config.demo.mismatch_fraction < 1.0:
         raise UserError("config key 'demo.mismatch_fraction' must be in [0, 1)")
 
@@ -456,4 +561,6 @@ def save_config(config: Config, folder: str | os.PathLike) -> Path:
     """Write the resolved config as YAML into `folder` (atomically) and return its path."""
     from vlpdist.atomic import atomic_write_text
 
-    return atomic_write_text(Path(folder) / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    # Every value is resolved: a `${` left in a string is text, and must read back as text.
+    resolved = _literal(dataclasses.asdict(config))
+    return atomic_write_text(Path(folder) / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -9,7 +9,11 @@ space-separated key=value) so one sbatch script serves every recipe.
 world size and `train.ep_size` and evaluates it on the held-out shards (into train.output_dir).
 
 Exit codes: 0 done; 1 failure (e.g. too many NaN steps in a row); 2 user error (one line);
-3 stopped by SIGUSR2/SIGTERM after writing a checkpoint (requeue to resume).
+3 stopped by SIGUSR2/SIGTERM after writing a checkpoint (requeue to resume) -- unless
+VLPDIST_STOP_MARKER names a file: then rank 0 writes the signal and step there and every rank exits 0
+(slurm/pretrain.sh reads it); 128 + the signal's number: stopped by SIGUSR2/SIGTERM after the
+training steps, during the export or evaluation (the last checkpoint holds every step: rerun to
+export and evaluate).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    from vlpdist.train.loop import TrainingDiverged, run_export_evaluation, run_training
+    from vlpdist.train.loop import StoppedBySignal, TrainingDiverged, run_export_evaluation, run_training
 
     args = parse_args(argv)
     overrides = shlex.split(os.environ.get("VLPDIST_OVERRIDES", "")) + list(args.overrides)
@@ -46,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.evaluate_export is not None:
             return run_export_evaluation(config, args.evaluate_export)
-        return run_training(config)
+        stop_marker = os.environ.get("VLPDIST_STOP_MARKER")
+        return run_training(config, Path(stop_marker) if stop_marker else None)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except StoppedBySignal as stop:
+        print(f"stopped by {stop.signal_name} after the training steps (export/evaluation not finished; the last "
+              f"checkpoint holds every step: rerun to finish them), exit {stop.exit_code}", file=sys.stderr, flush=True)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ may start and end inside shards, and a shard may feed several slots). The order 
 epoch, so a different tail is left out each time. Dealing shards whole instead cuts every slot to
 the smallest slot's share, which lost 22-36 % of an epoch at real shard and slot counts.
 
-Shard sample counts come from the processing stage's `<shard>_stats.json` (`written`), read once
-by rank 0, which builds the plan and sends it to the other ranks, so ranks cannot disagree about
-it. `ShardPlan.describe()` is what a checkpoint records (shard names and counts, held-out shard
-names, world size, workers, micro-batch, seed, shuffle buffer), so a resume can tell whether the
-saved data position still means the same samples.
+Shard sample counts are counted from the tars' member headers and checked against the processing
+stage's `<shard>_stats.json` (`written`) by rank 0, which builds the plan (or the error that stops
+every rank alike) and sends it to the other ranks, so ranks cannot disagree about it.
+`ShardPlan.describe()` is what a checkpoint records (shard names and counts, held-out shard names,
+world size, workers, micro-batch, seed, shuffle buffer), so a resume can tell whether the saved
+data position still means the same samples.
 
 Each slot streams its span with webdataset through a seeded shuffle buffer (`wds.shuffle`) and
 cuts micro-batches. A rank's DataLoader takes batches from its workers in turn, so the rank's
@@ -32,6 +33,7 @@ import hashlib
 import itertools
 import json
 import random
+import signal
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from vlpdist.data.tars import end_of_archive_error
 from vlpdist.errors import UserError
 
 STATS_SUFFIX = "_stats.json"
@@ -73,24 +76,49 @@ def split_heldout(shards: list[Path], heldout_shards: int) -> tuple[list[Path], 
 
 
 def count_shard_samples(shard: Path) -> int:
-    """Samples in a webdataset tar: distinct keys (the member name up to its first dot)."""
-    with tarfile.open(shard, "r:") as archive:
-        keys = {Path(name).name.split(".", 1)[0] for name in archive.getnames()}
+    """Samples in a webdataset tar: distinct keys (the member name up to its first dot), from the
+    member headers alone (no member is read). A cut or corrupt tar is a `UserError`."""
+    try:
+        with open(shard, "rb") as file, tarfile.open(fileobj=file, mode="r:") as archive:
+            keys = {Path(name).name.split(".", 1)[0] for name in archive.getnames()}
+            damage = end_of_archive_error(file, archive.offset)
+    except tarfile.ReadError as err:
+        damage = f"{type(err).__name__}: {err}"
+    if damage:
+        raise UserError(f"feature shard {shard} is cut or corrupt ({damage}); rerun the processing stage for it")
     return len(keys)
 
 
+def _stats_count(stats: Path) -> int:
+    try:
+        return int(json.loads(stats.read_text())["written"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{stats} is not a processing stats file (no integer 'written'); rerun the processing "
+                        "stage for its shard") from None
+
+
 def shard_sample_counts(shards: list[Path]) -> tuple[list[int], int]:
-    """(samples per shard, how many shards had no stats file): from `<shard>_stats.json`'s `written`,
-    else (shards made by another tool) by reading the tar's member names."""
-    counts, counted = [], 0
-    for shard in shards:
+    """(samples per shard, how many shards had no stats file), every tar's samples counted from its
+    member headers (a few shards at a time: the reads are small and scattered) and checked against
+    its `<shard>_stats.json`'s `written`. A disagreement is a `UserError` here, at planning, in
+    either direction: a stats file that over-counts would fail the rank that reaches the shard's
+    end hours in (while the others wait in a collective), one that under-counts would drop the
+    shard's tail every epoch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        counts = list(pool.map(count_shard_samples, shards))
+    without_stats = 0
+    for shard, count in zip(shards, counts):
         stats = shard.with_name(shard.stem + STATS_SUFFIX)
-        if stats.is_file():
-            counts.append(int(json.loads(stats.read_text())["written"]))
-        else:
-            counts.append(count_shard_samples(shard))
-            counted += 1
-    return counts, counted
+        if not stats.is_file():
+            without_stats += 1
+        elif (stats_count := _stats_count(stats)) != count:
+            raise UserError(
+                f"feature shard {shard} holds {count} samples but {stats.name} counts {stats_count}: the "
+                "two are not from the same processing run; rerun the processing stage for the shard"
+            )
+    return counts, without_stats
 
 
 def _epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
@@ -284,6 +312,7 @@ def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         "caption_index": choice,
         "captions": feature.captions,
         "labels": feature.labels,
+        "decision": feature.decision,
     }
 
 
@@ -355,6 +384,15 @@ class FeatureBatchStream(torch.utils.data.IterableDataset):
             yield batch
 
 
+def reset_worker_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a forked worker inherits the trainer's SIGTERM/SIGUSR2 handlers,
+    which only set a flag the worker never reads. SIGTERM gets its default back, so it ends the
+    worker; SIGUSR2 (Slurm's warning, forwarded to every process of the step) is for the trainer,
+    which checkpoints with the batches the worker still serves: the worker ignores it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def build_train_loader(
     plan: ShardPlan, rank: int, start_position: int, tokenize: Tokenize | None = None, pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
@@ -366,17 +404,47 @@ def build_train_loader(
         num_workers=plan.num_workers,
         persistent_workers=plan.num_workers > 0,
         pin_memory=pin_memory,
+        worker_init_fn=reset_worker_signals,
         # Its own generator: starting workers must not draw from the global torch RNG, which
         # training restores from the checkpoint (MoE token selection draws from it).
         generator=torch.Generator().manual_seed(plan.seed),
     )
 
 
+# CapFilt decisions that kept the sample's web caption; the processing stage writes it first.
+WEB_KEPT_DECISIONS = ("keep_web", "keep_web_and_synthetic")
+SYNTHETIC_ONLY_DECISION = "keep_synthetic"
+
+
+def web_caption_count(decision: str, captions: list[str]) -> int:
+    """How many of a feature sample's kept captions (the first ones) are web captions: 1 when CapFilt
+    kept the web caption, 0 when it kept only BLIP's synthetic ones, all of them for shards whose
+    samples carry no CapFilt decision (made by another tool: nothing marks a caption synthetic)."""
+    if decision in WEB_KEPT_DECISIONS:
+        return 1
+    if decision == SYNTHETIC_ONLY_DECISION:
+        return 0
+    return len(captions)
+
+
+def _heldout_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`collate_features` plus what evaluation scores against: per sample the web captions the filter
+    kept (`references`) with their CLIP text embeddings (`reference_clip_texts`, (R, D)), and BLIP's
+    synthetic captions (`synthetic_references`), which are scored apart, never as references."""
+    batch = collate_features(samples)
+    webs = [web_caption_count(sample["decision"], sample["captions"]) for sample in samples]
+    batch["references"] = [sample["captions"][:web] for sample, web in zip(samples, webs)]
+    batch["reference_clip_texts"] = [sample["clip_texts"][:web] for sample, web in zip(samples, webs)]
+    batch["synthetic_references"] = [sample["captions"][web:] for sample, web in zip(samples, webs)]
+    return batch
+
+
 def iterate_heldout(
     shards: list[Path], batch_size: int, max_samples: int, rank: int = 0, world_size: int = 1,
 ) -> Iterator[dict[str, Any]]:
-    """Held-out batches in file order (first caption as the target, all kept captions as references):
-    of the first `max_samples` samples, those with index % world_size == rank (one rank's share)."""
+    """Held-out batches in file order (first kept caption as the loss target; `_heldout_batch`'s
+    references and synthetic captions): of the first `max_samples` samples, those with
+    index % world_size == rank (one rank's share)."""
     samples: list[dict[str, Any]] = []
     for index, raw in enumerate(_raw_samples([str(path) for path in shards])):
         if index >= max_samples:
@@ -387,7 +455,7 @@ def iterate_heldout(
         sample["caption"], sample["caption_index"], sample["clip_text"] = sample["captions"][0], 0, sample["clip_texts"][0]
         samples.append(sample)
         if len(samples) == batch_size:
-            yield collate_features(samples)
+            yield _heldout_batch(samples)
             samples = []
     if samples:
-        yield collate_features(samples)
+        yield _heldout_batch(samples)

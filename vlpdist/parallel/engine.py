@@ -46,11 +46,16 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float | None = None
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from vlpdist.errors import UserError
+    from vlpdist.parallel.launch import free_server_ports
+
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # One process on its own has no peer to agree on a port with: any free one will do.
+        os.environ["MASTER_PORT"] = str(free_server_ports(1)[0]) if os.environ["WORLD_SIZE"] == "1" else "29500"
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         # DeepSpeed's CPU shared-memory collective serves only `inference_all_reduce` (tensor-parallel
@@ -66,10 +71,18 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float | None = None
         # torchrun's agent already serves the store on MASTER_PORT: join it the standard way.
         dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     elif not dist.is_initialized():
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=rank == 0,
-            timeout=timedelta(seconds=max(rendezvous_timeout_s or timeout_s, timeout_s)),
-        )
+        try:
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=rank == 0,
+                timeout=timedelta(seconds=max(rendezvous_timeout_s or timeout_s, timeout_s)),
+            )
+        except dist.DistNetworkError as err:
+            if rank == 0 and "EADDRINUSE" in str(err):
+                raise UserError(
+                    f"the rendezvous port {os.environ['MASTER_PORT']} (MASTER_PORT) is taken on this machine, by another "
+                    "run or service: set MASTER_PORT (or the launcher's --master_port) to a free port"
+                ) from None
+            raise
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     on_gpu = accelerator.device_name() == "cuda"
@@ -179,33 +192,59 @@ def consolidated_state_dict(module: nn.Module, ep_size: int, include_lm: bool) -
     the optimizer partitions), so a bf16 run exports its full-precision weights. Rank 0 holds the
     dense params and EP rank 0's experts; the other ranks of its expert-parallel group (ranks
     1 .. ep_size-1, the layout being rank % ep_size) send only their experts, and every other rank
-    holds replicas, so sends nothing. A frozen LM is left out: it is reloaded from `model.lm_name`."""
+    holds replicas, so sends nothing. A frozen LM is left out: it is reloaded from `model.lm_name`.
+
+    Streamed one tensor at a time, so no device holds more than one tensor beyond the model: each
+    master is moved to CPU as soon as it is assembled (and dropped by the ranks that do not keep it),
+    then each expert tensor of ranks 1 .. ep_size-1 goes to rank 0 point to point, through one buffer
+    on the model's device (NCCL takes CUDA tensors only). A `gather_object` of whole states instead
+    pads every rank's payload to the largest (rank 0's: the dense params, the LM too when tuned)
+    and allocates world x that on rank 0's GPU."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
     from vlpdist.parallel.expert_state import local_to_global_expert_state
 
-    state = dict(module.state_dict())
+    rank = dist.get_rank()
+
+    def kept_by_this_rank(name: str) -> bool:
+        if not include_lm and name.startswith("lm."):
+            return False
+        return rank == 0 or (rank < ep_size and _is_expert_param(name))
+
+    masters: dict[int, torch.Tensor] = {}  # by the param's id: a tied alias in the state dict gets the master too
     for name, param in module.named_parameters():
         if param.requires_grad:
             master = safe_get_full_fp32_param(param)  # every rank must ask, in the same order
-            state[name] = master if master is not None else param
-    rank = dist.get_rank()
-
-    def sent_by_this_rank(name: str) -> bool:
-        if not include_lm and name.startswith("lm."):
-            return False
-        return rank == 0 or (rank < ep_size and ".deepspeed_experts." in name)
-
+            if kept_by_this_rank(name):
+                masters[id(param)] = (master if master is not None else param).detach().float().cpu()
+            del master
     local = {
-        name: tensor.detach().float().cpu()
-        for name, tensor in local_to_global_expert_state(state, expert_parallel_rank(ep_size), module.experts_per_rank).items()
-        if sent_by_this_rank(name)
+        name: masters[id(tensor)] if id(tensor) in masters else tensor.detach().float().cpu()
+        for name, tensor in module.state_dict(keep_vars=True).items()
+        if kept_by_this_rank(name)
     }
-    gathered = gather_to_main(local)
-    if gathered is None:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
+    experts_per_rank = module.experts_per_rank
+    # Every EP rank holds the same local expert names and shapes, so rank 0's own are the receive templates.
+    expert_names = [name for name in local if _is_expert_param(name)]
+    if rank == 0:
+        device = next(module.parameters()).device
+        merged = local_to_global_expert_state(local, 0, experts_per_rank)
+        for source in range(1, ep_size):
+            received = {}
+            for name in expert_names:
+                buffer = torch.empty_like(local[name], device=device)
+                dist.recv(buffer, src=source)
+                received[name] = buffer.cpu()
+                del buffer
+            merged.update(local_to_global_expert_state(received, source, experts_per_rank))
+        return merged
+    if rank < ep_size:
+        device = next(module.parameters()).device
+        for name in expert_names:
+            dist.send(local[name].to(device), dst=0)
+    return None
+
+
+def _is_expert_param(name: str) -> bool:
+    return ".deepspeed_experts." in name

@@ -34,6 +34,7 @@ from vlpdist.data.feature_shards import (
     split_heldout,
 )
 from vlpdist.data.feature_format import read_label_vocabulary
+from vlpdist.data.provenance import PROVENANCE_FILE, copy_provenance, read_provenance
 from vlpdist.errors import UserError
 from vlpdist.losses.terms import loss_weights, weighted_total
 from vlpdist.parallel.deepspeed_config import check_train_config
@@ -47,7 +48,7 @@ from vlpdist.parallel.engine import (
     init_distributed,
     sum_over_ranks,
 )
-from vlpdist.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from vlpdist.train.checkpoint import check_checkpoint_dir, load_latest_checkpoint, remove_checkpoint_tags, save_checkpoint
 from vlpdist.train.state import TrainState
 
 PREEMPTED_EXIT_CODE = 3
@@ -59,16 +60,59 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row."""
 
 
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class StoppedBySignal(BaseException):
+    """A stop signal during the export or evaluation after training: nothing is left to checkpoint,
+    so the process stops there (a BaseException, like KeyboardInterrupt, so that no `except
+    Exception` swallows it and every `finally` still removes its staging)."""
+
+    def __init__(self, signum: int):
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+        super().__init__(self.signal_name)
+
+
 class PreemptionSignal:
-    """Remembers SIGUSR2 (Slurm's `--signal`) and SIGTERM; the loop checks at step boundaries."""
+    """Remembers SIGUSR2 (Slurm's `--signal`) and SIGTERM during training; the loop checks at step
+    boundaries. Once training is over (`training_over`), the same signals stop the process at once."""
 
     def __init__(self):
         self.received: str | None = None
-        for signum in (signal.SIGUSR2, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name  # the first one says why
+
+    def tolerate_stopped_loader_workers(self) -> None:
+        """Call after the loader's workers started. Slurm signals every process of a job step, the
+        loader workers too, and they die of it (they keep the default SIGTERM); torch's SIGCHLD
+        handler would then raise in the middle of the step that is about to be checkpointed. Once
+        a stop signal has come, a worker's death is left to the loader's own check, which raises
+        only if the loop still asks it for a batch."""
+        torch_handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(torch_handler):
+            return
+
+        def on_child_exit(signum, frame) -> None:
+            if self.received is None:
+                torch_handler(signum, frame)
+
+        signal.signal(signal.SIGCHLD, on_child_exit)
+
+    def training_over(self) -> None:
+        """From here on (export, evaluation) a stop signal raises `StoppedBySignal`; one that came
+        after the last step's check does so now."""
+        if self.received is not None:
+            raise StoppedBySignal(signal.Signals[self.received])
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _raise_stopped)
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise StoppedBySignal(signum)
 
 
 @dataclass
@@ -116,6 +160,7 @@ def _read_data_world(config: Config, world_size: int, features_dir: Path) -> Dat
         clip_dim = next(iterate_heldout([first_full], batch_size=1, max_samples=1))["clip"].shape[1]
         heldout_samples = sum(shard_sample_counts(heldout_shards)[0])
         label_names = read_label_vocabulary(features_dir)
+        read_provenance(features_dir)  # validated here, where its error reaches every rank; run_training copies it
     except UserError as err:
         return DataWorld(error=str(err))
     except Exception as err:  # noqa: BLE001 - any failure here must reach the other ranks, not leave them waiting
@@ -130,10 +175,6 @@ def share_data_world(config: Config, info: DistInfo, features_dir: Path) -> Data
     if world.error is not None:
         raise UserError(world.error)
     return world
-
-
-def _sample_captions(shards: list[Path], count: int) -> list[str]:
-    return [caption for batch in iterate_heldout(shards, 256, count) for caption in batch["caption"]]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -249,12 +290,18 @@ def build_alignment_objective(config: Config, captioner, world: DataWorld, devic
     return AlignmentObjective(config, captioner, DataParallelContext.from_default_group(device), num_labels)
 
 
-def run_training(config: Config) -> int:
-    """Train (resuming if a checkpoint exists), then checkpoint, export and evaluate. Returns the exit code."""
+def run_training(config: Config, stop_marker: Path | None = None) -> int:
+    """Train (resuming if a checkpoint exists), then checkpoint, export and evaluate. Returns the exit code.
+
+    Stopped by a signal after writing its checkpoint, it returns PREEMPTED_EXIT_CODE; or, given
+    `stop_marker`, rank 0 writes that file (the signal and step) and every rank returns 0, so that a
+    launcher which kills all ranks when one exits non-zero (`srun --kill-on-bad-exit`) sees no failure.
+    A signal after the training steps raises `StoppedBySignal`."""
     from vlpdist.models.captioner import tokenize_captions
 
     train = config.train
     check_train_config(train, int(os.environ.get("WORLD_SIZE", "1")))  # fail fast, before any heavy set-up
+    check_checkpoint_dir(Path(train.output_dir) / "checkpoints", train.resume, train.overwrite)
     info = init_distributed(train.dist_timeout_s, train.rendezvous_timeout_s)
     device = device_of(info)
     run_dir, features_dir = _paths(config)
@@ -263,6 +310,12 @@ def run_training(config: Config) -> int:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
+        if not train.resume and train.overwrite and (removed := remove_checkpoint_tags(run_dir / "checkpoints")):
+            print(f"train.overwrite: removed the earlier checkpoints {', '.join(removed)} from {run_dir / 'checkpoints'}", flush=True)
+        # The export carries it, so inference prepares images as the features' images were prepared.
+        if copy_provenance(features_dir, run_dir) is None:
+            print(f"note: {features_dir} has no {PROVENANCE_FILE} (features from an older vlpdist): the export cannot "
+                  "tell inference how their images were prepared, nor which CLIP made them", flush=True)
         print(_describe_plan(plan, world.counted_from_tars), flush=True)
     engine, scheduler = build_model_and_engine(config, info, run_dir, world.clip_dim)
     objective = build_alignment_objective(config, engine.module, world, device)
@@ -290,6 +343,7 @@ def run_training(config: Config) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
     tokenize = partial(tokenize_captions, engine.module.tokenizer, config.model.max_caption_tokens)
     loader = iter(build_train_loader(plan, info.rank, state.data_position, tokenize, pin_memory=info.on_gpu))
+    preemption.tolerate_stopped_loader_workers()
     last_saved_step = state.step  # what is on disk, known from this loop's memory (not from a shared file system)
     steps_before, samples_before, started = state.step, state.samples_seen, time.perf_counter()
     try:
@@ -300,10 +354,14 @@ def run_training(config: Config) -> int:
         if state.step > last_saved_step:
             save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen, plan.describe(), device, extras)
         if stopped:
+            exit_code = 0 if stop_marker is not None else PREEMPTED_EXIT_CODE
             if info.is_main:
                 cause = preemption.received or "a signal to another rank"
-                print(f"stopped by {cause} at step {state.step}; checkpoint written, exit {PREEMPTED_EXIT_CODE}", flush=True)
-            return PREEMPTED_EXIT_CODE
+                if stop_marker is not None:  # after save_checkpoint, which returns once every rank's part is written
+                    atomic_write_text(stop_marker, f"{cause} {state.step}\n")
+                print(f"stopped by {cause} at step {state.step}; checkpoint written, exit {exit_code}", flush=True)
+            return exit_code
+        preemption.training_over()
         if train.export_at_end:
             export_consolidated(engine.module, config, run_dir / "export", info, world.clip_dim, state.step)
         training = {"steps": state.step - steps_before, "samples": state.samples_seen - samples_before,
@@ -494,7 +552,7 @@ def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dic
     """Collective: each data-parallel rank evaluates its share of the held-out samples; rank 0
     gathers, scores and returns the result (None elsewhere, and None everywhere without held-out shards)."""
     from vlpdist.models.captioner import load_language_model
-    from vlpdist.train.evaluate import evaluate_heldout, merge_heldout, score_captions
+    from vlpdist.train.evaluate import evaluate_heldout, merge_heldout, most_frequent_training_caption, score_captions
 
     train = config.train
     heldout_shards = [Path(path) for path in world.plan.heldout]
@@ -513,7 +571,7 @@ def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dic
     heldout = merge_heldout(share)
     if heldout is None:
         return None
-    return score_captions(heldout, _sample_captions([Path(path) for path in world.plan.shards], train.eval_max_samples))
+    return score_captions(heldout, most_frequent_training_caption([Path(path) for path in world.plan.shards]))
 
 
 def _print_eval(result: dict) -> None:

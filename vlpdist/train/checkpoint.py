@@ -1,5 +1,11 @@
 """Step-numbered DeepSpeed checkpoints, written atomically, last K kept, damaged ones skipped.
 
+Retention keeps the tag just written (the one `latest` names) whatever its step, and the newest
+others up to `train.keep_checkpoints` in all: a save below older, higher tags (a resume past a
+damaged newer tag) never prunes itself. A folder holding checkpoints is resumed, or refused with
+`train.resume=false`, unless `train.overwrite=true` asks to remove its checkpoint tags first
+(`check_checkpoint_dir`, `remove_checkpoint_tags`): a new run never mixes its tags with an old one's.
+
 Layout under `<run>/checkpoints/`:
 
     step_00000100/          engine.save_checkpoint output (module, experts per EP rank, ZeRO
@@ -104,6 +110,38 @@ def list_checkpoints(checkpoint_dir: Path) -> list[str]:
     return sorted((p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)), reverse=True)
 
 
+def tags_to_prune(tags: Sequence[str], written: str, keep: int) -> list[str]:
+    """Of `tags` (newest first), those retention removes after `written` was saved (and named `latest`):
+    `written` is never one, and counts as the first of the `keep` kept."""
+    return [tag for tag in tags if tag != written][max(keep - 1, 0):]
+
+
+def check_checkpoint_dir(checkpoint_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run (`resume=false`) over another run's checkpoints unless `overwrite` says so:
+    its saves would mix with theirs and a later resume could continue the wrong run."""
+    if resume or overwrite:
+        return
+    found = list_checkpoints(checkpoint_dir) or ([LATEST] if (checkpoint_dir / LATEST).is_file() else [])
+    if found:
+        raise UserError(f"train.resume=false but {checkpoint_dir} holds checkpoints ({found[0]}, ...): resume (train.resume=true), "
+                        "choose another train.output_dir, or set train.overwrite=true to remove those checkpoints first")
+
+
+def remove_checkpoint_tags(checkpoint_dir: Path) -> list[str]:
+    """`train.overwrite`: remove the checkpoint tags (`step_NNNNNNNN`, their `.tmp_` staging) and `latest`
+    from `checkpoint_dir`; every other file there is not a checkpoint of ours and stays. The names removed."""
+    if not checkpoint_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(checkpoint_dir.iterdir()):
+        tag = path.name.removeprefix(".tmp_")
+        is_tag = tag.startswith(TAG_PREFIX) and tag[len(TAG_PREFIX):].isdigit() and path.is_dir() and not path.is_symlink()
+        if is_tag or (path.name == LATEST and path.is_file()):
+            shutil.rmtree(path) if is_tag else path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def _resume_candidates(checkpoint_dir: Path) -> list[str]:
     tags = list_checkpoints(checkpoint_dir)
     latest_file = checkpoint_dir / LATEST
@@ -184,7 +222,7 @@ def save_checkpoint(
 
         # DeepSpeed copies its zero_to_fp32.py beside the tags on every save; it cannot read MoE checkpoints.
         replace_deepspeed_consolidation_script(checkpoint_dir)
-        for old in list_checkpoints(checkpoint_dir)[keep:]:
+        for old in tags_to_prune(list_checkpoints(checkpoint_dir), tag, keep):
             shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
     dist.barrier()
     return final

@@ -294,7 +294,7 @@ def run_training(config: Config, stop_marker: Path | None = None) -> int:
     """Train (resuming if a checkpoint exists), then checkpoint, export and evaluate. Returns the exit code.
 
     Stopped by a signal after writing its checkpoint, it returns PREEMPTED_EXIT_CODE; or, given
-    `stop_marker`, rank 0 writes that file (the signal and step) and every rank returns 0, so that a
+    `stop_marker`, rank 0 writes that file (the step and signal) and every rank returns 0, so that a
     launcher which kills all ranks when one exits non-zero (`srun --kill-on-bad-exit`) sees no failure.
     A signal after the training steps raises `StoppedBySignal`."""
     from vlpdist.models.captioner import tokenize_captions
@@ -358,7 +358,7 @@ def run_training(config: Config, stop_marker: Path | None = None) -> int:
             if info.is_main:
                 cause = preemption.received or "a signal to another rank"
                 if stop_marker is not None:  # after save_checkpoint, which returns once every rank's part is written
-                    atomic_write_text(stop_marker, f"{cause} {state.step}\n")
+                    atomic_write_text(stop_marker, f"{state.step} {cause}\n")
                 print(f"stopped by {cause} at step {state.step}; checkpoint written, exit {exit_code}", flush=True)
             return exit_code
         preemption.training_over()

@@ -6,7 +6,7 @@ captioner + DeepSpeed engine at ep_size 2, a checkpoint written by the training 
 Why not `launcher/train.py train.precision=bf16`: vlpdist refuses half precision without a GPU
 (`resolve_precision`), since CPU bf16 training is slow and not what anyone runs. DeepSpeed itself
 trains bf16 on CPU, so the engine is built here from the DeepSpeed config vlpdist generates for a
-GPU (bf16), with only the CUDA-only pieces turned off (FusedAdam, comm overlap). That gives a real
+GPU (bf16), with only the CUDA-only piece turned off (comm overlap). That gives a real
 bf16 checkpoint, whose module files hold bf16 weights and whose fp32 masters sit in the ZeRO
 optimizer shards: the case offline consolidation must read from the shards.
 
@@ -14,13 +14,19 @@ DeepSpeed writes two optimizer-shard formats for bf16 ZeRO 1/2, one per VARIANTS
 optimizer (stage 2, and stage 1 by default) and its BF16_Optimizer (stage 1 with fp32 gradient
 accumulation, `data_types.grad_accum_dtype`). For each variant asked for, rank 0 writes
 `<out>/<variant>/checkpoints/step_00000003/` and `<out>/<variant>/live_fp32.safetensors`
-(`consolidated_state_dict`, what the live export writes).
+(`consolidated_state_dict`, what the live export writes), and `rank0_received_bytes.json`: the size
+of every tensor rank 0 received while consolidating (what its device had to hold for the transfer).
+Every rank writes `<out>/<variant>/rank<R>_experts.safetensors`: the fp32 masters of the experts
+it holds, under its local ids (DeepSpeed's own `safe_get_full_fp32_param`), the per-rank truth
+that consolidation must reproduce. Any world size that ep_size 2 divides works (2 or 4 ranks).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,7 +63,6 @@ def build_bf16_engine(config, info, zero_stage: int, grad_accum_dtype: str | Non
     torch.manual_seed(SEED + info.rank % EP_SIZE)  # the ranks of an expert-parallel group draw different experts
     model = build_captioner(config.model, CLIP_DIM, EP_SIZE, ep_rank=info.rank % EP_SIZE)
     ds_config = build_deepspeed_config(config.train, info.world_size, on_gpu=True)
-    ds_config["optimizer"]["params"]["torch_adam"] = True  # FusedAdam is a CUDA kernel
     ds_config["zero_optimization"]["overlap_comm"] = False  # needs CUDA streams
     if grad_accum_dtype is not None:
         ds_config["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
@@ -84,6 +89,52 @@ def train_steps(engine, info) -> None:
         engine.step()
 
 
+def local_expert_masters(engine) -> dict[str, torch.Tensor]:
+    """This rank's experts, fp32 masters under their local ids (a collective: every rank asks for its own, in the same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(param).float().cpu() for name, param in engine.module.named_parameters()
+            if ".deepspeed_experts." in name}
+
+
+@contextmanager
+def recorded_receives():
+    """The bytes of every tensor this rank receives through torch.distributed's point-to-point and
+    gather calls (the ones `gather_object` makes inside torch included) while the block runs."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    received: list[int] = []
+
+    def size_of(tensors) -> int:
+        tensors = tensors if isinstance(tensors, (list, tuple)) else [tensors]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    receiving_arguments = {"recv": (0, "tensor"), "gather": (1, "gather_list"), "all_gather": (0, "tensor_list")}
+    originals = {name: getattr(c10d, name) for name in receiving_arguments}
+
+    def recording(name):
+        position, keyword = receiving_arguments[name]
+
+        def call(*args, **kwargs):
+            tensors = args[position] if len(args) > position else kwargs.get(keyword)
+            if tensors is not None:
+                received.append(size_of(tensors))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in receiving_arguments:
+        setattr(c10d, name, recording(name))
+        setattr(dist, name, getattr(c10d, name))
+    try:
+        yield received
+    finally:
+        for name, original in originals.items():
+            setattr(c10d, name, original)
+            setattr(dist, name, original)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from safetensors.torch import save_file
@@ -101,9 +152,12 @@ def main(argv=None) -> None:
         out = args.out / variant
         save_checkpoint(engine, out / "checkpoints", TrainState(step=STEPS), keep=1, exclude_frozen=config.model.freeze_lm,
                         data_plan={}, device=device_of(info))
-        live = consolidated_state_dict(engine.module, EP_SIZE, include_lm=not config.model.freeze_lm)
+        save_file(local_expert_masters(engine), str(out / f"rank{info.rank}_experts.safetensors"))
+        with recorded_receives() as received:
+            live = consolidated_state_dict(engine.module, EP_SIZE, include_lm=not config.model.freeze_lm)
         if info.is_main:
             save_file({name: tensor.contiguous() for name, tensor in live.items()}, str(out / "live_fp32.safetensors"))
+            (out / "rank0_received_bytes.json").write_text(json.dumps(received))
             print(f"{variant}: {type(engine.optimizer).__name__}, {len(live)} tensors", flush=True)
 
 

@@ -11,6 +11,13 @@ checkpoints made by 2 CPU ranks (gloo) with ZeRO-2 and the experts spread over b
 - bf16: vlpdist refuses half precision on CPU, so `tests/consolidate_bf16_worker.py` builds the bf16
   DeepSpeed engine itself (both of DeepSpeed's bf16 optimizer-shard formats); the fp32 masters
   consolidated offline equal the live `consolidated_state_dict`, which the module files cannot give.
+- 4 ranks at ep_size 2, ZeRO-2, bf16 (the same worker): every expert's fp32 master is split over
+  its expert-data-parallel pair of ranks and the experts over the expert-parallel pair, so the
+  offline state is assembled from fragments of all 4 ranks. It equals each rank's own experts
+  (DeepSpeed's `safe_get_full_fp32_param` there) under global ids and the live export; the live
+  export streams one tensor at a time to rank 0 (nothing larger than the largest tensor arrives
+  there at once, where a `gather_object` of whole states allocated world x the largest payload);
+  `launcher.export` folds it.
 - DeepSpeed's misleading `zero_to_fp32.py` is replaced by a note; partial or damaged checkpoint
   folders are refused with a one-line error and exit code 2.
 """
@@ -96,6 +103,49 @@ def bf16_runs(tiny_lm, tmp_path_factory) -> Path:
     for variant, optimizer in BF16_FORMATS.items():  # both shard formats were really written
         assert f"{variant}: {optimizer}," in result.stdout
     return out
+
+
+@pytest.fixture(scope="module")
+def bf16_four_ranks(tiny_lm, tmp_path_factory) -> Path:
+    """The worker's ZeRO-2 variant on 4 ranks (3 steps): <out>/zero2/."""
+    out = tmp_path_factory.mktemp("bf16_four_ranks")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    command = [str(deepspeed), "--num_gpus", "4", "--master_port", str(free_port()), str(BF16_WORKER),
+               "--lm", str(tiny_lm), "--out", str(out), "--variants", "zero2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "zero2: DeepSpeedZeroOptimizer," in result.stdout
+    return out / "zero2"
+
+
+def test_four_rank_checkpoint_consolidates_to_every_ranks_own_experts(bf16_four_ranks, tiny_lm, tmp_path):
+    from vlpdist.parallel.expert_state import local_to_global_expert_state
+
+    offline = consolidate_checkpoint(bf16_four_ranks / "checkpoints")
+    assert (offline.precision, offline.fp32_source) == ("bf16", "optimizer")
+    live = load_tensors(bf16_four_ranks / "live_fp32.safetensors")
+    assert_same_tensors(offline.state, live)
+    experts_per_rank = 2  # 4 experts over ep_size 2
+    per_rank = [local_to_global_expert_state(load_tensors(bf16_four_ranks / f"rank{rank}_experts.safetensors"), rank % 2, experts_per_rank)
+                for rank in range(4)]
+    for rank, experts in enumerate(per_rank):
+        assert experts and all(torch.equal(offline.state[name], tensor) for name, tensor in experts.items()), rank
+    # Ranks 0, 2 hold experts 0, 1 and ranks 1, 3 experts 2, 3 (replicas within each pair, different across).
+    assert sorted(per_rank[0]) == sorted(per_rank[2]) and sorted(per_rank[1]) == sorted(per_rank[3])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(set(per_rank[0]) | set(per_rank[1])) == sorted(name for name in offline.state if ".deepspeed_experts." in name)
+    assert all(EXPERT_KEY.format(expert) in per_rank[1] for expert in (2, 3))
+    # Rank 0 received rank 1's experts, one tensor per message, and nothing else.
+    received = json.loads((bf16_four_ranks / "rank0_received_bytes.json").read_text())
+    largest_tensor = max(tensor.numel() * tensor.element_size() for tensor in live.values())
+    assert max(received) <= largest_tensor, (max(received), largest_tensor)
+    assert sorted(received) == sorted(t.numel() * t.element_size() for t in per_rank[1].values())
+    # The export command folds the 4-rank checkpoint: its consolidated weights are the live ones.
+    out = tmp_path / "export"
+    report = export_main(["--checkpoint", str(bf16_four_ranks / "checkpoints"), "--config", str(TINY_CONFIG), "--out", str(out),
+                          f"model.lm_name={tiny_lm}"])
+    assert_same_tensors(load_tensors(out / EXPORT_WEIGHTS), live)
+    assert report["fold_relative_error"] < 1e-5
 
 
 def test_final_checkpoint_consolidated_offline_equals_the_live_export(full_run, tmp_path, capsys):

@@ -110,5 +110,5 @@ def test_generated_deepspeed_config_follows_the_train_section():
     assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
     assert cpu["optimizer"]["params"]["torch_adam"] is True
     gpu = build_deepspeed_config(train, world_size=16, on_gpu=True)
-    assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["torch_adam"] is False
+    assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["torch_adam"] is True
     assert json.loads(json.dumps(gpu)) == gpu

@@ -1,6 +1,7 @@
-"""Held-out evaluation after training: caption loss vs the LM without the image, caption metrics,
-and retrieval R@K between the visual prefix and the caption (the alignment heads' embeddings when
-the model has them, else the mean-pooled prefix against the LM's mean-pooled caption states).
+"""Held-out evaluation after training: caption loss vs the LM without the image, caption metrics
+against the web captions the filter kept (BLIP's synthetic ones apart, `vlpdist.eval.scoring`),
+and retrieval R@K between the visual prefix and every reference (the alignment heads' embeddings
+when the model has them, else the mean-pooled prefix against the LM's mean-pooled caption states).
 
 The held-out samples are shared over the ranks (sample i to rank i % world_size); every rank runs
 the same number of batches, a rank with a shorter share repeating a batch whose results it drops,
@@ -13,9 +14,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlpdist.data.feature_shards import iterate_heldout
+
+# Training samples the most-frequent-caption baseline counts captions over (the first ones in file
+# order): a fixed number, so the end of training and `launcher.evaluate` pick the same caption.
+BASELINE_TRAINING_SAMPLES = 10_000
 
 
 @torch.no_grad()
@@ -26,12 +32,14 @@ def evaluate_heldout(
     """Collective (every rank, `num_samples` held-out samples in all): this rank's share of the
     token-weighted caption loss sums with the image and, where `baseline_lm` is given, of that LM
     alone without the image; greedy captions (and beam-search ones for `num_beams` > 1) with their
-    references keyed by sample key."""
+    references (web captions) and synthetic captions keyed by sample key, and the retrieval
+    embeddings (visual_E, text_RE of the R references)."""
     was_training = captioner.training
     captioner.eval()
     loss_sum = text_only_sum = 0.0
     tokens = 0
     references: dict[str, list[str]] = {}
+    synthetic_references: dict[str, list[str]] = {}
     predictions: dict[str, str] = {}
     beam_predictions: dict[str, str] = {}
     embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -49,7 +57,7 @@ def evaluate_heldout(
         text_feature = batch["clip_text"].to(device) if getattr(captioner, "text_target", "") == "clip" else None
         out = captioner(clip_BC, ids_BT, mask_BT, text_feature)
         loss = float(out["cap"]) * count
-        visual_BE, text_BE = retrieval_embeddings(captioner, out, ids_BT, mask_BT)
+        visual_BE = retrieval_visual_embeddings(captioner, out)
         text_only = float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count if baseline_lm is not None else 0.0
         generated = captioner.generate_captions(clip_BC, max_new_tokens)
         beamed = captioner.generate_captions(clip_BC, max_new_tokens, num_beams) if num_beams > 1 else []
@@ -58,14 +66,17 @@ def evaluate_heldout(
         loss_sum, text_only_sum, tokens = loss_sum + loss, text_only_sum + text_only, tokens + count
         predictions.update(zip(batch["keys"], generated))
         beam_predictions.update(zip(batch["keys"], beamed))
-        references.update(zip(batch["keys"], batch["captions"]))
-        embeddings.update(zip(batch["keys"], zip(visual_BE.float().cpu(), text_BE.float().cpu())))
+        references.update(zip(batch["keys"], batch["references"]))
+        synthetic_references.update(zip(batch["keys"], batch["synthetic_references"]))
+        texts = reference_text_embeddings(captioner, batch["references"], batch["reference_clip_texts"], device)
+        embeddings.update(zip(batch["keys"], zip(visual_BE.float().cpu(), texts)))
     captioner.train(was_training)
     return {
         "loss_sum": loss_sum,
         "text_only_sum": text_only_sum if baseline_lm is not None else None,
         "tokens": tokens,
         "references": references,
+        "synthetic_references": synthetic_references,
         "predictions": predictions,
         "beam_predictions": beam_predictions,
         "num_beams": num_beams,
@@ -73,16 +84,34 @@ def evaluate_heldout(
     }
 
 
-def retrieval_embeddings(captioner, out: dict, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor):
-    """(visual_BE, text_BE) of a held-out batch for retrieval: the alignment heads' outputs, or
-    without heads the mean-pooled prefix and the LM's mean-pooled caption states (same width D)."""
+def retrieval_visual_embeddings(captioner, out: dict) -> torch.Tensor:
+    """(B, E) image side of retrieval from a forward's output: the visual head's embedding, or
+    without heads the mean-pooled prefix."""
     if "visual_embed" in out:
-        return out["visual_embed"], out["text_embed"]
-    return out["prefix"].float().mean(dim=1), captioner.lm_text_features(input_ids_BT, attention_mask_BT).float()
+        return out["visual_embed"]
+    return out["prefix"].float().mean(dim=1)
+
+
+def reference_text_embeddings(captioner, references: list[list[str]], clip_texts: list, device) -> list[torch.Tensor]:
+    """Per sample, (R, E) float32 CPU text embeddings of its R references for retrieval, the text side
+    of what the forward compares: the text head over the captions' CLIP text embeddings (`clip_texts`,
+    (R, Dt) each, used for `text_target` clip) or LM features, or without heads the LM's mean-pooled
+    caption states."""
+    flat = [caption for refs in references for caption in refs]
+    if not flat:
+        return [torch.zeros(0) for _ in references]
+    ids_MT, mask_MT = (t.to(device) for t in captioner.tokenize(flat))
+    heads = getattr(captioner, "heads", None)
+    if heads is not None and captioner.text_target == "clip":
+        features_MD = torch.from_numpy(np.concatenate([np.asarray(rows, dtype=np.float32) for rows in clip_texts])).to(device)
+    else:
+        features_MD = captioner.lm_text_features(ids_MT, mask_MT)
+    text_ME = (heads.text_embed(features_MD) if heads is not None else features_MD).float().cpu()
+    return list(text_ME.split([len(refs) for refs in references]))
 
 
 def retrieval_source(captioner) -> str:
-    """In words, which embeddings `retrieval_embeddings` compares for this captioner."""
+    """In words, which embeddings `retrieval_visual_embeddings` and `reference_text_embeddings` compare."""
     if getattr(captioner, "heads", None) is not None:
         return f"alignment heads ({captioner.text_target} text features)"
     return "mean-pooled prefix vs the LM's mean-pooled caption states"
@@ -105,12 +134,14 @@ def merge_shares(shares: list[dict]) -> dict:
     beam_predictions = {key: value for part in shares for key, value in part["beam_predictions"].items()}
     embeddings = {key: value for part in shares for key, value in part["embeddings"].items()}
     with_baseline = all(part["text_only_sum"] is not None for part in shares)
+    synthetic_references = {key: value for part in shares for key, value in part.get("synthetic_references", {}).items()}
     return {
         "samples": len(predictions),
         "caption_loss": sum(part["loss_sum"] for part in shares) / tokens,
         "lm_without_image_loss": sum(part["text_only_sum"] for part in shares) / tokens if with_baseline else None,
         # In held-out order (sample i came from rank i % world_size), so examples do not depend on the world size.
         "references": dict(sorted(references.items())),
+        "synthetic_references": dict(sorted(synthetic_references.items())),
         "predictions": dict(sorted(predictions.items())),
         "beam_predictions": dict(sorted(beam_predictions.items())),
         "num_beams": shares[0]["num_beams"],
@@ -118,38 +149,53 @@ def merge_shares(shares: list[dict]) -> dict:
     }
 
 
-def captioning_systems(heldout: dict, baseline: dict | None) -> dict[str, dict]:
-    """The captions to score, by the row name the tables show: greedy, beam, the baseline."""
-    systems = {"greedy": heldout["predictions"]}
-    if heldout.get("beam_predictions"):
-        systems[f"beam {heldout['num_beams']}"] = heldout["beam_predictions"]
-    if baseline is not None:
-        systems["most-frequent caption"] = baseline
-    return systems
+def most_frequent_training_caption(train_shards: list[Path], max_samples: int = BASELINE_TRAINING_SAMPLES) -> str:
+    """The trivial captioner's one caption: the most frequent kept caption of the first
+    `max_samples` training samples (`most_frequent_caption`). The end of training and
+    `launcher.evaluate --train-features` both call this, so their baseline rows are the same."""
+    from vlpdist.eval.captioning import most_frequent_caption
+
+    return most_frequent_caption(caption for batch in iterate_heldout(train_shards, 256, max_samples)
+                                 for captions in batch["captions"] for caption in captions)
 
 
-def score_captions(heldout: dict, train_captions: list[str], *, meteor: bool | None = None, spice: bool | None = False) -> dict:
-    """Caption metrics (`vlpdist.eval.scoring`, the code `launcher.evaluate` scores with) of the
-    greedy (and beam) captions and of the most-frequent-training-caption baseline, retrieval R@K.
+def caption_metrics_problem() -> str | None:
+    """Why no caption metric can be computed here (None when they can): all of them need
+    pycocoevalcap, and its PTB tokenizer runs Java."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        return "pycocoevalcap is not installed"
+    if shutil.which("java") is None:
+        return "no Java (pycocoevalcap's PTB tokenizer runs it)"
+    return None
+
+
+def score_captions(heldout: dict, baseline_caption: str, *, meteor: bool | None = None, spice: bool | None = False) -> dict:
+    """Caption metrics (`vlpdist.eval.scoring.score_heldout`, the code `launcher.evaluate` scores
+    with) of the greedy (and beam) captions and of `baseline_caption` (`most_frequent_training_caption`)
+    against the web references, apart against the synthetic captions, retrieval R@K.
     METEOR runs when Java is there; SPICE (minutes, gigabytes of Java heap) only when asked for.
     pycocoevalcap's PTB tokenizer runs Java: call on one rank."""
-    from vlpdist.eval.captioning import most_frequent_caption_baseline
-    from vlpdist.eval.scoring import score_caption_systems, score_retrieval
+    from vlpdist.eval.scoring import BASELINE_SYSTEM, score_heldout
 
-    references = heldout["references"]
-    baseline = most_frequent_caption_baseline(train_captions, references)
-    systems = captioning_systems(heldout, baseline)
-    scored = score_caption_systems(references, systems, meteor=meteor, spice=spice)
-    keys = list(references)[:8]
+    problem = caption_metrics_problem()
+    if problem is None:
+        scored = score_heldout(heldout, baseline_caption, meteor=meteor, spice=spice)
+    else:  # a GPU machine carries neither pycocoevalcap (about 100 MB) nor Java; the losses still count
+        print(f"caption metrics skipped: {problem}", flush=True)
+        scored = {"captioning": {}, "caption_metrics_skipped": problem}
+    keys = list(heldout["references"])[:8]
     return {
         "samples": heldout["samples"],
         "caption_loss": heldout["caption_loss"],
         "lm_without_image_loss": heldout["lm_without_image_loss"],
-        "metrics": scored["captioning"]["greedy"],
-        "most_frequent_caption": next(iter(baseline.values())),
-        "most_frequent_caption_metrics": scored["captioning"]["most-frequent caption"],
-        "captioning": scored["captioning"],
-        "skipped_metrics": scored["skipped_metrics"],
-        "retrieval": score_retrieval(heldout["embeddings"]),
-        "examples": [{"key": key, "references": references[key], "generated": heldout["predictions"][key]} for key in keys],
+        "metrics": scored["captioning"].get("greedy", {}),
+        "most_frequent_caption": baseline_caption,
+        "most_frequent_caption_metrics": scored["captioning"].get(BASELINE_SYSTEM, {}),
+        **scored,
+        "examples": [{"key": key, "references": heldout["references"][key],
+                      "synthetic": heldout["synthetic_references"].get(key, []),
+                      "generated": heldout["predictions"][key]} for key in keys],
     }

@@ -25,6 +25,7 @@ from pathlib import Path
 from data_ingest.url_list import UrlList, check_url_list
 from vlpdist.atomic import atomic_write_bytes, atomic_write_json
 from vlpdist.config import Config
+from vlpdist.data.provenance import INGESTION_KEYS, ingestion_preparation, resizer_arguments
 from vlpdist.errors import UserError
 
 RAW_DIRNAME = "raw"
@@ -119,10 +120,8 @@ def _run_img2dataset(url_location: Path, input_format: str, output: Path, config
         url_col=url_col,
         caption_col=caption_col,
         save_additional_columns=list(extra_columns) or None,
-        image_size=dl.image_size,
-        resize_mode=dl.resize_mode,
-        encode_format=dl.encode_format,
-        encode_quality=dl.encode_quality,
+        # What the features' provenance records (vlpdist.data.provenance), passed whole so the record is what ran.
+        **resizer_arguments(ingestion_preparation(dl, recorded_by="download")),
         number_sample_per_shard=dl.samples_per_shard,
         processes_count=dl.processes,
         thread_count=dl.threads,
@@ -133,6 +132,11 @@ def _run_img2dataset(url_location: Path, input_format: str, output: Path, config
         user_agent_token=dl.user_agent_token,
         disallowed_header_directives=list(dl.disallowed_header_directives),
     )
+
+
+def comparable(key: str, value):
+    """What must agree between runs on one root: the image preparation's settings, not the img2dataset version that recorded them."""
+    return {name: value[name] for name in INGESTION_KEYS} if key == "image_preparation" else value
 
 
 def _load_state(config: Config, url_list: UrlList) -> dict:
@@ -147,13 +151,16 @@ def _load_state(config: Config, url_list: UrlList) -> dict:
         "original_shards": url_list.shard_count(config.download.samples_per_shard),
         "rows_per_file": [f.rows for f in url_list.files],
         "retry_rounds": 0,
+        # Read by the processing stage into the features' provenance: how img2dataset prepared every image.
+        "image_preparation": ingestion_preparation(config.download, recorded_by="download"),
     }
     if state_path.exists():
         previous = json.loads(state_path.read_text())
-        for key in ("input_rows", "samples_per_shard", "rows_per_file"):
-            if previous.get(key) != state[key]:
+        compared = ("input_rows", "samples_per_shard", "rows_per_file", "image_preparation")
+        for key in (key for key in compared if key in previous):  # a root from before the record: its shards say nothing
+            if comparable(key, previous[key]) != comparable(key, state[key]):
                 raise UserError(
-                    f"{config.root} was ingested from a different URL list or shard size ({key}: "
+                    f"{config.root} was ingested from a different URL list, shard size or image preparation ({key}: "
                     f"{previous.get(key)} then, {state[key]} now); use a new download root"
                 )
         state["retry_rounds"] = previous.get("retry_rounds", 0)

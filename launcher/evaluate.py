@@ -12,10 +12,15 @@ references in the COCO caption format, `{"images": [{"id", "file_name"}], "annot
 the CLIP the model's features came from. Scores (the code the end of training scores with,
 `vlpdist.eval.scoring`): BLEU-1..4, ROUGE-L, CIDEr with pycocoevalcap, METEOR when Java is
 present, SPICE when pycocoevalcap's Stanford jars are (otherwise it says why not), for the greedy
-captions, the beam-search ones (`--beams` > 1) and the most-frequent-caption baseline; the caption
-loss (with an image's first reference as the target); retrieval R@1/5/10 both ways, each image
-against the first reference of every image, in the model's aligned embeddings. The tables print
-x100, the scale of the published COCO numbers; `--out` gets everything as JSON, atomically.
+captions, the beam-search ones (`--beams` > 1) and, with `--train-features` (the model's training
+shards), the most frequent training caption, the same baseline the end of training scores. The
+references of feature shards are the web captions the filter kept; BLIP's synthetic captions, when
+the filter kept some, are scored in a table of their own. The caption loss (with an image's first
+kept caption as the target); retrieval R@1/5/10 both ways over all references of every image
+(`vlpdist.eval.retrieval`: the COCO 5-caption protocol, ties ranked pessimistically), in the
+model's aligned embeddings. The tables print x100, the scale of the published COCO numbers; the
+published ClipCap row only for COCO-format references over the full Karpathy test size (5,000
+images). `--out` gets everything as JSON, atomically.
 """
 
 from __future__ import annotations
@@ -51,11 +56,23 @@ def load_model_for_evaluation(path: Path, clip_dir: Path):
     return load_trained_state(path, clip_dir)
 
 
+def model_provenance(path: Path) -> dict | None:
+    """The features provenance of the model at `path`: an export's own, else the run folder's (`vlpdist.data.provenance`)."""
+    from vlpdist.data.provenance import find_run_provenance
+    from vlpdist.models.export_bundle import EXPORT_FORMAT, MANIFEST_FILE
+
+    manifest_path = path / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("format") == EXPORT_FORMAT:
+        return manifest.get("features_provenance")
+    return find_run_provenance(path)
+
+
 def load_trained_state(path: Path, clip_dir: Path):
     """`load_model_for_evaluation` for a consolidated fp32 folder or a DeepSpeed checkpoint folder."""
     from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR
     from launcher.export import find_run_config, mapper_state, read_consolidated_state
-    from vlpdist.config import load_config
+    from vlpdist.config import load_run_config
     from vlpdist.models.captioner import build_captioner, load_language_model
     from vlpdist.models.clip_identity import record_clip_identity
     from vlpdist.models.fold import fold_mapper
@@ -63,13 +80,13 @@ def load_trained_state(path: Path, clip_dir: Path):
 
     if (path / EXPORT_WEIGHTS).is_file():
         state = read_consolidated_state(path / EXPORT_WEIGHTS)
-        config = load_config(path / "config.yaml" if (path / "config.yaml").is_file() else find_run_config(path / EXPORT_WEIGHTS))
+        config = load_run_config(path / "config.yaml" if (path / "config.yaml").is_file() else find_run_config(path / EXPORT_WEIGHTS))
         described = f"consolidated weights {path / EXPORT_WEIGHTS}"
     elif path.is_dir():
         from vlpdist.parallel.consolidate import MODULE_STATES, consolidate_checkpoint
 
         consolidated = consolidate_checkpoint(path)
-        state, config = consolidated.state, load_config(find_run_config(consolidated.folder / MODULE_STATES))
+        state, config = consolidated.state, load_run_config(find_run_config(consolidated.folder / MODULE_STATES))
         described = f"checkpoint {consolidated.folder} (step {consolidated.step}), consolidated in this process"
     else:
         raise UserError(f"--model {path} is neither an export, a consolidated fp32 folder nor a DeepSpeed checkpoint folder")
@@ -85,7 +102,7 @@ def load_trained_state(path: Path, clip_dir: Path):
     return captioner, identity, clip_dir, baseline_lm, f"{described}, mapper folded in memory"
 
 
-def feature_shards(arguments: list[str]) -> list[Path]:
+def feature_shards(arguments: list[str], flag: str = "--features") -> list[Path]:
     """Shards from folders (their NNNNN.tar) and .tar files, in the order given."""
     from vlpdist.data.feature_shards import list_feature_shards
 
@@ -97,7 +114,7 @@ def feature_shards(arguments: list[str]) -> list[Path]:
         elif path.is_file() and path.suffix == ".tar":
             shards.append(path)
         else:
-            raise UserError(f"--features {argument}: not a feature folder or a .tar shard")
+            raise UserError(f"{flag} {argument}: not a feature folder or a .tar shard")
     return shards
 
 
@@ -148,7 +165,7 @@ def read_coco_references(path: Path) -> tuple[list[tuple[str, str]], dict[str, l
     return images, references
 
 
-def evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokenizer, images: list[tuple[str, Path]],
+def evaluate_images(captioner, baseline_lm, clip_model, prepare, clip_tokenizer, images: list[tuple[str, Path]],
                     references: dict[str, list[str]], beams: int, batch_size: int, max_new_tokens: int, device: str) -> dict:
     """Caption, score the loss of and embed every readable image (its first reference as the target);
     the same result shape as `evaluate_features`, plus the images left out and why. `clip_tokenizer`
@@ -157,8 +174,8 @@ def evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokeniz
     from tqdm import tqdm
 
     from data_ingest.process.clip_model import encode_images, encode_texts
-    from launcher.caption import load_in_batches
-    from vlpdist.train.evaluate import merge_shares, retrieval_embeddings
+    from launcher.caption import FetchLimits, load_in_batches
+    from vlpdist.train.evaluate import merge_shares, reference_text_embeddings, retrieval_visual_embeddings
 
     clip_dim = captioner.mapper.input_proj.in_features
     source_to_id = {str(file): image_id for image_id, file in images}
@@ -166,14 +183,15 @@ def evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokeniz
              "beam_predictions": {}, "num_beams": beams, "embeddings": {}}
     skipped: dict[str, str] = {}
     with torch.no_grad(), tqdm(total=len(images), desc="evaluate", unit="image") as progress:
-        for batch in load_in_batches([("file", str(file)) for _, file in images], batch_size, 8, 10.0):
+        files = [("file", str(file)) for _, file in images]
+        for batch in load_in_batches(files, batch_size, 8, FetchLimits(read_timeout_s=10.0, deadline_s=60.0), prepare):
             progress.update(len(batch))
             skipped.update({item.source: f"{item.status}: {item.error}" for item in batch if item.status != "ok"})
             good = [item for item in batch if item.status == "ok"]
             if not good:
                 continue
             keys = [source_to_id[item.source] for item in good]
-            images_B3HW = torch.stack([preprocess(item.image) for item in good])
+            images_B3HW = torch.stack([item.pixels for item in good])
             clip_BC = torch.from_numpy(encode_images(clip_model, images_B3HW, device)).to(device)
             if clip_BC.shape[1] != clip_dim:
                 raise UserError(f"the model's CLIP embeds into {clip_BC.shape[1]} dims but its mapper reads {clip_dim}: "
@@ -188,8 +206,12 @@ def evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokeniz
             share["loss_sum"] += float(out["cap"]) * count
             share["text_only_sum"] += float(captioner.text_only_caption_loss(ids_BT, mask_BT, baseline_lm)) * count
             share["tokens"] += count
-            visual_BE, text_BE = retrieval_embeddings(captioner, out, ids_BT, mask_BT)
-            share["embeddings"].update(zip(keys, zip(visual_BE.float().cpu(), text_BE.float().cpu())))
+            all_references = [references[key] for key in keys]
+            reference_clip_texts = None
+            if clip_tokenizer is not None:
+                reference_clip_texts = [encode_texts(clip_model, clip_tokenizer, refs, device) for refs in all_references]
+            texts = reference_text_embeddings(captioner, all_references, reference_clip_texts, device)
+            share["embeddings"].update(zip(keys, zip(retrieval_visual_embeddings(captioner, out).float().cpu(), texts)))
             share["predictions"].update(zip(keys, captioner.generate_captions(clip_BC, max_new_tokens)))
             if beams > 1:
                 share["beam_predictions"].update(zip(keys, captioner.generate_captions(clip_BC, max_new_tokens, beams)))
@@ -199,17 +221,27 @@ def evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokeniz
     return {**merge_shares([share]), "skipped_images": skipped}
 
 
-def print_tables(result: dict) -> None:
+def print_tables(result: dict, published: bool) -> None:
     from vlpdist.eval.scoring import format_caption_table, format_retrieval_table
 
     print(f"\nmodel: {result['model']}")
     loss = f"caption loss {result['caption_loss']:.4f}"
     if result["lm_without_image_loss"] is not None:
         loss += f" vs the LM without the image {result['lm_without_image_loss']:.4f}"
-    print(f"{loss} (first reference as the target)\n")
-    print(format_caption_table(result["captioning"], result["samples"], result["skipped_metrics"]))
-    print()
-    print(format_retrieval_table(result["retrieval"], result["samples"], result["retrieval_embeddings"]))
+    print(f"{loss} (first kept caption as the target)\n")
+    if result["captioning"]:
+        print(format_caption_table(result["captioning"], result["reference_samples"], result["skipped_metrics"], published))
+    else:
+        print(f"captioning: none of the {result['samples']} samples has a web caption the filter kept, nothing to score against")
+    if result["synthetic_captioning"]:
+        print()
+        print(format_caption_table(result["synthetic_captioning"], result["synthetic_samples"], {},
+                                   against="synthetic captions (BLIP, kept by the filter; not references)"))
+    if result["most_frequent_caption"] is None:
+        print("most-frequent caption: not scored; --train-features (the model's training shards) gives it")
+    if result["retrieval"] is not None:
+        print()
+        print(format_retrieval_table(result["retrieval"], result["retrieval_embeddings"]))
     if result.get("skipped_images"):
         reasons = Counter(why.split(":", 1)[0] for why in result["skipped_images"].values())
         print(f"\n{len(result['skipped_images'])} images left out ({dict(reasons)}); they are listed in the output file")
@@ -222,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--features", nargs="+", default=None, help="feature folders or .tar shards")
     parser.add_argument("--references", default=None, help="COCO-format captions JSON (with --images)")
     parser.add_argument("--images", default=None, help="folder the references' file_name entries are relative to")
+    parser.add_argument("--train-features", nargs="+", default=None,
+                        help="the model's training feature folders or shards, for the most-frequent-caption baseline")
     parser.add_argument("--beams", type=int, default=1, help="also score beam search of this width (> 1)")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many images")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
@@ -244,13 +278,13 @@ def main(argv: list[str] | None = None) -> dict:
         images = images[: args.max_samples]
     else:
         shards = feature_shards(args.features)
+    train_shards = feature_shards(args.train_features, "--train-features") if args.train_features else None
 
     import torch
 
     from vlpdist.atomic import atomic_write_json
-    from vlpdist.eval.captioning import most_frequent_caption_baseline
-    from vlpdist.eval.scoring import score_caption_systems, score_retrieval
-    from vlpdist.train.evaluate import captioning_systems, retrieval_source
+    from vlpdist.eval.scoring import published_clipcap_applies, score_heldout
+    from vlpdist.train.evaluate import most_frequent_training_caption, retrieval_source
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="vlpdist-evaluate-") as scratch:
@@ -264,39 +298,40 @@ def main(argv: list[str] | None = None) -> dict:
             heldout = evaluate_features(captioner, baseline_lm, shards, args.max_samples, args.beams, args.batch_size,
                                         max_new_tokens, device)
         else:
+            from vlpdist.data.image_preparation import inference_preparation
             from vlpdist.models.clip_identity import build_clip_image_encoder
 
-            clip_model, preprocess = build_clip_image_encoder(clip_identity, clip_base, device)
+            clip_model, clip_transform = build_clip_image_encoder(clip_identity, clip_base, device)
+            prepare = inference_preparation(model_provenance(Path(args.model)), clip_identity, clip_transform, f"--model {args.model}")
+            print(prepare.describe(), flush=True)
             clip_tokenizer = None
             if captioner.text_target == "clip":
                 import open_clip
 
                 # build_clip_image_encoder registered the identity's model config, so custom names resolve too.
                 clip_tokenizer = open_clip.get_tokenizer(clip_identity["model_name"])
-            heldout = evaluate_images(captioner, baseline_lm, clip_model, preprocess, clip_tokenizer,
+            heldout = evaluate_images(captioner, baseline_lm, clip_model, prepare, clip_tokenizer,
                                       [(image_id, Path(args.images) / name) for image_id, name in images], references,
                                       args.beams, args.batch_size, max_new_tokens, device)
-    references_used = heldout["references"]
-    # The trivial captioner: one constant caption, the most frequent among these references.
-    baseline = most_frequent_caption_baseline([c for refs in references_used.values() for c in refs], references_used)
-    scored = score_caption_systems(references_used, captioning_systems(heldout, baseline), spice=False if args.no_spice else None)
+    # The trivial captioner: one constant caption, the most frequent of the training captions (as at the end of training).
+    baseline_caption = most_frequent_training_caption(train_shards) if train_shards else None
+    scored = score_heldout(heldout, baseline_caption, spice=False if args.no_spice else None)
     result = {
         "model": described,
         "samples": heldout["samples"],
         "caption_loss": heldout["caption_loss"],
         "lm_without_image_loss": heldout["lm_without_image_loss"],
-        "captioning": scored["captioning"],
-        "skipped_metrics": scored["skipped_metrics"],
-        "most_frequent_caption": next(iter(baseline.values())),
-        "retrieval": score_retrieval(heldout["embeddings"]),
+        **scored,
+        "most_frequent_caption": baseline_caption,
         "retrieval_embeddings": retrieval_source(captioner),
         "skipped_images": heldout.get("skipped_images", {}),
-        "captions": [{"id": key, "references": refs, "greedy": heldout["predictions"][key],
+        "captions": [{"id": key, "references": refs, "synthetic": heldout["synthetic_references"].get(key, []),
+                      "greedy": heldout["predictions"][key],
                       **({"beam": heldout["beam_predictions"][key]} if heldout["beam_predictions"] else {})}
-                     for key, refs in references_used.items()],
+                     for key, refs in heldout["references"].items()],
     }
     atomic_write_json(Path(args.out), result)
-    print_tables(result)
+    print_tables(result, published_clipcap_applies(args.references is not None, scored["reference_samples"]))
     print(f"\nwritten to {args.out}", flush=True)
     return result
 

@@ -130,7 +130,7 @@ def refuse_out_holding_checkpoint(checkpoint: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from data_ingest.process.clip_model import SHIPPED_CLIP_CONFIG_DIR
     from vlpdist.atomic import refuse_foreign_output, replace_output_dir
-    from vlpdist.config import load_config, save_config
+    from vlpdist.config import load_run_config, save_config
     from vlpdist.data.provenance import find_run_provenance
     from vlpdist.models.export_bundle import write_export_bundle
     from vlpdist.models.fold import fold_mapper, save_folded_mapper
@@ -163,11 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
         from vlpdist.parallel.consolidate import MODULE_STATES, consolidate_checkpoint
 
         consolidated = consolidate_checkpoint(checkpoint)
-        config = load_config(args.config or find_run_config(consolidated.folder / MODULE_STATES), args.overrides)
+        config = load_run_config(args.config or find_run_config(consolidated.folder / MODULE_STATES), args.overrides)
         full_state = consolidated.state
     else:
         full_state = read_consolidated_state(checkpoint)
-        config = load_config(args.config or find_run_config(checkpoint), args.overrides)
+        config = load_run_config(args.config or find_run_config(checkpoint), args.overrides)
     state = mapper_state(full_state)
     if config.model.mapper != "moe":
         raise UserError(f"model.mapper is {config.model.mapper!r}: only the MoE mapper folds")

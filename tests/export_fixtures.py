@@ -44,3 +44,14 @@ def trained_run(run_dir: Path, tiny_lm: Path, tiny_clip: Path, *, tuned: bool):
     save_file(state, str(run_dir / "export" / "model_fp32.safetensors"))
     save_config(config, run_dir)
     return run_dir / "export" / "model_fp32.safetensors", captioner
+
+
+def tiny_clip_provenance(tiny_clip: Path, **download) -> dict:
+    """A features provenance manifest as processing writes it for features of the tiny CLIP (`download.*` settings overridable)."""
+    from vlpdist.config import load_config
+    from vlpdist.data.provenance import build_provenance, ingestion_preparation
+    from vlpdist.models.clip_identity import describe_clip
+
+    identity, _ = describe_clip(TINY_CLIP, str(tiny_clip))
+    settings = load_config(None, [f"download.{key}={value}" for key, value in download.items()]).download
+    return build_provenance(identity, ingestion_preparation(settings, recorded_by="download"))

@@ -17,6 +17,8 @@ from process_ray_fixtures import attempts, clear_hold_dir, holding, init_ray_wit
 
 from vlpdist.data.feature_format import iterate_feature_shards
 from data_ingest.process.run import filter_precision_recall, run_process, score_against_truth
+from vlpdist.data.provenance import read_provenance
+from vlpdist.models.clip_identity import file_sha256
 from data_ingest.run import main as ingest_main
 from vlpdist.config import load_config, save_config
 from vlpdist.errors import UserError
@@ -77,6 +79,11 @@ def test_run_writes_contract_shards_and_rerun_skips(tmp_path, ray_session, tiny_
     decisions = pd.concat(pd.read_parquet(p) for p in sorted(features.glob("*_decisions.parquet")))
     assert len(decisions) == 30 and set(decisions["status"]) <= {"written", "dropped"}
     assert (decisions["web_clip"][decisions["status"] == "dropped"] < 0.0).all()
+    # The provenance manifest: this CLIP by its checkpoint's hash, and the config's download settings
+    # (these raw shards were not made by the download stage, so it recorded none).
+    provenance = read_provenance(features)
+    assert provenance["clip"]["pretrained_sha256"] == file_sha256(tiny_clip) and provenance["clip"]["embed_dim"] == 32
+    assert provenance["ingestion"]["recorded_by"] == "process config" and provenance["processing"]["clip_transform"]["size"] == [32, 32]
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
     rerun = run_process(_config(tmp_path, tiny_clip, "process.clip_threshold=0.0"))

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 from common_fixtures import free_port
+from export_fixtures import tiny_clip_provenance
 from train_fixtures import (
     TINY_CONFIG,
     collective_probe_env,
@@ -24,6 +25,7 @@ from train_fixtures import (
 )
 
 from launcher.paths import TRAIN_SCRIPT
+from vlpdist.data.provenance import read_provenance, write_provenance
 from vlpdist.parallel.launch import run_deepspeed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -33,8 +35,10 @@ NAN_KEYS = frozenset({"000000003", "000000021"})
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_lm):
-    return tiny_features(tmp_path_factory.mktemp("ep2") / "features", nan_keys=NAN_KEYS), tiny_lm
+def world(tmp_path_factory, tiny_lm, tiny_clip):
+    features = tiny_features(tmp_path_factory.mktemp("ep2") / "features", nan_keys=NAN_KEYS)
+    write_provenance(features, tiny_clip_provenance(tiny_clip))  # as processing leaves it: training copies it into the run
+    return features, tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def test_ep2_zero2_trains_with_finite_decreasing_loss_and_skips_nan_batches(ep2_
     assert len(list((run_dir / "checkpoints" / "step_00000012").glob("layer_0_expert_*_model_states.pt"))) == 4
 
 
-def test_export_holds_every_expert_and_eval_json_has_losses_and_metrics(ep2_run):
+def test_export_holds_every_expert_and_eval_json_has_losses_and_metrics(ep2_run, world):
     from safetensors.torch import load_file
 
     run_dir, result = ep2_run
@@ -103,6 +107,7 @@ def test_export_holds_every_expert_and_eval_json_has_losses_and_metrics(ep2_run)
     assert 0 < evaluation["caption_loss"] < 20 and 0 < evaluation["lm_without_image_loss"] < 20
     assert {"BLEU-4", "CIDEr"} <= set(evaluation["metrics"]) <= set(evaluation["most_frequent_caption_metrics"])
     assert "held-out" in result.stdout
+    assert read_provenance(run_dir) == read_provenance(world[0]) is not None  # copied at the run's set-up
 
 
 def test_resume_mid_epoch_matches_straight_run_and_skips_damaged_latest(ep2_run, world, tmp_path):

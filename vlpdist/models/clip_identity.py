@@ -70,10 +70,8 @@ def eval_preprocess_config(model_config: dict, model_name: str, pretrained: str)
     return {key: list(value) if isinstance(value, tuple) else value for key, value in preprocess.items()}
 
 
-def record_clip_identity(
-    model_name: str, pretrained: str, out_dir: Path, *, config_dirs: Iterable[str | Path] = (), copy_checkpoint: bool = False
-) -> dict:
-    """Write what rebuilds this CLIP into `out_dir/clip/` and return the identity for the manifest.
+def describe_clip(model_name: str, pretrained: str, *, config_dirs: Iterable[str | Path] = ()) -> tuple[dict, dict | None]:
+    """(the identity of this CLIP, its open_clip model config or None for `hf-hub:`/`local-dir:` names), writing nothing.
 
     `config_dirs`: folders of custom open_clip model configs (the ingestion code ships one)."""
     import open_clip
@@ -84,7 +82,7 @@ def record_clip_identity(
     if model_name.startswith(SCHEMA_PREFIXES):
         # open_clip ignores `pretrained` for these and reads config and preprocessing from the source.
         identity.update(pretrained="", model_config=None, preprocess=None, embed_dim=None)
-        return identity
+        return identity, None
     if pretrained:
         identity["pretrained_kind"] = "file" if looks_like_path(pretrained) else "tag"
     if identity["pretrained_kind"] == "tag" and pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
@@ -98,15 +96,25 @@ def record_clip_identity(
     model_config = open_clip.get_model_config(model_name)
     if model_config is None:
         raise UserError(f"config key 'process.clip_model': open_clip knows no model {model_name!r}")
+    identity.update(embed_dim=model_config["embed_dim"], preprocess=eval_preprocess_config(model_config, model_name, pretrained))
+    return identity, model_config
+
+
+def record_clip_identity(
+    model_name: str, pretrained: str, out_dir: Path, *, config_dirs: Iterable[str | Path] = (), copy_checkpoint: bool = False
+) -> dict:
+    """Write what rebuilds this CLIP into `out_dir/clip/` and return the identity for the manifest (`describe_clip`)."""
+    identity, model_config = describe_clip(model_name, pretrained, config_dirs=config_dirs)
+    if model_config is None:
+        return identity
     clip_dir = out_dir / CLIP_DIR
     clip_dir.mkdir(parents=True, exist_ok=True)
     config_file = clip_dir / f"{model_name}.json"
     config_file.write_text(json.dumps(model_config, indent=2) + "\n")
-    identity.update(model_config=f"{CLIP_DIR}/{config_file.name}", embed_dim=model_config["embed_dim"],
-                    preprocess=eval_preprocess_config(model_config, model_name, pretrained))
+    identity["model_config"] = f"{CLIP_DIR}/{config_file.name}"
     if copy_checkpoint and identity["pretrained_kind"] == "file":
-        copied = clip_dir / checkpoint.name
-        shutil.copyfile(checkpoint, copied)
+        copied = clip_dir / Path(identity["pretrained"]).name
+        shutil.copyfile(identity["pretrained"], copied)
         identity["pretrained"] = f"{CLIP_DIR}/{copied.name}"
     return identity
 

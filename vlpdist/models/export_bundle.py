@@ -145,8 +145,6 @@ def write_export_bundle(
     from vlpdist.atomic import atomic_write_json
     from vlpdist.models.clip_identity import record_clip_identity
 
-    lm = write_language_model(out_dir, config, state, copy_lm)
-    extras = write_extras(out_dir, config, state)
     clip = record_clip_identity(config.process.clip_model, config.process.clip_pretrained, out_dir,
                                 config_dirs=clip_config_dirs, copy_checkpoint=copy_clip)
     if clip["pretrained_kind"] == "tag":
@@ -155,6 +153,8 @@ def write_export_bundle(
         from vlpdist.data.provenance import check_same_clip
 
         check_same_clip(provenance, clip, "the run config (process.clip_model / process.clip_pretrained)")
+    lm = write_language_model(out_dir, config, state, copy_lm)  # after the CLIP check: a refused export loads no LM
+    extras = write_extras(out_dir, config, state)
     manifest = {
         **(meta or {}),
         "format": EXPORT_FORMAT,

@@ -154,6 +154,17 @@ def _forward_takes_logits_to_keep(lm_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(lm_class.forward).parameters
 
 
+def lm_cache_argument(lm: nn.Module) -> str:
+    """The name under which the LM's forward and `generate` take a KV cache, and its outputs return
+    it: `cache` in the transformers releases that renamed it, `past_key_values` before them."""
+    return _cache_argument(type(lm))
+
+
+@functools.cache
+def _cache_argument(lm_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
+
+
 def additive_mask(allowed_BQK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, Q, K) bool "may attend" -> (B, 1, Q, K) additive mask (0 or the dtype's minimum), the form
     Hugging Face LMs take as a ready 4-D mask (eager adds it; sdpa accepts a float mask)."""
@@ -362,6 +373,7 @@ class PrefixCaptioner(nn.Module):
         batch, start_len = start_BSD.shape[:2]
         device = start_BSD.device
         ones_BS = torch.ones((batch, start_len), dtype=torch.long, device=device)
+        cache_argument = lm_cache_argument(self.lm)
         first = self.lm(inputs_embeds=start_BSD, attention_mask=ones_BS, use_cache=True)
         first_token_B1 = first.logits[:, -1].argmax(dim=-1, keepdim=True)
         if common["max_new_tokens"] == 1:
@@ -378,7 +390,7 @@ class PrefixCaptioner(nn.Module):
             input_ids=torch.cat([placeholder_BS, first_token_B1], dim=1),
             attention_mask=torch.cat([visible_BS, torch.ones_like(first_token_B1)], dim=1),
             position_ids=positions_BS,
-            cache=first.past_key_values,
+            **{cache_argument: getattr(first, cache_argument)},
             **{**common, "max_new_tokens": common["max_new_tokens"] - 1},
         )
         new_BT = generated[:, start_len:]

@@ -148,6 +148,7 @@ class AlignmentObjective:
     # -- per optimizer step ----------------------------------------------------------------------
 
     def after_applied_step(self, captioner, step: int) -> None:
+        captioner.heads.clamp_temperature_()
         if self.momentum is not None:
             self.momentum.update(captioner)
         if self.align.uses_geodesic and step % self.align.geodesic_refresh_every == 0:
@@ -214,8 +215,10 @@ class AlignmentObjective:
         similarity_bK = None
         if align.metric == "geodesic":
             # Visual-visual similarities: they replace SupCon's logits (ITC stays image-text cosine).
+            # One scale for both: a path of chord length d scores 1 - d^2 / 2, which is the cosine itself
+            # for a one-hop path (|a - x|^2 = 2 - 2 cos), so graph-known and unknown keys stay comparable.
             batch_cosine_bM = visual_q_bE.float() @ keys.visual_KD[:gathered].T
-            bank_similarity_bN = torch.where(known_bN, 1.0 - distance_bN.float(), cosine_bN)
+            bank_similarity_bN = torch.where(known_bN, 1.0 - distance_bN.float().square() / 2.0, cosine_bN)
             similarity_bK = torch.cat([batch_cosine_bM, bank_similarity_bN], dim=1)
         self.known_fraction = known_bN.float().mean()  # logged at log time (a device value until then)
         return keep_bK, similarity_bK

@@ -40,6 +40,8 @@ class MomentumEncoder:
         self.momentum = momentum
         self.mapper = copy_sharing_process_groups(captioner.mapper).float().eval().requires_grad_(False)
         self.heads = copy.deepcopy(captioner.heads).float().eval().requires_grad_(False)
+        # EMA steps taken: one per applied optimizer step, none for a skipped one (saved with the weights).
+        self.updates = 0
 
     def modules(self) -> dict[str, nn.Module]:
         return {"mapper": self.mapper, "heads": self.heads}
@@ -58,12 +60,15 @@ class MomentumEncoder:
             momentum_params = [param for _, param in module.named_parameters()]
             online_params = [online[param_name].detach().float() for param_name, _ in module.named_parameters()]
             torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.momentum)
+        self.updates += 1
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": value.detach().cpu().contiguous() for name, module in self.modules().items()
-                for key, value in module.state_dict().items()}
+        tensors = {f"{name}.{key}": value.detach().cpu().contiguous() for name, module in self.modules().items()
+                   for key, value in module.state_dict().items()}
+        return {**tensors, "updates": torch.tensor(self.updates, dtype=torch.int64)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.updates = int(tensors["updates"]) if "updates" in tensors else 0
         for name, module in self.modules().items():
             prefix = f"{name}."
             module.load_state_dict({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)})

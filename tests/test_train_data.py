@@ -170,6 +170,10 @@ def test_too_few_samples_for_the_slots_is_a_user_error(shards):
 def test_a_shard_shorter_than_its_stats_is_named(tmp_path):
     write_synthetic_feature_shards(tmp_path, num_shards=2, samples_per_shard=8, dim=4)
     (tmp_path / "00001_stats.json").write_text('{"shard": "00001", "written": 12}')  # the tar holds 8
-    plan = build_shard_plan(list_feature_shards(tmp_path), world_size=1, num_workers=0, micro_batch_size=20, seed=0)
+    with pytest.raises(UserError, match=r"00001.tar holds 8 samples but 00001_stats.json counts 12"):
+        build_shard_plan(list_feature_shards(tmp_path), world_size=1, num_workers=0, micro_batch_size=20, seed=0)
+    # A shard that changes after the plan was made is named when a slot reads past its end.
+    plan = build_shard_plan(list_feature_shards(tmp_path), world_size=1, num_workers=0, micro_batch_size=20, seed=0,
+                            counts=[8, 12])
     with pytest.raises(UserError, match=r"00001.tar holds 8 samples, but its stats count 12"):
         _take(build_train_loader(plan, 0, 0), 1)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpdist.data.feature_format import encode_feature_sample
+from vlpdist.data.tars import end_of_archive_error
 from vlpdist.atomic import atomic_path, atomic_write_json, remove_stale_staging
 from vlpdist.config import ProcessConfig
 from vlpdist.errors import UserError
@@ -85,10 +86,9 @@ def _scan_members(tar_path: Path) -> tuple[list[IndexedSample], IndexedSample | 
     """(the samples before the last one, the last one, an error text if the archive is cut), in tar order.
 
     Every member is read through (and dropped) with tarfile's stream reader, so a cut in the data
-    is found wherever it is. A cut, empty or invalid header past the first one is, to tarfile, a
-    normal end of the archive; so where its reading stops must be an end-of-archive block (512 zero
-    bytes: one proves that every member before it is whole; the second POSIX asks for adds nothing).
-    An `OSError` opening or reading the file is not a cut: it propagates.
+    is found wherever it is, and where the reading stops must be an end-of-archive block (a cut at
+    or in a header reads to tarfile as the end). An `OSError` opening or reading the file is not a
+    cut: it propagates.
     """
     samples: list[IndexedSample] = []
     current: IndexedSample | None = None
@@ -116,14 +116,7 @@ def _scan_members(tar_path: Path) -> tuple[list[IndexedSample], IndexedSample | 
                 end = archive.offset  # where the header that stopped the reading begins
         except (tarfile.ReadError, EOFError) as err:
             return samples, current, f"{type(err).__name__}: {err}"
-        raw_file.seek(end)
-        block = raw_file.read(tarfile.BLOCKSIZE)
-    if block == bytes(tarfile.BLOCKSIZE):
-        return samples, current, None
-    if len(block) < tarfile.BLOCKSIZE:
-        return samples, current, (f"the archive ends at byte {end + len(block)}, inside or instead of a member header "
-                                  "(no end-of-archive block)")
-    return samples, current, f"invalid member header at byte {end}"
+        return samples, current, end_of_archive_error(raw_file, end)
 
 
 def _downloaded_samples(tar_path: Path) -> list[tuple[str, str]] | None:

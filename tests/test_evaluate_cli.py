@@ -53,12 +53,32 @@ def export_and_run(tmp_path, tiny_lm, tiny_clip) -> tuple[Path, Path]:
     return tmp_path / "export", checkpoint.parent
 
 
+def end_of_training_evaluation(captioner, run_dir: Path, train_shard: Path, heldout_shard: Path, samples: int,
+                               store: Path) -> dict:
+    """What training's last step scores (`vlpdist.train.loop.evaluate`), on one gloo rank."""
+    import torch.distributed as dist
+
+    from vlpdist.config import load_config
+    from vlpdist.data.feature_shards import ShardPlan
+    from vlpdist.parallel.engine import DistInfo
+    from vlpdist.train.loop import DataWorld, evaluate
+
+    config = load_config(run_dir / "config.yaml", [f"train.eval_max_samples={samples}"])
+    plan = ShardPlan(shards=[str(train_shard)], counts=[6], world_size=1, num_workers=0,
+                     micro_batch_size=config.train.micro_batch_size, seed=0, heldout=[str(heldout_shard)])
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        return evaluate(captioner, config, DataWorld(plan, heldout_samples=6, clip_dim=32), DistInfo(0, 1, 0, False))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_evaluate_feature_shards(tmp_path, export_and_run, capsys):
     export_dir, consolidated_dir = export_and_run
     features = tiny_features(tmp_path / "features", num_shards=2, samples_per_shard=6)
     shard = features / "00001.tar"
     result = evaluate_main(["--model", str(export_dir), "--features", str(shard), "--beams", "2", "--max-samples", "5",
-                            "--out", str(tmp_path / "eval.json")])
+                            "--train-features", str(features / "00000.tar"), "--out", str(tmp_path / "eval.json")])
     printed = capsys.readouterr().out
     assert result["samples"] == 5 and json.loads((tmp_path / "eval.json").read_text())["samples"] == 5
     # The greedy captions are the export's own on those features, in held-out order.
@@ -75,7 +95,66 @@ def test_evaluate_feature_shards(tmp_path, export_and_run, capsys):
     assert all(result["retrieval"][f"{d}_R@{k}"] == 1.0 for d in ("image_to_text", "text_to_image") for k in (5, 10))
     assert 0.0 <= result["retrieval"]["image_to_text_R@1"] <= 1.0
     assert result["lm_without_image_loss"] > 0 and result["caption_loss"] > 0
-    assert "scores x100" in printed and "33.53" in printed and "SPICE skipped:" in printed and "image -> text" in printed
+    assert "scores x100" in printed and "SPICE skipped:" in printed and "image -> text" in printed
+    # Not a COCO run over the Karpathy test: the published ClipCap row is not set beside it.
+    assert "ClipCap" not in printed and "33.53" not in printed
+    assert "5 images, 5 captions (all references, 1 per image)" in printed and "ties ranked pessimistically" in printed
+
+    # The baseline is the most frequent TRAINING caption, and training's own last step reports the
+    # same rows on the same held-out shard.
+    train_captions = [c for batch in iterate_heldout([features / "00000.tar"], 6, 6) for refs in batch["captions"] for c in refs]
+    assert result["most_frequent_caption"] == max(train_captions, key=train_captions.count)
+    held_out_captions = [c for refs in batch["captions"] for c in refs]
+    assert result["most_frequent_caption"] not in held_out_captions
+    at_training = end_of_training_evaluation(load_exported_captioner(export_dir), consolidated_dir.parent,
+                                             features / "00000.tar", shard, 5, tmp_path / "store")
+    assert at_training["most_frequent_caption"] == result["most_frequent_caption"]
+    assert at_training["captioning"]["most-frequent caption"] == result["captioning"]["most-frequent caption"]
+    assert at_training["retrieval"]["protocol"] == result["retrieval"]["protocol"]
+
+    # BLIP's synthetic captions are not references: they are scored in a table of their own.
+    capfilt = capfilt_shard(tmp_path / "capfilt" / "00000.tar")
+    scored = evaluate_main(["--model", str(export_dir), "--features", str(capfilt), "--out", str(tmp_path / "capfilt.json")])
+    printed = capsys.readouterr().out
+    assert {row["id"]: row["references"] for row in scored["captions"]} == {key: web for key, web, _ in CAPFILT_SAMPLES}
+    assert {row["id"]: row["synthetic"] for row in scored["captions"]} == {key: synthetic for key, _, synthetic in CAPFILT_SAMPLES}
+    greedy = {row["id"]: row["greedy"] for row in scored["captions"]}
+    assert scored["reference_samples"] == 2 and scored["synthetic_samples"] == 2
+    assert scored["captioning"]["greedy"] == pytest.approx(caption_metrics(
+        {key: web for key, web, _ in CAPFILT_SAMPLES if web}, {key: greedy[key] for key in ("w", "ws")}, meteor=True))
+    assert scored["synthetic_captioning"]["greedy"] == pytest.approx(caption_metrics(
+        {key: synthetic for key, _, synthetic in CAPFILT_SAMPLES if synthetic}, {key: greedy[key] for key in ("ws", "s")},
+        meteor=True))
+    assert "captioning vs the references: 2 images" in printed and "captioning vs synthetic captions" in printed
+    assert "most-frequent caption: not scored; --train-features" in printed
+    assert scored["retrieval"]["images"] == 2 and scored["retrieval"]["captions"] == 2
+
+
+# (key, the web captions CapFilt kept, the synthetic captions it kept), in the order the processing stage writes them.
+CAPFILT_SAMPLES = [
+    ("w", ["a red circle on the left"], []),
+    ("ws", ["a blue square at the top"], ["a picture of a shape", "a drawing of a blue shape"]),
+    ("s", [], ["a photo of a green star"]),
+]
+
+
+def capfilt_shard(path: Path) -> Path:
+    """A feature shard as the processing stage writes it with the BLIP captioner on."""
+    import webdataset as wds
+
+    from vlpdist.data.feature_format import encode_feature_sample
+
+    decisions = {"w": "keep_web", "ws": "keep_web_and_synthetic", "s": "keep_synthetic"}
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True)
+    with wds.TarWriter(str(path)) as writer:
+        for key, web, synthetic in CAPFILT_SAMPLES:
+            captions = web + synthetic
+            writer.write(encode_feature_sample(
+                key=key, image_embedding=rng.standard_normal(32), text_embeddings=rng.standard_normal((len(captions), 32)),
+                captions=captions, labels=[], label_names=[], scores={"synthetic_captions": synthetic},
+                decision=decisions[key], url="", original_caption=(web or ["a web caption the filter dropped"])[0]))
+    return path
 
     # The run's consolidated weights, folded in memory, caption as the export does.
     again = evaluate_main(["--model", str(consolidated_dir), "--features", str(shard), "--max-samples", "5",

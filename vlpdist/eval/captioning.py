@@ -128,10 +128,10 @@ def caption_metrics(
     return scores
 
 
-def most_frequent_caption_baseline(train_captions: Iterable[str], eval_ids: Iterable[Hashable]) -> dict[Hashable, str]:
-    """The trivial captioner: every eval id gets the training set's most frequent caption."""
+def most_frequent_caption(train_captions: Iterable[str]) -> str:
+    """The trivial captioner's one caption for every image: the most frequent training caption
+    (stripped; ties go to the first seen)."""
     counts = Counter(caption.strip() for caption in train_captions)
     if not counts:
-        raise UserError("most_frequent_caption_baseline needs at least one training caption")
-    caption = counts.most_common(1)[0][0]
-    return {key: caption for key in eval_ids}
+        raise UserError("the most-frequent-caption baseline needs at least one training caption")
+    return counts.most_common(1)[0][0]

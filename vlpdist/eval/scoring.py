@@ -101,8 +101,14 @@ def score_heldout(heldout: Mapping, baseline_caption: str | None, *, meteor: boo
         "synthetic_captioning": against.get("synthetic"),
         "synthetic_samples": len(synthetic),
         "skipped_metrics": skipped,
-        "retrieval": score_retrieval({key: heldout["embeddings"][key] for key in references}) if references else None,
+        "retrieval": heldout_retrieval(heldout),
     }
+
+
+def heldout_retrieval(heldout: Mapping) -> dict | None:
+    """`score_retrieval` over the held-out ids with at least one reference (None without any)."""
+    with_references = [key for key, refs in heldout["references"].items() if refs]
+    return score_retrieval({key: heldout["embeddings"][key] for key in with_references}) if with_references else None
 
 
 def format_caption_table(captioning: Mapping[str, Mapping[str, float]], samples: int, skipped: Mapping[str, str],

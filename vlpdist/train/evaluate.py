@@ -178,14 +178,14 @@ def score_captions(heldout: dict, baseline_caption: str, *, meteor: bool | None 
     against the web references, apart against the synthetic captions, retrieval R@K.
     METEOR runs when Java is there; SPICE (minutes, gigabytes of Java heap) only when asked for.
     pycocoevalcap's PTB tokenizer runs Java: call on one rank."""
-    from vlpdist.eval.scoring import BASELINE_SYSTEM, score_heldout
+    from vlpdist.eval.scoring import BASELINE_SYSTEM, heldout_retrieval, score_heldout
 
     problem = caption_metrics_problem()
     if problem is None:
         scored = score_heldout(heldout, baseline_caption, meteor=meteor, spice=spice)
     else:  # a GPU machine carries neither pycocoevalcap (about 100 MB) nor Java; the losses still count
         print(f"caption metrics skipped: {problem}", flush=True)
-        scored = {"captioning": {}, "caption_metrics_skipped": problem}
+        scored = {"captioning": {}, "caption_metrics_skipped": problem, "retrieval": heldout_retrieval(heldout)}
     keys = list(heldout["references"])[:8]
     return {
         "samples": heldout["samples"],

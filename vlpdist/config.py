@@ -355,6 +355,10 @@ class Config:
 
     root: str = "runs/demo"
     """Dataset root: raw/ (img2dataset shards), features/ (processed), source/ (demo URL list)."""
+    base_dir: str = ""
+    """The folder this config's relative paths were given from; "" means the working directory.
+    `save_config` records the working directory, so a saved run config read by `load_run_config`
+    (`launcher.export`, `launcher.evaluate`) finds its paths from any working directory."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
@@ -563,4 +567,39 @@ def save_config(config: Config, folder: str | os.PathLike) -> Path:
 
     # Every value is resolved: a `${` left in a string is text, and must read back as text.
     resolved = _literal(dataclasses.asdict(config))
+    resolved["base_dir"] = resolved["base_dir"] or os.getcwd()  # where the relative paths it holds were valid
     return atomic_write_text(Path(folder) / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+
+# Fields that always name a path, and fields that name either a path or a hub / open_clip / shipped name.
+PATH_FIELDS = ("root", "download.url_list", "process.demo_truth", "train.output_dir", "train.features_dir")
+PATH_OR_NAME_FIELDS = ("process.clip_pretrained", "process.itm_model", "process.captioner", "process.vocab",
+                       "model.lm_name", "model.tokenizer_name")
+
+
+def resolve_config_paths(config: Config, base_dir: str | os.PathLike, keys: Sequence[str] = PATH_FIELDS + PATH_OR_NAME_FIELDS) -> Config:
+    """`config` with the relative paths of `keys` made absolute against `base_dir` (in place; returned).
+    A path-or-name field is a path when the path exists there, else it stays a name ("gpt2")."""
+    for key in keys:
+        section_name, _, name = key.rpartition(".")
+        section = getattr(config, section_name) if section_name else config
+        value = getattr(section, name)
+        if not value or Path(value).is_absolute():
+            continue
+        candidate = Path(base_dir) / value
+        if key in PATH_FIELDS or candidate.exists():
+            setattr(section, name, os.path.normpath(candidate))
+    return config
+
+
+def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """A config, its relative paths resolved against the folder they were given from (`base_dir`):
+    a run's saved config.yaml (`save_config`) then works from any working directory. A config
+    without `base_dir` (written by hand) keeps its paths relative to the working directory."""
+    config = load_config(path, overrides)
+    if not config.base_dir:
+        return config
+    # A path typed on this command line is relative to the working directory, not to the run's.
+    typed_here = {item.split("=", 1)[0].strip() for item in overrides}
+    resolve_config_paths(config, os.getcwd(), [key for key in PATH_FIELDS + PATH_OR_NAME_FIELDS if key in typed_here])
+    return resolve_config_paths(config, config.base_dir, [key for key in PATH_FIELDS + PATH_OR_NAME_FIELDS if key not in typed_here])

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device: run `pytest -m gpu` (or launcher/gpu_smoke.sh) where one is")
+    skip = pytest.mark.skip(reason="needs a CUDA device: run `pytest -m gpu` (or launcher/gpu_run.sh) where one is")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

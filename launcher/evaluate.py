@@ -241,7 +241,7 @@ def print_tables(result: dict, published: bool) -> None:
         print("most-frequent caption: not scored; --train-features (the model's training shards) gives it")
     if result["retrieval"] is not None:
         print()
-        print(format_retrieval_table(result["retrieval"], result["retrieval_embeddings"]))
+        print(format_retrieval_table(result["retrieval"], result["retrieval_protocol"], result["retrieval_embeddings"]))
     if result.get("skipped_images"):
         reasons = Counter(why.split(":", 1)[0] for why in result["skipped_images"].values())
         print(f"\n{len(result['skipped_images'])} images left out ({dict(reasons)}); they are listed in the output file")

@@ -61,3 +61,17 @@ def test_the_tokenizer_line_count_is_checked():
     assert run_ptb_tokenizer(["a red car on the table", "", "a dog"]) == ["a red car on the table", "", "a dog"]
     with pytest.raises(TokenizerMismatch, match="returned 4 lines for 3 captions"):
         run_ptb_tokenizer(["a red car\ron the table", "", "a dog"])
+
+
+def test_published_clipcap_row_only_beside_a_full_karpathy_test_run():
+    from vlpdist.eval.scoring import format_caption_table, published_clipcap_applies
+
+    assert published_clipcap_applies(coco_format=True, images=5000)
+    assert not published_clipcap_applies(coco_format=True, images=4999)
+    assert not published_clipcap_applies(coco_format=False, images=5000)  # feature shards: other data
+    ours = {"greedy": {"BLEU-4": 0.3, "CIDEr": 1.0}}
+    beside = format_caption_table(ours, 5000, {}, published=True)
+    assert "ClipCap (published)" in beside and "33.53" in beside and "113.08" in beside
+    assert "differs in model (its transformer mapper, GPT-2) and data (trained on COCO Karpathy train)" in beside
+    alone = format_caption_table(ours, 5, {})
+    assert "ClipCap" not in alone and "33.53" not in alone

@@ -59,14 +59,14 @@ def score_caption_systems(
     return {"captioning": scores, "skipped_metrics": skipped}
 
 
-def score_retrieval(embeddings: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """R@1/5/10 both directions over {id: (visual_E, text_RE)}, an image with the embeddings of all
-    its R references, plus `images`, `captions` and the `protocol` in words."""
+def score_retrieval(embeddings: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, float], str]:
+    """(R@1/5/10 both directions, the protocol in words) over {id: (visual_E, text_RE)}, each image
+    with the embeddings of all its R references."""
     pairs = [(visual, text.reshape(-1, visual.shape[-1])) for visual, text in embeddings.values()]
     owner_M = torch.cat([torch.full((len(text),), index) for index, (_, text) in enumerate(pairs)])
     text_ME = torch.cat([text for _, text in pairs])
     recall = retrieval_recall(torch.stack([visual for visual, _ in pairs]), text_ME, RETRIEVAL_KS, owner_M)
-    return {**recall, "images": len(pairs), "captions": len(text_ME), "protocol": retrieval_protocol(len(pairs), len(text_ME))}
+    return recall, retrieval_protocol(len(pairs), len(text_ME))
 
 
 def captioning_systems(heldout: Mapping, ids, baseline_caption: str | None) -> dict[str, dict]:
@@ -84,7 +84,7 @@ def score_heldout(heldout: Mapping, baseline_caption: str | None, *, meteor: boo
     """Everything both evaluations report: `captioning` {system: scores} against the references
     (the ids with at least one, `reference_samples` of them), `synthetic_captioning` against BLIP's
     synthetic captions (None when there are none; `synthetic_samples`), `skipped_metrics`, `retrieval`
-    over the ids with references (None without any). `baseline_caption` (the most frequent training
+    and `retrieval_protocol` (`heldout_retrieval`). `baseline_caption` (the most frequent training
     caption) scores as its own row; None leaves the row out. Held-out samples whose filter kept only
     synthetic captions have no reference: `captioning` is then {} rather than a score against BLIP."""
     references = {key: refs for key, refs in heldout["references"].items() if refs}
@@ -101,14 +101,18 @@ def score_heldout(heldout: Mapping, baseline_caption: str | None, *, meteor: boo
         "synthetic_captioning": against.get("synthetic"),
         "synthetic_samples": len(synthetic),
         "skipped_metrics": skipped,
-        "retrieval": heldout_retrieval(heldout),
+        **heldout_retrieval(heldout),
     }
 
 
-def heldout_retrieval(heldout: Mapping) -> dict | None:
-    """`score_retrieval` over the held-out ids with at least one reference (None without any)."""
+def heldout_retrieval(heldout: Mapping) -> dict:
+    """{"retrieval": R@K, "retrieval_protocol": in words} (`score_retrieval`) over the held-out ids
+    with at least one reference; both None without any."""
     with_references = [key for key, refs in heldout["references"].items() if refs]
-    return score_retrieval({key: heldout["embeddings"][key] for key in with_references}) if with_references else None
+    if not with_references:
+        return {"retrieval": None, "retrieval_protocol": None}
+    recall, protocol = score_retrieval({key: heldout["embeddings"][key] for key in with_references})
+    return {"retrieval": recall, "retrieval_protocol": protocol}
 
 
 def format_caption_table(captioning: Mapping[str, Mapping[str, float]], samples: int, skipped: Mapping[str, str],
@@ -129,9 +133,9 @@ def format_caption_table(captioning: Mapping[str, Mapping[str, float]], samples:
     return "\n".join(lines)
 
 
-def format_retrieval_table(retrieval: Mapping[str, float], source: str) -> str:
+def format_retrieval_table(retrieval: Mapping[str, float], protocol: str, source: str) -> str:
     """R@K in percent, image->text and text->image, under the protocol `score_retrieval` states."""
-    lines = [f"retrieval: {retrieval['protocol']}; {source}",
+    lines = [f"retrieval: {protocol}; {source}",
              f"{'':14} " + " ".join(f"{f'R@{k}':>6}" for k in RETRIEVAL_KS)]
     for direction, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
         lines.append(f"{label:14} " + " ".join(f"{100 * retrieval[f'{direction}_R@{k}']:6.1f}" for k in RETRIEVAL_KS))

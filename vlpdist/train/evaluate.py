@@ -185,7 +185,7 @@ def score_captions(heldout: dict, baseline_caption: str, *, meteor: bool | None 
         scored = score_heldout(heldout, baseline_caption, meteor=meteor, spice=spice)
     else:  # a GPU machine carries neither pycocoevalcap (about 100 MB) nor Java; the losses still count
         print(f"caption metrics skipped: {problem}", flush=True)
-        scored = {"captioning": {}, "caption_metrics_skipped": problem, "retrieval": heldout_retrieval(heldout)}
+        scored = {"captioning": {}, "caption_metrics_skipped": problem, **heldout_retrieval(heldout)}
     keys = list(heldout["references"])[:8]
     return {
         "samples": heldout["samples"],

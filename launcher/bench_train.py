@@ -7,15 +7,21 @@ best round counts):
   workers, DeepSpeed engine forward/backward/step, the per-step collective), MoE mapper, LM frozen;
   with alignment off and on (ITC + SupCon over a 65,536-entry bank with the momentum mapper),
   text target lm, lm_cached (the cache filled during the warm-up, as after the first epoch) and clip;
-- `full, unfused AdamW`: the same loop on an engine whose torch AdamW runs unfused (vlpdist's
-  CPU default is fused, a setting DeepSpeed passes through to torch) — what the setting buys;
+- `full, unfused AdamW`: the same loop on an engine whose optimizer is torch's AdamW unfused
+  (vlpdist's default is torch's fused AdamW, a setting DeepSpeed passes through to torch) — what
+  the setting buys; asked as `torch_adam` + `fused: false`, so DeepSpeed never builds its FusedAdam
+  with `fused` (which it refuses);
 - `full, compiled`: the loop with `train.compile=true` (the LM and mapper compiled for the
   training step), against the bare LM step compiled the same way;
 - `bare LM`: forward + backward of the frozen LM over [prefix | caption] embeddings, gradients
   reaching the prefix only, through the captioner's own caption loss (its LM head runs at the
   caption positions only): the work no captioner of a frozen LM can avoid;
-- `ClipCap`: a plain PyTorch step of ClipCap's baseline (its transformer mapper, 8 layers, frozen LM,
-  torch AdamW, no DeepSpeed) on a fixed batch of the same shape;
+- `ClipCap`: ClipCap's own training step as its code runs it (`launcher.bench_clipcap`: its
+  transformer mapper, 8 layers, GPT-2 in eval mode outside the optimizer, full logits) on a fixed
+  batch of the same captions, at its COCO recipe (prefix 40, clip length 40) and at prefix 10, with
+  an optimizer of the same class and settings as the full step's (fused or not alike), the same
+  precision (autocast bf16 where ours runs bf16) and the same compile setting; plus the recipe
+  without gradients to GPT-2's weights (which its code computes, then leaves unused);
 - the pieces of the aligned step (mapper fwd+bwd, LM text forward, momentum forward, key gather +
   ITC + SupCon fwd+bwd, enqueue), each as a share of the aligned lm_cached step.
 
@@ -37,10 +43,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from launcher.bench_clipcap import RECIPE, ClipCapStep, describe_optimizer
+
 TEXT_TARGETS = ("lm", "lm_cached", "clip")
 QUICK = {"width": 64, "layers": 2, "heads": 2, "vocab_size": 2048, "batch": 4, "steps": 1, "rounds": 1,
          "bank_size": 1024, "samples_per_shard": 8}
-CLIPCAP_LAYERS = 8  # ClipCap's transformer mapper (Mokady et al. 2021)
+# ClipCap's steps measured beside ours: name -> (prefix length, clip length, gradients to GPT-2's weights).
+CLIPCAP_VARIANTS = {
+    "ClipCap step, prefix 40/40": (40, 40, True),  # its COCO transformer recipe
+    "ClipCap step, prefix 10/10": (10, 10, True),
+    "ClipCap step, prefix 40/40, no LM weight gradients": (40, 40, False),
+}
 
 
 def timed_rounds(variants: dict, steps: int, rounds: int, synchronize, warmup: dict[str, int] | None = None) -> dict[str, float]:
@@ -129,7 +142,7 @@ class LoopRunner:
         from vlpdist.train.state import TrainState
         from functools import partial
 
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)  # a rerun on the same --work reuses it (no checkpoints, no logs in it)
         self.config, self.info, self.run_dir = config, info, run_dir
         self.engine, self.scheduler = build_model_and_engine(config, info, run_dir, clip_dim, optimizer_params=ds_optimizer_params)
         device = self.engine.device
@@ -172,12 +185,14 @@ def run_benchmark(
     unfused_adamw_row: bool = True,
     compiled_rows: bool = False,
     compile_lm: bool = False,
+    clipcap_variants: tuple[str, ...] = tuple(CLIPCAP_VARIANTS),
     work: Path | None = None,
 ) -> dict:
     """Time every row (see the module docstring); returns a JSON-ready dict. `width`/`layers`/`heads`/
     `vocab_size` None keep GPT-2 small's. `compile_lm` runs every row with `train.compile=true` (the
     LM and mapper compiled for the training step; ClipCap's LM and mapper likewise); `compiled_rows`
-    adds one compiled full step and bare step beside the eager rows."""
+    adds one compiled full step and bare step beside the eager rows. `clipcap_variants`: which of
+    `CLIPCAP_VARIANTS` to measure (the recipe and prefix 10 always)."""
     arguments = dict(locals())  # first statement: exactly the keyword arguments, forwarded whole below
     if work is None:
         with tempfile.TemporaryDirectory(prefix="vlpdist-bench-train-") as folder:
@@ -185,7 +200,6 @@ def run_benchmark(
     import os
 
     from vlpdist.config import load_config
-    from vlpdist.models.captioner import build_captioner
     from vlpdist.parallel.engine import device_of, init_distributed
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -218,7 +232,7 @@ def run_benchmark(
             config_for(target, *align_on, f"align.text_target={target}"), info, work / "runs" / target, clip_dim, label_names)
     if unfused_adamw_row:
         runners["full, alignment off, unfused AdamW"] = LoopRunner(
-            config_for("unfused"), info, work / "runs" / "unfused", clip_dim, label_names, {"fused": False})
+            config_for("unfused"), info, work / "runs" / "unfused", clip_dim, label_names, {"torch_adam": True, "fused": False})
     if compiled_rows and not compile_lm:
         runners["full, alignment off, compiled"] = LoopRunner(
             config_for("compiled", "train.compile=true"), info, work / "runs" / "compiled", clip_dim, label_names)
@@ -227,7 +241,6 @@ def run_benchmark(
     captioner = off.engine.module
     fixed = next(off.loader)  # the fixed batch of the rows outside the loop
     off.state.data_position += 1
-    clip_BC = fixed["clip"].to(device)
     ids_BT, mask_BT = fixed["input_ids"].to(device), fixed["attention_mask"].to(device)
     embed = captioner.lm.get_input_embeddings()
     prefix_BPD = torch.randn(batch, prefix_length, embed.embedding_dim, device=device, dtype=embed.weight.dtype,
@@ -237,19 +250,16 @@ def run_benchmark(
         # The engine's module is in training mode: a compiled run's bare step goes through its compiled LM.
         return lambda: model.caption_loss_after(prefix_BPD, ids_BT, mask_BT).backward()
 
-    clipcap_cfg = load_config(None, base + ["model.mapper=transformer", f"model.mapper_depth={CLIPCAP_LAYERS}"]).model
-    clipcap = build_captioner(clipcap_cfg, clip_dim, 1).to(device, embed.weight.dtype)
-    if compile_lm:
-        clipcap.compile_for_training()
-    clipcap_optimizer = torch.optim.AdamW([p for p in clipcap.parameters() if p.requires_grad], lr=2e-4)
-
-    def clipcap_step() -> None:
-        clipcap(clip_BC.to(embed.weight.dtype), ids_BT, mask_BT)["cap"].backward()
-        clipcap_optimizer.step()
-        clipcap_optimizer.zero_grad(set_to_none=True)
+    torch_optimizer = off.engine.optimizer.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch one
+    low_precision = embed.weight.dtype if embed.weight.dtype != torch.float32 else None
+    clipcap_steps = {
+        name: ClipCapStep(work / "lm", clip_dim, prefix, clip_length, RECIPE["num_layers"], torch_optimizer, device, fixed,
+                          autocast_dtype=low_precision, compile_modules=compile_lm, lm_weight_grads=weight_grads)
+        for name, (prefix, clip_length, weight_grads) in CLIPCAP_VARIANTS.items()
+        if name in {*clipcap_variants, "ClipCap step, prefix 40/40", "ClipCap step, prefix 10/10"}}
 
     variants = {name: runner.step for name, runner in runners.items()}
-    variants |= {"bare LM fwd+bwd": bare_step_of(captioner), "ClipCap plain step": clipcap_step}
+    variants |= {"bare LM fwd+bwd": bare_step_of(captioner), **clipcap_steps}
     compiled_runner = runners.get("full, alignment off, compiled")
     if compiled_runner is not None:
         variants["bare LM fwd+bwd, compiled"] = bare_step_of(compiled_runner.engine.module)
@@ -274,7 +284,8 @@ def run_benchmark(
         # Each step against the bare LM step at the same compile setting.
         own_bare_s = seconds["bare LM fwd+bwd, compiled"] if name.endswith(", compiled") else bare_s
         rows.append({"name": name, "ms": 1e3 * value, "samples_per_s": batch / value,
-                     "x_bare": own_bare_s / value, "x_clipcap": seconds["ClipCap plain step"] / value,
+                     "x_bare": own_bare_s / value, "x_clipcap_40": seconds["ClipCap step, prefix 40/40"] / value,
+                     "x_clipcap_10": seconds["ClipCap step, prefix 10/10"] / value,
                      "x_alignment_off": value / off_s if name.startswith("full") else None})
     pieces = []
     if pieces_of is not None:
@@ -290,17 +301,21 @@ def run_benchmark(
                    "ms": 1e3 * value, "share_of_step": value / aligned_s} for name, value in measured.items()]
     cache = next((runner.objective.text_cache for runner in runners.values()
                   if runner.objective is not None and runner.objective.text_cache is not None), None)
-    torch_optimizer = off.engine.optimizer.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch one
     return {
         "device": "cuda" if info.on_gpu else "cpu",
         "precision": "bf16" if embed.weight.dtype == torch.bfloat16 else str(embed.weight.dtype).removeprefix("torch."),
         "compiled": compile_lm,
-        "optimizer": {"class": type(torch_optimizer).__name__, "fused": bool(torch_optimizer.defaults.get("fused"))},
+        "optimizer": describe_optimizer(torch_optimizer),
+        "clipcap": {"optimizer": describe_optimizer(next(iter(clipcap_steps.values())).optimizer),
+                    "precision": f"autocast {str(low_precision).removeprefix('torch.')}" if low_precision else "fp32",
+                    "compiled": compile_lm, "layers": RECIPE["num_layers"],
+                    "variants": [{"name": name, "prefix_length": prefix, "clip_length": clip_length, "lm_weight_grads": weight_grads,
+                                  "trainable_params": clipcap_steps[name].trainable_params()}
+                                 for name, (prefix, clip_length, weight_grads) in CLIPCAP_VARIANTS.items() if name in clipcap_steps]},
         "lm": lm,
         "mapper": {"kind": captioner.mapper.__class__.__name__, "experts": off.config.model.num_experts,
                    "top_k": off.config.model.top_k, "depth": off.config.model.mapper_depth,
-                   "trainable_params": sum(p.numel() for p in captioner.parameters() if p.requires_grad),
-                   "clipcap_trainable_params": sum(p.numel() for p in clipcap.parameters() if p.requires_grad)},
+                   "trainable_params": sum(p.numel() for p in captioner.parameters() if p.requires_grad)},
         "batch": batch, "prefix_length": prefix_length, "caption_tokens": tokens - prefix_length, "sequence": tokens,
         "bank_size": bank_size, "steps": steps, "rounds": rounds, "torch_threads": torch.get_num_threads(),
         "text_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
@@ -362,10 +377,12 @@ def print_report(report: dict) -> None:
     print(f"{report['device']} {report['precision']}, LM {lm['layers']}x{lm['width']} vocab {lm['vocab_size']:,}, batch "
           f"{report['batch']}, prefix {report['prefix_length']} + {report['caption_tokens']} caption tokens, "
           f"{report['torch_threads']} threads, best of {report['rounds']} rounds")
-    print(f"{'':40}{'ms/step':>10}{'samples/s':>11}{'x bare':>8}{'x ClipCap':>10}{'x align off':>12}")
+    print(f"optimizer {report['optimizer']['name']} (ClipCap's alike); ClipCap {report['clipcap']['precision']}")
+    print(f"{'':52}{'ms/step':>10}{'samples/s':>11}{'x bare':>8}{'x CC 40':>9}{'x CC 10':>9}{'x align off':>12}")
     for row in report["rows"]:
         off = f"{row['x_alignment_off']:.2f}" if row["x_alignment_off"] is not None else "-"
-        print(f"{row['name']:40}{row['ms']:10.1f}{row['samples_per_s']:11.2f}{row['x_bare']:8.2f}{row['x_clipcap']:10.2f}{off:>12}")
+        print(f"{row['name']:52}{row['ms']:10.1f}{row['samples_per_s']:11.2f}{row['x_bare']:8.2f}{row['x_clipcap_40']:9.2f}"
+              f"{row['x_clipcap_10']:9.2f}{off:>12}")
     if report["pieces"]:
         print("pieces of the aligned (lm_cached) step:")
         for piece in report["pieces"]:

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("torch", "faiss_flat", "faiss_ivf", "faiss_hnsw")
-# Brute-force similarity blocks hold at most this many float32 entries (256 MiB), whatever N is.
-SIMILARITY_BLOCK_ENTRIES = 1 << 26
+# Brute-force similarity blocks (rows x N float32) stay under a byte budget, whatever N is: 256 MiB on
+# the CPU; on a GPU an eighth of its free memory, at most 8 GiB, so that 1M nodes are searched in a few
+# hundred blocks of 2,048 rows (large GEMMs) rather than 16,384 blocks of 64 rows (tiny GEMM + top-k launches).
+SIMILARITY_BLOCK_BYTES_CPU = 1 << 28
+SIMILARITY_BLOCK_BYTES_GPU_MAX = 1 << 33
 # FAISS advises 30..256 training points per IVF list; fewer lists than N / 39 avoids its warning.
 IVF_MIN_POINTS_PER_LIST = 39
 
@@ -121,10 +124,19 @@ def search_knn(
     return neighbor_QW.to(torch.int64), distance_QK.float()
 
 
+def similarity_block_rows(num_nodes: int, device: torch.device) -> int:
+    """Query rows per brute-force block: as many as keep a rows x `num_nodes` float32 block within the device's budget."""
+    budget = SIMILARITY_BLOCK_BYTES_CPU
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = min(free_bytes // 8, SIMILARITY_BLOCK_BYTES_GPU_MAX)
+    return max(1, budget // (4 * num_nodes))
+
+
 def search_brute_force(nodes_ND: torch.Tensor, queries_QD: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarity_QK, neighbor_QK): top-k inner products in blocks of queries, never a Q x N matrix at once."""
     num_nodes = nodes_ND.shape[0]
-    block = max(1, SIMILARITY_BLOCK_ENTRIES // num_nodes)
+    block = similarity_block_rows(num_nodes, nodes_ND.device)
     similarities, neighbors = [], []
     for start in range(0, queries_QD.shape[0], block):
         similarity_bN = queries_QD[start : start + block] @ nodes_ND.T

@@ -251,6 +251,11 @@ def run_download(config: Config, retry_failed: bool = False) -> dict:
     url_list = check_url_list(config.download)
     folder = raw_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
+    # The state file is written before img2dataset writes anything: without it, what raw/ holds is not
+    # an earlier download of ours, and resuming would delete its "incomplete shards".
+    if not (Path(config.root) / STATE_FILENAME).is_file() and any(folder.iterdir()):
+        raise UserError(f"{folder} holds files but {Path(config.root) / STATE_FILENAME} does not exist: not an earlier "
+                        "download to resume; choose a new root (or empty raw/)")
     state = _load_state(config, url_list)
     cleared = clear_incomplete_shards(folder)
     if cleared:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from common_fixtures import REPO
 
-from launcher.demo import SAMPLE_IMAGES, STAGE_OUTPUTS, remove_stage_outputs
+from launcher.demo import SAMPLE_IMAGES, STAGE_OUTPUTS, fold_note, remove_stage_outputs
+from launcher.demo import main as demo_main
 from vlpdist.errors import UserError
 
 SMALL = [
@@ -112,3 +113,23 @@ def test_fresh_removes_only_the_demo_outputs_under_the_root(tmp_path):
     for refused in (Path.home(), REPO, Path("/")):
         with pytest.raises(UserError, match="--fresh refuses"):
             remove_stage_outputs(refused)
+
+
+def test_a_root_holding_other_files_is_refused_untouched(tmp_path, capsys):
+    """T1 for the demo: `root=` a folder the demo did not make is neither cleared by --fresh nor written into."""
+    root = tmp_path / "data"
+    (root / "raw").mkdir(parents=True)
+    (root / "raw" / "00000.tar").write_bytes(b"a user's archive")
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exited:
+        demo_main(["--fresh", "--stages", "export", f"root={root}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "root= " in err and "not an earlier output of launcher.demo" in err
+    assert sorted(path.name for path in root.iterdir()) == ["notes.txt", "raw"]
+    assert (root / "raw" / "00000.tar").read_bytes() == b"a user's archive"
+
+
+def test_the_fold_note_reports_the_measured_error():
+    note = fold_note(1.2e-7, 1e-4)
+    assert "measured 1.2e-07" in note and "float32 rounding" in note and "1e-04" in note and "exact" not in note
+    assert "above float32 rounding" in fold_note(3.4e-5, 1e-4) and "3.4e-05" in fold_note(3.4e-5, 1e-4)

@@ -18,6 +18,7 @@ from data_ingest.download import SUMMARY_FILENAME, run_download
 from data_ingest.sources.demo_server import DemoImageServer
 from data_ingest.sources.synthetic import BROKEN_KINDS, broken_paths, demo_url_rows, generate_demo_samples
 from vlpdist.config import Config, DemoDataConfig, load_config, save_config
+from vlpdist.errors import UserError
 
 DEMO = DemoDataConfig(num_samples=40, seed=3, broken_per_kind=1, slow_response_s=8.0)
 FLAKY = ("img/000004.jpg", "img/000031.jpg")  # fail once with 503, then succeed
@@ -170,3 +171,14 @@ def test_incomplete_shard_from_a_crash_is_rebuilt(first_pass, server, tmp_path):
     assert sorted(server.requested_paths()) == sorted(_path_of(u) for u in shard_rows["url"])
     assert summary["success"] + summary["failed"] == 46
     assert len(list(wds.WebDataset(str(root / "raw" / "00002.tar"), shardshuffle=False))) > 0
+
+
+def test_a_raw_folder_not_written_by_a_download_is_refused_untouched(tmp_path):
+    """Resuming deletes incomplete shards: without the download's state file, raw/ is not ours to resume."""
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n")
+    (tmp_path / "root" / "raw").mkdir(parents=True)
+    (tmp_path / "root" / "raw" / "00000.tar").write_bytes(b"a user's archive")
+    with pytest.raises(UserError, match="not an earlier download to resume"):
+        run_download(_config(tmp_path / "root", url_list))
+    assert (tmp_path / "root" / "raw" / "00000.tar").read_bytes() == b"a user's archive"

@@ -5,7 +5,8 @@ Trains every variant with every seed through the real launcher (`deepspeed launc
 `ablation.md` into `--out`: caption BLEU-4 / CIDEr / ROUGE-L, retrieval R@1/5/10 in both directions
 (visual prefix vs text), training samples/s, each as mean ± standard deviation over the seeds, with
 the overrides that made the row and the config.yaml each run resolved. A variant/seed whose
-eval.json exists is not run again, so a stopped ablation resumes.
+eval.json exists is not run again, so a stopped ablation resumes. `--out` must be new, empty or an
+earlier ablation's (its marker): a folder holding anything else is refused.
 
 On the demo config (the default) it first makes the demo's data when `<root>/features` holds no
 shards (download, process and the demo LM, as `python -m launcher.demo` does).
@@ -22,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 from launcher.paths import DEFAULT_CONFIG, TRAIN_SCRIPT
-from vlpdist.atomic import atomic_write_json, atomic_write_text
+from vlpdist.atomic import atomic_write_json, atomic_write_text, claim_output_dir, refuse_foreign_output
 from vlpdist.config import load_config
 from vlpdist.errors import UserError, exit_on_user_error
 
@@ -48,6 +49,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 STATIC_FOLD = "static_fold"
 STATIC_FOLD_CALIBRATION = 1024
 CAPTION_METRICS = ("BLEU-4", "CIDEr", "ROUGE-L")
+WRITER = "launcher.ablate"
 RETRIEVAL_METRICS = tuple(f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10))
 
 
@@ -188,8 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     config = load_config(args.config, args.overrides)
     out = args.out or Path(config.root) / "ablation"
+    refuse_foreign_output(out, WRITER, "--out")  # before the demo data is made: a refusal costs nothing
     if not args.no_prepare:
         prepare_demo_data(args.config, args.overrides)
+    # Claimed after the demo claimed its root: the default --out lies inside it.
+    claim_output_dir(out, WRITER, "--out")
     rows = []
     if STATIC_FOLD in names and "caption" not in names:
         raise UserError(f"variant {STATIC_FOLD} folds the caption variant's runs: add caption to --variants")

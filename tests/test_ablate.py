@@ -61,3 +61,15 @@ def test_ablation_runner_table_and_configs(tmp_path, tiny_lm):
     body = [line for line in table if line.startswith(("| caption", f"| {STATIC_FOLD}"))]
     assert len(body) == 2 and all(line.count("|") == header.count("|") == separator.count("|") for line in body)
     assert json.loads((out / "ablation.json").read_text())["rows"] == [*rows, static]
+
+
+def test_an_out_holding_other_files_is_refused_before_any_run(tmp_path, capsys):
+    from launcher.ablate import main
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "paper_table.md").write_text("mine")
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(TINY_CONFIG), "--variants", "caption", "--out", str(out), "--no-prepare", f"root={tmp_path}"])
+    assert exited.value.code == 2 and "not an earlier output of launcher.ablate" in capsys.readouterr().err
+    assert [path.name for path in out.iterdir()] == ["paper_table.md"]

@@ -13,7 +13,7 @@ from common_fixtures import REPO, free_port
 from train_fixtures import TINY_CONFIG, tiny_features, tiny_overrides
 
 from vlpdist.config import load_config
-from vlpdist.data.feature_shards import list_feature_shards, shard_sample_counts
+from vlpdist.data.feature_shards import count_shard_share, list_feature_shards, shard_sample_counts
 from vlpdist.errors import UserError
 from vlpdist.train.loop import _read_data_world
 
@@ -30,10 +30,23 @@ def test_a_stats_count_that_disagrees_with_its_tar_is_refused_at_planning(tmp_pa
     _recount(features, "00002", written)
     with pytest.raises(UserError, match=rf"00002.tar holds {SAMPLES} samples but 00002_stats.json counts {written}"):
         shard_sample_counts(list_feature_shards(features))
-    # What rank 0 sends every rank: no plan, the one line.
-    config = load_config(TINY_CONFIG, tiny_overrides(features, tmp_path / "lm", tmp_path / "run"))
-    world = _read_data_world(config, 2, features)
+    # What rank 0 sends every rank, from the two ranks' shares of the counting: no plan, the one line.
+    world = _data_world_of_two_ranks(features, tmp_path)
     assert world.plan is None and f"counts {written}" in world.error and "\n" not in world.error
+
+
+def _data_world_of_two_ranks(features, tmp_path):
+    config = load_config(TINY_CONFIG, tiny_overrides(features, tmp_path / "lm", tmp_path / "run"))
+    return _read_data_world(config, 2, features, [count_shard_share(features, rank, 2) for rank in range(2)])
+
+
+def test_two_ranks_share_the_counting_and_agreeing_stats_make_the_plan(tmp_path):
+    features = tiny_features(tmp_path / "features")
+    shares = [count_shard_share(features, rank, 2) for rank in range(2)]
+    assert [sorted(share) for share, _ in shares] == [["00000.tar", "00002.tar", "00004.tar"],
+                                                     ["00001.tar", "00003.tar", "00005.tar"]]
+    world = _data_world_of_two_ranks(features, tmp_path)
+    assert world.error is None and world.plan.counts == [SAMPLES] * 5 and world.heldout_samples == SAMPLES
 
 
 @pytest.mark.parametrize("where", ["at_a_header", "inside_a_header"])
@@ -50,6 +63,8 @@ def test_a_cut_feature_tar_is_refused_at_planning(tmp_path, where):
     _recount(features, "00001", 4)  # stats that agree with what is left: only the cut gives it away
     with pytest.raises(UserError, match=r"00001.tar is cut or corrupt \(the archive ends at byte"):
         shard_sample_counts(list_feature_shards(features))
+    # Rank 1 counts shard 00001: its error is what rank 0 sends every rank.
+    assert "00001.tar is cut or corrupt" in _data_world_of_two_ranks(features, tmp_path).error
 
 
 @pytest.mark.timeout(300)
@@ -77,3 +92,34 @@ def test_two_ranks_both_stop_at_planning_with_one_line_and_exit_2(tmp_path, tiny
         assert len(errors) == 1 and "00003.tar holds 48 samples but 00003_stats.json counts 53" in errors[0], stderr
         assert "Traceback" not in stderr
     assert not (tmp_path / "run").exists()  # stopped before the run folder was made
+
+
+@pytest.mark.parametrize("tar_format", ["USTAR_FORMAT", "GNU_FORMAT", "PAX_FORMAT"])
+def test_member_names_from_headers_alone_are_tarfiles(tmp_path, tar_format):
+    """Long names (a ustar prefix, a GNU long name, a pax path), a directory and a link: the header
+    walk that counts samples names the regular files tarfile names."""
+    import io
+    import tarfile
+
+    from vlpdist.data.tars import tar_file_names
+
+    path = tmp_path / "names.tar"
+    names = ["short.txt", f"{'d' * 90}/{'k' * 60}.npy", "x" * 99 + ".json", "sub/0001.cls"]
+    with tarfile.open(path, "w", format=getattr(tarfile, tar_format)) as archive:
+        directory = tarfile.TarInfo("sub")
+        directory.type = tarfile.DIRTYPE
+        archive.addfile(directory)
+        for index, name in enumerate(names):
+            if tar_format == "USTAR_FORMAT" and len(name) > 100 and "/" not in name:
+                continue  # ustar has no room for a 100+-character base name
+            member = tarfile.TarInfo(name)
+            member.size = 700 * index
+            archive.addfile(member, io.BytesIO(bytes(member.size)))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "short.txt"
+        archive.addfile(link)
+    with tarfile.open(path) as archive:
+        expected = [member.name for member in archive.getmembers() if member.isfile()]
+    with open(path, "rb") as file:
+        assert tar_file_names(file) == (expected, None)
+    assert len(expected) >= 3

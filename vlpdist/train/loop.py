@@ -27,8 +27,10 @@ from vlpdist.data.feature_shards import (
     ShardPlan,
     build_shard_plan,
     build_train_loader,
+    count_shard_share,
     iterate_heldout,
     list_feature_shards,
+    merge_shard_shares,
     plan_differences,
     shard_sample_counts,
     split_heldout,
@@ -45,6 +47,7 @@ from vlpdist.parallel.engine import (
     consolidated_state_dict,
     device_of,
     expert_parallel_rank,
+    gather_to_main,
     init_distributed,
     sum_over_ranks,
 )
@@ -147,18 +150,21 @@ def _paths(config: Config) -> tuple[Path, Path]:
     return run_dir, features
 
 
-def _read_data_world(config: Config, world_size: int, features_dir: Path) -> DataWorld:
-    """On rank 0 only: list and count the shards (from the processing stats) and build the plan."""
+def _read_data_world(config: Config, world_size: int, features_dir: Path,
+                     shares: list[tuple[dict[str, int], str | None]]) -> DataWorld:
+    """On rank 0 only: list the shards, check every rank's `shares` of their counts against the
+    processing stats, and build the plan."""
     train = config.train
     try:
+        tar_counts = merge_shard_shares(shares)
         train_shards, heldout_shards = split_heldout(list_feature_shards(features_dir), train.heldout_shards)
-        counts, counted = shard_sample_counts(train_shards)
+        counts, counted = shard_sample_counts(train_shards, tar_counts)
         plan = build_shard_plan(
             train_shards, world_size, train.num_workers, train.micro_batch_size, train.seed, heldout_shards, counts,
         )
         first_full = next(shard for shard, count in zip(train_shards, counts) if count > 0)
         clip_dim = next(iterate_heldout([first_full], batch_size=1, max_samples=1))["clip"].shape[1]
-        heldout_samples = sum(shard_sample_counts(heldout_shards)[0])
+        heldout_samples = sum(shard_sample_counts(heldout_shards, tar_counts)[0])
         label_names = read_label_vocabulary(features_dir)
         read_provenance(features_dir)  # validated here, where its error reaches every rank; run_training copies it
     except UserError as err:
@@ -170,8 +176,11 @@ def _read_data_world(config: Config, world_size: int, features_dir: Path) -> Dat
 
 
 def share_data_world(config: Config, info: DistInfo, features_dir: Path) -> DataWorld:
-    """Collective: rank 0's DataWorld on every rank (so ranks can never disagree about the plan)."""
-    world = broadcast_from_main(_read_data_world(config, info.world_size, features_dir) if info.is_main else None, device_of(info))
+    """Collective: rank 0's DataWorld on every rank (so ranks can never disagree about the plan);
+    every rank counts its share of the shards' samples for it first."""
+    shares = gather_to_main(count_shard_share(features_dir, info.rank, info.world_size))
+    world = broadcast_from_main(_read_data_world(config, info.world_size, features_dir, shares) if info.is_main else None,
+                                device_of(info))
     if world.error is not None:
         raise UserError(world.error)
     return world

@@ -108,9 +108,16 @@ def test_bottleneck_gradient_path(lm_dir, captions):
     assert grads[False] > 0.0
 
 
-def test_bottleneck_greedy_generation_matches_the_training_mask(lm_dir):
+@pytest.mark.parametrize("cache_argument", ["as_installed", "past_key_values"])
+def test_bottleneck_greedy_generation_matches_the_training_mask(lm_dir, cache_argument, monkeypatch):
     """Greedy tokens from `generate` (cache + masked prefix) equal the argmax chain of the
-    training-time 4-D-mask forward: decoding sees the prefix exactly as training does."""
+    training-time 4-D-mask forward: decoding sees the prefix exactly as training does. Also with
+    the cache handed over as `past_key_values`, as transformers releases before `cache` take it
+    (the installed one still accepts the old name)."""
+    import vlpdist.models.captioner as captioner_module
+
+    if cache_argument != "as_installed":
+        monkeypatch.setattr(captioner_module, "lm_cache_argument", lambda lm: cache_argument)
     lm, _ = lm_dir
     torch.manual_seed(1)
     captioner = build_captioner(bottleneck_cfg(lm), CLIP_DIM).eval()

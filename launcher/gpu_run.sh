@@ -138,7 +138,7 @@ run_gpu_tests() {
     local ignores=()
     while read -r path; do [ -n "$path" ] && ignores+=("--ignore=$path"); done < "$out/not_collected.txt"
     "$python" -m pytest -m gpu -q -p no:cacheprovider -rs --basetemp "$work/pytest" --junitxml "$out/tests/junit.xml" \
-        "${ignores[@]}" tests
+        ${ignores[@]+"${ignores[@]}"} tests
 }
 
 run_bench() {
@@ -164,6 +164,7 @@ part clean "$LIMIT_CLEAN_S" clean_work || { summary; exit 2; }
 part tests "$LIMIT_TESTS_S" run_gpu_tests
 tests_rc=$?
 bench_limit=$(( CALL_BUDGET_S - ($(date +%s) - started) ))
+[ "$bench_limit" -ge 1 ] || bench_limit=1  # timeout 0 would mean no limit
 part bench "$bench_limit" run_bench
 bench_rc=$?
 summary

@@ -104,8 +104,9 @@ def on_gpu_machine() -> set[str]:
 
 
 def import_names(name: str) -> list[str]:
-    """The top-level modules of an installed distribution that stand for it: those its name starts
-    with (open_clip for open-clip-torch), else all its public ones (PIL for pillow)."""
+    """The top-level modules of an installed distribution that stand for it: the one named like it
+    (pytest, not also its py shim), else those its name starts with (open_clip for open-clip-torch),
+    else all its public ones (PIL for pillow)."""
     dist = installed(name)
     listed = dist.read_text("top_level.txt")
     if listed:
@@ -114,7 +115,10 @@ def import_names(name: str) -> list[str]:
         tops = {str(path).split("/")[0].removesuffix(".py") for path in dist.files or []
                 if "/" in str(path) and str(path).endswith("/__init__.py") or "/" not in str(path) and str(path).endswith(".py")}
     tops = sorted(top for top in tops if top.isidentifier() and not top.startswith("_"))
-    named = [top for top in tops if normalize(name).replace("-", "_").startswith(top.lower())]
+    module_name = normalize(name).replace("-", "_")
+    if module_name in tops:
+        return [module_name]
+    named = [top for top in tops if module_name.startswith(top.lower())]
     return named or tops
 
 

@@ -10,7 +10,7 @@ world size and `train.ep_size` and evaluates it on the held-out shards (into tra
 
 Exit codes: 0 done; 1 failure (e.g. too many NaN steps in a row); 2 user error (one line);
 3 stopped by SIGUSR2/SIGTERM after writing a checkpoint (requeue to resume) -- unless
-VLPDIST_STOP_MARKER names a file: then rank 0 writes the signal and step there and every rank exits 0
+VLPDIST_STOP_MARKER names a file: then rank 0 writes the step and signal there and every rank exits 0
 (slurm/pretrain.sh reads it); 128 + the signal's number: stopped by SIGUSR2/SIGTERM after the
 training steps, during the export or evaluation (the last checkpoint holds every step: rerun to
 export and evaluate).

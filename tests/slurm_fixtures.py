@@ -41,6 +41,10 @@ CRED_EXPIRE_S = 15
 """Job credential lifetime, and so how long a requeued job waits before it can start again
 (CRED_EXPIRE_S + 1 s). Slurm's default is 120 s; a step launch must reach slurmd within it."""
 
+KILL_WAIT_S = 120
+"""Seconds between scancel's SIGTERM and its SIGKILL (Slurm's default is 30): a training job's ranks
+finish their step and write their checkpoint in between, on a machine busy with other work too."""
+
 FINAL_JOB_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
     "PREEMPTED", "SPECIAL_EXIT",
@@ -116,13 +120,7 @@ class LocalSlurm:
         return dict(seen)
 
     def cancel_all_jobs(self, timeout_s: float = 90) -> None:
-        """End every job of this cluster (only this controller's) and wait until none is left.
-
-        Cancelling sends SIGTERM (also `scancel --signal=KILL`, which Slurm treats as a cancel),
-        and slurm/pretrain.sh takes SIGTERM for preemption: it checkpoints and requeues the job.
-        So each job is first made non-requeueable (its own `scontrol requeue` then fails), then
-        cancelled, and this repeats until the queue is empty.
-        """
+        """End every job of this cluster (only this controller's) and wait until none is left."""
 
         def queue_empty() -> bool:
             listed = subprocess.run(["squeue", "--noheader", "--all", "--format=%i"], env=self.env,
@@ -130,9 +128,7 @@ class LocalSlurm:
             job_ids = listed.stdout.split()
             if listed.returncode != 0 or not job_ids:  # no answer: the controller is gone
                 return True
-            for job_id in job_ids:
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], env=self.env, capture_output=True)
-                subprocess.run(["scancel", "--quiet", job_id], env=self.env, capture_output=True)
+            subprocess.run(["scancel", "--quiet", *job_ids], env=self.env, capture_output=True)
             return False
 
         try:
@@ -226,6 +222,7 @@ SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:8 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 SchedulerParameters=sched_interval=2,bf_interval=1
+KillWait={KILL_WAIT_S}
 """
     )
     for sub in ("state", "spool"):

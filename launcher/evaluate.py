@@ -170,6 +170,7 @@ def evaluate_images(captioner, baseline_lm, clip_model, prepare, clip_tokenizer,
     """Caption, score the loss of and embed every readable image (its first reference as the target);
     the same result shape as `evaluate_features`, plus the images left out and why. `clip_tokenizer`
     (for alignment heads on CLIP text features) is None when the model needs no CLIP text embedding."""
+    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -208,8 +209,9 @@ def evaluate_images(captioner, baseline_lm, clip_model, prepare, clip_tokenizer,
             share["tokens"] += count
             all_references = [references[key] for key in keys]
             reference_clip_texts = None
-            if clip_tokenizer is not None:
-                reference_clip_texts = [encode_texts(clip_model, clip_tokenizer, refs, device) for refs in all_references]
+            if clip_tokenizer is not None:  # one CLIP text pass over the batch's references, split back per image
+                flat = encode_texts(clip_model, clip_tokenizer, [c for refs in all_references for c in refs], device)
+                reference_clip_texts = np.split(flat, np.cumsum([len(refs) for refs in all_references])[:-1])
             texts = reference_text_embeddings(captioner, all_references, reference_clip_texts, device)
             share["embeddings"].update(zip(keys, zip(retrieval_visual_embeddings(captioner, out).float().cpu(), texts)))
             share["predictions"].update(zip(keys, captioner.generate_captions(clip_BC, max_new_tokens)))

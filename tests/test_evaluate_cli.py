@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_fixtures import CAPFILT_SAMPLES, capfilt_shard
 from export_fixtures import trained_run
 from PIL import Image
 from train_fixtures import tiny_features
@@ -128,40 +129,6 @@ def test_evaluate_feature_shards(tmp_path, export_and_run, capsys):
     assert "captioning vs the references: 2 images" in printed and "captioning vs synthetic captions" in printed
     assert "most-frequent caption: not scored; --train-features" in printed
     assert scored["retrieval_protocol"].startswith("2 images, 2 captions")
-
-
-# (key, the web captions CapFilt kept, the synthetic captions it kept), in the order the processing stage writes them.
-CAPFILT_SAMPLES = [
-    ("w", ["a red circle on the left"], []),
-    ("ws", ["a blue square at the top"], ["a picture of a shape", "a drawing of a blue shape"]),
-    ("s", [], ["a photo of a green star"]),
-]
-
-
-def capfilt_shard(path: Path) -> Path:
-    """A feature shard as the processing stage writes it with the BLIP captioner on."""
-    import webdataset as wds
-
-    from vlpdist.data.feature_format import encode_feature_sample
-
-    decisions = {"w": "keep_web", "ws": "keep_web_and_synthetic", "s": "keep_synthetic"}
-    rng = np.random.default_rng(0)
-    path.parent.mkdir(parents=True)
-    with wds.TarWriter(str(path)) as writer:
-        for key, web, synthetic in CAPFILT_SAMPLES:
-            captions = web + synthetic
-            writer.write(encode_feature_sample(
-                key=key, image_embedding=rng.standard_normal(32), text_embeddings=rng.standard_normal((len(captions), 32)),
-                captions=captions, labels=[], label_names=[], scores={"synthetic_captions": synthetic},
-                decision=decisions[key], url="", original_caption=(web or ["a web caption the filter dropped"])[0]))
-    return path
-
-    # The run's consolidated weights, folded in memory, caption as the export does.
-    again = evaluate_main(["--model", str(consolidated_dir), "--features", str(shard), "--max-samples", "5",
-                           "--out", str(tmp_path / "eval_run.json")])
-    assert [row["greedy"] for row in again["captions"]] == expected
-    assert again["caption_loss"] == pytest.approx(result["caption_loss"], rel=1e-4)
-    assert "mapper folded in memory" in again["model"]
 
 
 def jpeg_file(path: Path, seed: int) -> None:

@@ -95,7 +95,7 @@ def count_shard_share(features_dir: str | Path, rank: int, world_size: int) -> t
         return {shard.name: count_shard_samples(shard) for shard in list_feature_shards(features_dir)[rank::world_size]}, None
     except UserError as err:
         return {}, str(err)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - any failure here must reach rank 0, not leave the others waiting
         return {}, f"counting the feature shards in {features_dir} failed: {type(err).__name__}: {err}"
 
 

@@ -73,7 +73,11 @@ def tar_file_names(file: BinaryIO) -> tuple[list[str], str | None]:
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             elif b" path=" in data or b" size=" in data:  # webdataset's hold only mtime
-                pax = _pax_records(data)
+                try:
+                    pax = _pax_records(data)
+                    int(pax.get("size", 0))
+                except ValueError:
+                    return names, f"invalid pax header at byte {offset}"
         else:
             size = int(pax.get("size", size))
             if kind in _FILE_TYPES:

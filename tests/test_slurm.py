@@ -119,3 +119,45 @@ def test_scancel_checkpoints_and_the_job_ends_cancelled_without_requeue(slurm, t
     step = int(stopped_line.split(" at step ")[1].split(",")[0])
     assert latest.read_text() == f"step_{step:08d}"
     assert "Traceback" not in log
+
+
+# A stand-in for a rank, for what the script does with a run's outcome: it announces itself, then on
+# SIGUSR2 either fails (exit 1) or makes a planned stop as launcher/train.py does (rank 0's marker, exit 0).
+STAND_IN_RANK = """#!/bin/bash
+touch "$STARTED_DIR/rank$RANK"
+on_usr2() {
+    if [[ "$OUTCOME" == fail ]]; then exit 1; fi
+    if [[ "$RANK" == 0 ]]; then echo "5 SIGUSR2" > "$VLPDIST_STOP_MARKER"; fi
+    exit 0
+}
+trap on_usr2 USR2
+while true; do sleep 0.2; done
+"""
+
+
+@pytest.mark.parametrize("outcome,exit_code,last_line", [
+    ("fail", 1, "vlpdist: training failed with status 1 after SIGUSR2; not requeued; exit 1"),
+    ("requeue_refused", 4, "vlpdist: stopped by SIGUSR2 at step 5, checkpoint written; scontrol requeue {job} failed "
+                           "(resubmit to resume); exit 4"),
+])
+def test_a_failed_run_or_requeue_after_usr2_exits_non_zero_without_requeue(slurm, tmp_path, outcome, exit_code, last_line):
+    rank = tmp_path / "rank.sh"
+    rank.write_text(STAND_IN_RANK)
+    rank.chmod(0o755)
+    started = tmp_path / "started"
+    started.mkdir()
+    output = tmp_path / "job.out"
+    env = {**slurm.env, "VLPDIST_PYTHON": str(rank), "OUTCOME": outcome, "STARTED_DIR": str(started),
+           "VLPDIST_STOP_MARKER": str(tmp_path / "stop_marker")}
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={output}",
+         str(REPO / "slurm" / "pretrain.sh")],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip().split(";")[0]
+    slurm.wait_for_job(job_id, lambda job: len(list(started.iterdir())) == 2, 120, "both ranks", output)
+    if outcome == "requeue_refused":
+        slurm.run("scontrol", "update", f"JobId={job_id}", "Requeue=0")  # so that `scontrol requeue` fails
+    slurm.run("scancel", "--signal=USR2", "--batch", job_id)
+    done = slurm.wait_for_job(job_id, lambda job: job.get("JobState") == "FAILED", 120, "the job to end", output)
+    assert done["ExitCode"] == f"{exit_code}:0" and done["Restarts"] == "0"
+    assert output.read_text().strip().splitlines()[-1] == last_line.format(job=job_id)

@@ -63,3 +63,15 @@ def test_inference_path_imports_without_heavy_dependencies():
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 failures" in result.stdout
+
+
+def test_the_declared_torch_floor_is_the_torch_ci_runs():
+    """pyproject's torch floor is the release `.ci/run`'s minimal install runs on: a lower floor admits
+    releases nothing here runs, which lack names the code calls (torch.distributed.all_gather_single)."""
+    import re
+
+    from packaging.version import Version
+
+    floor = re.search(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    pinned = re.search(r"pip\" install -q torch==([\d.]+)", (REPO / ".ci" / "run").read_text()).group(1)
+    assert Version(floor) == Version(pinned)

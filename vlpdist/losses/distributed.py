@@ -48,8 +48,5 @@ def all_gather_no_grad(tensor: torch.Tensor, ctx: DataParallelContext) -> torch.
     ctx.check_device(tensor)
     tensor = tensor.detach().contiguous()
     out = torch.empty((ctx.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    # `all_gather_single` is the newer torch name of `all_gather_into_tensor`, the only one older
-    # releases within the declared minimum have: the same collective either way.
-    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather_into(out, tensor, group=ctx.group)
+    dist.all_gather_single(out, tensor, group=ctx.group)
     return out

@@ -17,9 +17,11 @@ bottleneck tokens and alignment heads (`extras.safetensors`), the CLIP the featu
 (`clip/`, from the config's `process.clip_model` / `process.clip_pretrained`; a local checkpoint is
 copied by default), `config.yaml`, and the manifest `export.json` with every file's size. The
 folder is staged and swapped into place, so `--out` is complete or untouched; `--out` must be new,
-empty, or an earlier export (`vlpdist.atomic.replace_output_dir`): any other folder is refused. `vlpdist.models.load_exported_captioner(<out>)` loads it;
-`python -m launcher.caption --export <out> ...` captions images with it. The model config comes
-from `--config`, else from the `config.yaml` of the run folder the checkpoint sits in.
+empty, or an earlier export (`vlpdist.atomic.replace_output_dir`): any other folder is refused.
+`vlpdist.models.load_exported_captioner(<out>)` loads it; `python -m launcher.caption --export <out>
+...` captions images with it. The model config comes from `--config`, else from the `config.yaml`
+of the run folder the checkpoint sits in, its relative paths resolved against the directory the
+run was started from (`vlpdist.config.load_run_config`), so any working directory works.
 """
 
 from __future__ import annotations

@@ -577,7 +577,8 @@ PATH_OR_NAME_FIELDS = ("process.clip_pretrained", "process.itm_model", "process.
                        "model.lm_name", "model.tokenizer_name")
 
 
-def resolve_config_paths(config: Config, base_dir: str | os.PathLike, keys: Sequence[str] = PATH_FIELDS + PATH_OR_NAME_FIELDS) -> Config:
+def resolve_config_paths(config: Config, base_dir: str | os.PathLike,
+                         keys: Sequence[str] = PATH_FIELDS + PATH_OR_NAME_FIELDS) -> Config:
     """`config` with the relative paths of `keys` made absolute against `base_dir` (in place; returned).
     A path-or-name field is a path when the path exists there, else it stays a name ("gpt2")."""
     for key in keys:

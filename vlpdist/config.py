@@ -577,8 +577,7 @@ PATH_OR_NAME_FIELDS = ("process.clip_pretrained", "process.itm_model", "process.
                        "model.lm_name", "model.tokenizer_name")
 
 
-def resolve_config_paths(config: Config, base_dir: str | os.PathLike,
-                         keys: Sequence[str] = PATH_FIELDS + PATH_OR_NAME_FIELDS) -> Config:
+def resolve_config_paths(config: Config, base_dir: str | os.PathLike, keys: Sequence[str]) -> Config:
     """`config` with the relative paths of `keys` made absolute against `base_dir` (in place; returned).
     A path-or-name field is a path when the path exists there, else it stays a name ("gpt2")."""
     for key in keys:
@@ -600,7 +599,6 @@ def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> C
     config = load_config(path, overrides)
     if not config.base_dir:
         return config
-    # A path typed on this command line is relative to the working directory, not to the run's.
+    # A path typed on this command line stays relative to the working directory, as on any command line.
     typed_here = {item.split("=", 1)[0].strip() for item in overrides}
-    resolve_config_paths(config, os.getcwd(), [key for key in PATH_FIELDS + PATH_OR_NAME_FIELDS if key in typed_here])
     return resolve_config_paths(config, config.base_dir, [key for key in PATH_FIELDS + PATH_OR_NAME_FIELDS if key not in typed_here])

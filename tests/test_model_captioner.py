@@ -9,7 +9,7 @@ import torch
 
 from data_ingest.sources.demo_lm import make_demo_lm
 from data_ingest.sources.synthetic import generate_demo_samples
-from vlpdist.config import Config, DemoDataConfig, ModelConfig
+from vlpdist.config import AlignConfig, Config, DemoDataConfig, ModelConfig
 from vlpdist.errors import UserError
 from vlpdist.models import build_captioner, fold_mapper, load_exported_captioner, load_tokenizer, save_folded_mapper
 from vlpdist.models.export_bundle import write_export_bundle
@@ -141,6 +141,25 @@ def test_a_frozen_lm_runs_without_dropout_in_train_mode(cfg, captions, dropout_l
     assert torch.equal(features[0], features[1]) is freeze_lm
     assert captioner.training and captioner.mapper.training
     assert captioner.lm.training is not freeze_lm
+
+
+def test_lm_cached_text_features_are_the_same_in_every_cache(cfg, captions, dropout_lm_dir):
+    """Two text-feature caches (two runs) filled in train mode from an LM with 0.1 dropout hold the
+    same rows: what `lm_cached` keeps for good is the frozen LM's feature, not one dropout draw."""
+    from vlpdist.losses.distributed import DataParallelContext
+    from vlpdist.train.alignment import AlignmentObjective
+
+    config = Config(model=dataclasses.replace(cfg, lm_name=dropout_lm_dir), align=AlignConfig(itc_weight=0.1, text_target="lm_cached", bank_size=8, momentum=0.0))
+    config.train.micro_batch_size = 8
+    captioner = build_captioner(config.model, CLIP_DIM, align=config.align).train()
+    input_ids, attention_mask = captioner.tokenize(captions[:8])
+    batch = {"sample_ids": torch.arange(8), "caption_index": torch.zeros(8, dtype=torch.long), "input_ids": input_ids, "attention_mask": attention_mask}
+    rows = []
+    for _ in range(2):
+        objective = AlignmentObjective(config, captioner, DataParallelContext(), num_labels=1)
+        objective.text_feature(captioner, batch, torch.device("cpu"))
+        rows.append(objective.text_cache.lookup(objective.text_cache.rows(batch["sample_ids"], batch["caption_index"])))
+    assert torch.equal(rows[0], rows[1])
 
 
 def test_generate_returns_captions_greedy_and_beam(cfg):

@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses are the single source of truth.
 
 Resolution order: dataclass defaults -> YAML file -> `key.sub=value` overrides from the command
-line (typed by the field they set, not parsed as YAML: `parse_override`). The resolved config is written next to the outputs (`save_config`). Any unknown key, wrong
-type or missing file is a `UserError` naming the key and the file (one line, exit code 2).
+line (typed by the field they set, not parsed as YAML: `parse_override`). The resolved config is
+written next to the outputs (`save_config`). Any unknown key, wrong type or missing file is a
+`UserError` naming the key and the file (one line, exit code 2).
 
 Sections grow with the pipeline: `demo` (synthetic source), `download` (img2dataset); later
 stages add their own dataclass here and nowhere else.

@@ -15,8 +15,10 @@ shards (download, process and the demo LM, as `python -m launcher.demo` does).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import socket
 import statistics
 import subprocess
@@ -65,8 +67,11 @@ def run_variant(config_path: Path, overrides: list[str], run_dir: Path, ranks: i
     from vlpdist.parallel.launch import deepspeed_train_command
 
     eval_path = run_dir / "eval.json"
-    if not eval_path.is_file():
-        command = deepspeed_train_command(TRAIN_SCRIPT, config_path, [*overrides, f"train.output_dir={run_dir}", "train.resume=true"], ranks, free_port())
+    overrides = [*overrides, f"train.output_dir={run_dir}", "train.resume=true"]
+    if eval_path.is_file():
+        check_reusable(config_path, overrides, run_dir)
+    else:
+        command = deepspeed_train_command(TRAIN_SCRIPT, config_path, overrides, ranks, free_port())
         log = run_dir.parent / f"{run_dir.name}.log"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as handle:
@@ -79,6 +84,32 @@ def run_variant(config_path: Path, overrides: list[str], run_dir: Path, ranks: i
     figures["caption_loss"] = evaluation["caption_loss"]
     figures["samples_per_s"] = evaluation["training"]["samples_per_s"]
     return figures
+
+
+def check_reusable(config_path: Path, overrides: list[str], run_dir: Path) -> None:
+    """A finished run is reused only when the config it resolved is the one this variant/seed asks for now: a
+    table must never show figures made under other overrides. Paths compare resolved (the run's against the
+    folder it was started from, ours against the working directory)."""
+    from vlpdist.config import load_run_config, resolve_config_paths
+
+    wanted = flatten(dataclasses.asdict(resolve_config_paths(load_config(config_path, overrides), os.getcwd())))
+    saved = flatten(dataclasses.asdict(load_run_config(run_dir / "config.yaml")))
+    differing = sorted(key for key in wanted.keys() | saved.keys() if key != "base_dir" and wanted.get(key) != saved.get(key))
+    if differing:
+        shown = ", ".join(f"{key} ({saved.get(key)!r} there, {wanted.get(key)!r} now)" for key in differing[:3])
+        raise UserError(f"{run_dir} holds a finished run made with other settings: {shown}"
+                        f"{' and more' if len(differing) > 3 else ''}; remove that folder or choose another --out")
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def run_static_fold(config_path: Path, common: list[str], caption_run: Path, out_dir: Path) -> dict:

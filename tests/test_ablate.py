@@ -13,7 +13,7 @@ from train_fixtures import TINY_CONFIG, tiny_features
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_ablation_runner_table_and_configs(tmp_path, tiny_lm):
+def test_ablation_runner_table_and_configs(tmp_path, tiny_lm, capsys):
     from launcher.ablate import CAPTION_METRICS, RETRIEVAL_METRICS, STATIC_FOLD, VARIANTS, main
 
     features = tiny_features(tmp_path / "features", num_shards=3, samples_per_shard=40)
@@ -61,6 +61,20 @@ def test_ablation_runner_table_and_configs(tmp_path, tiny_lm):
     body = [line for line in table if line.startswith(("| caption", f"| {STATIC_FOLD}"))]
     assert len(body) == 2 and all(line.count("|") == header.count("|") == separator.count("|") for line in body)
     assert json.loads((out / "ablation.json").read_text())["rows"] == [*rows, static]
+
+    # A rerun reuses every finished run (no run is trained again); under other common overrides it refuses to.
+    logs_before = {path: path.stat().st_mtime_ns for path in out.glob("*/seed*.log")}
+    again = main(["--config", str(TINY_CONFIG), "--variants", "caption", "--seeds", "0,1", "--ranks", "1",
+                  "--out", str(out), "--no-prepare", *common])
+    assert again["rows"][0]["per_seed"] == rows[0]["per_seed"]
+    assert {path: path.stat().st_mtime_ns for path in out.glob("*/seed*.log")} == logs_before and logs_before
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(TINY_CONFIG), "--variants", "caption", "--seeds", "0", "--ranks", "1", "--out", str(out),
+              "--no-prepare", *[item for item in common if not item.startswith("train.max_steps=")], "train.max_steps=4"])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err
+    assert "Traceback" not in message
+    assert len([line for line in message.splitlines() if "other settings: train.max_steps (3 there, 4 now)" in line]) == 1
 
 
 def test_an_out_holding_other_files_is_refused_before_any_run(tmp_path, capsys):

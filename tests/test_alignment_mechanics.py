@@ -205,3 +205,45 @@ def test_momentum_experts_start_as_their_ranks_online_experts_and_move_once_per_
         for key in expert_keys:
             online_key = next(k for k in local if k.endswith(key.removeprefix("mapper.")) and "deepspeed_experts" in k)
             assert torch.equal(momentum[key], local[online_key].float()), key
+
+
+def test_geodesic_hard_negatives_are_the_other_arm_where_cosine_mining_picks_the_anchors_own(tiny_lm):
+    """Two parallel arcs (arms of two classes) 0.3 apart, their points 0.05 apart along each: the k-NN graph
+    follows each arm, so an anchor's own arm is near along the manifold (stretch ~1) and the other arm is far
+    (another component). Known answer: the H hard negatives are the other arm's entries, the highest-stretch
+    eligible slots among the cosine-nearest pool, while the H cosine-nearest entries are the anchor's own arm
+    (false negatives for a class)."""
+    from vlpdist.losses.contrastive import ContrastiveKeys, build_keys
+    from vlpdist.losses.distributed import DataParallelContext
+    from vlpdist.train.alignment import AlignmentObjective
+
+    config = Config()
+    config.model = dataclasses.replace(config.model, lm_name=str(tiny_lm), mapper="mlp", prefix_length=2)
+    config.train = dataclasses.replace(config.train, micro_batch_size=4)
+    config.align = dataclasses.replace(
+        config.align, itc_weight=1.0, supcon_weight=1.0, embed_dim=8, bank_size=64, momentum=0.0, geodesic_k=4,
+        geodesic_method="exact", geodesic_refresh_every=4, negatives="geodesic_hard", false_negatives="none",
+        hard_negative_pool=16, hard_negatives=4)
+    captioner = small_mapper_captioner(tiny_lm)
+    objective = AlignmentObjective(config, captioner, DataParallelContext(), num_labels=3)
+
+    def arm(angle, offset):
+        points = torch.zeros(angle.shape[0], 8)
+        points[:, 0], points[:, 1], points[:, 2] = torch.cos(angle), torch.sin(angle), offset
+        return torch.nn.functional.normalize(points, dim=1)
+
+    angle = torch.arange(32) * 0.05
+    bank_points = torch.cat([arm(angle, 0.0), arm(angle + 0.025, 0.3)])  # slots 0..31 arm A, 32..63 arm B
+    objective.bank.enqueue_gathered(bank_points, bank_points, torch.zeros(64, 3), torch.arange(1000, 1064), step=0)
+    objective.refresh_geodesics(step=4)
+    assert objective.snapshot.stats["connected_components"] == 2
+    anchors = arm(torch.tensor([0.4125, 0.6125, 0.8125, 1.0125]), 0.0)  # on arm A, between its points
+    view = objective.bank.view()
+    bank = ContrastiveKeys(view["visual"], view["text"], view["sample_ids"], view["labels"], view["valid"])
+    keys, own_index_b = build_keys(anchors, anchors, torch.arange(3000, 3004), torch.zeros(4, 3), objective.ctx, bank)
+    keep_bK, _ = objective.geodesic_masks(anchors, keys, 4, own_index_b)
+    chosen_bN = keep_bK[:, 4:]
+    assert (chosen_bN.sum(dim=1) == 4).all()
+    assert chosen_bN[:, 32:].sum(dim=1).tolist() == [4, 4, 4, 4]  # every pick on the other arm
+    cosine_nearest_bH = (anchors @ bank_points.T).topk(4, dim=1).indices
+    assert (cosine_nearest_bH < 32).all()  # cosine mining would pick the anchor's own arm

@@ -75,6 +75,7 @@ class AlignmentObjective:
             check_geodesic_settings(align, ctx.world_size * config.train.micro_batch_size * config.train.gradient_accumulation_steps)
         self.bank = MemoryBank(align.bank_size, align.embed_dim, num_labels, ctx.device, unique_ids=align.bank_unique_ids)
         self.momentum = MomentumEncoder(captioner, align.momentum) if align.momentum > 0 else None
+        self.false_negatives_removed = torch.zeros((), dtype=torch.int64, device=ctx.device)  # this rank's anchors
         self.ep_size = config.train.ep_size
         width = captioner.lm.get_input_embeddings().embedding_dim
         self.text_cache = TextFeatureCache(align.text_cache_entries, width, ctx.device) if align.text_target == "lm_cached" else None
@@ -198,7 +199,11 @@ class AlignmentObjective:
         usable_bN = bank_valid_N[None, :] & (keys.sample_ids_K[gathered:][None, :] != own_ids_b[:, None])
         keep_bN = torch.ones_like(known_bN)
         if align.false_negatives == "geodesic":
-            keep_bN &= ~(reachable_bN & (distance_bN < align.false_negative_radius))
+            false_negative_bN = reachable_bN & (distance_bN < align.false_negative_radius)
+            keep_bN &= ~false_negative_bN
+            # (anchor, bank entry) pairs dropped since the start: a device sum, read at log time, that says whether
+            # the radius acts at all.
+            self.false_negatives_removed = self.false_negatives_removed + false_negative_bN.sum()
         if align.negatives == "geodesic_hard":
             pool = min(align.hard_negative_pool, self.bank.size)
             # Hard picks come from what false-negative removal left, among slots the graph describes.
@@ -234,6 +239,8 @@ class AlignmentObjective:
             scalars.update({f"geodesic/{name}": float(value) for name, value in self.snapshot.stats.items()})
             if hasattr(self, "known_fraction"):
                 scalars["geodesic/known_fraction"] = float(self.known_fraction)
+            if self.align.false_negatives == "geodesic":
+                scalars["geodesic/false_negatives_removed"] = float(self.false_negatives_removed)
             scalars["geodesic/snapshot_step"] = float(self.snapshot_step)
         return scalars
 

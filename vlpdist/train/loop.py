@@ -587,7 +587,9 @@ def _print_eval(result: dict) -> None:
     print(
         f"held-out ({result['samples']} samples): caption loss {result['caption_loss']:.4f} vs LM without image "
         f"{result['lm_without_image_loss']:.4f}; metrics {json.dumps(result['metrics'])} vs most-frequent caption "
-        f"{json.dumps(result['most_frequent_caption_metrics'])}; retrieval {json.dumps(result['retrieval'])}",
+        f"{json.dumps(result['most_frequent_caption_metrics'])} (against the web captions of "
+        f"{result.get('reference_samples', result['samples'])} samples; BLIP's synthetic ones apart in eval.json); "
+        f"retrieval {json.dumps(result['retrieval'])} ({result['retrieval_protocol']})",
         flush=True,
     )
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from data_ingest.download import STATE_FILENAME, run_download
 from data_ingest.process.run import features_provenance, refuse_other_provenance
 from data_ingest.sources.demo_server import DemoImageServer
+from launcher.caption import main as caption_main
 from launcher.export import main as export_main
 from vlpdist.config import load_config
 from vlpdist.data.image_preparation import ImagePreparation
@@ -104,6 +105,12 @@ def test_manifest_round_trips_run_to_export_and_another_clip_is_refused(tmp_path
     checkpoint, _ = trained_run(run, tiny_lm, tiny_clip, tuned=False)
     export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")])
     assert read_export_manifest(tmp_path / "export")["features_provenance"] == provenance == read_provenance(run)
+    # The caption command prepares a transparent PNG from the export's record.
+    (tmp_path / "circle.png").write_bytes(red_circle_on_transparent())
+    capsys.readouterr()
+    report = caption_main(["--export", str(tmp_path / "export"), str(tmp_path / "circle.png"), "--out", str(tmp_path / "c.jsonl")])
+    assert report["counts"] == {"ok": 1}
+    assert "images prepared as ingestion did (img2dataset's own resizer: border to 64 px" in capsys.readouterr().out
 
     # Features from another checkpoint of the same architecture (same embed_dim): refused, one line, exit 2.
     other = json.loads(json.dumps(provenance))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
 from launcher.bench import BENCH_SCHEMA, SECTIONS
 
@@ -32,9 +33,14 @@ def test_quick_suite_writes_valid_json_and_a_row_per_section(tmp_path):
     for name, section in report["sections"].items():
         # Only clip-retrieval may be missing here, and then inside an ok clip section that says why.
         assert section["status"] == "ok", (name, section["reason"])
-        assert all(item["ratio"] is None or item["ratio"] > 0 for item in section["summary"]), name
-    clip = report["sections"]["clip"]["detail"]["clip_retrieval"]
-    assert clip["available"] or clip["reason"].startswith("clip-retrieval does not import here")
+        # Shares of the aligned step left after subtracting the pieces measured alone are clamped at 0 under load.
+        assert all(item["ratio"] is None or item["ratio"] > 0 or (item["vs"] == "share of the aligned step" and item["ratio"] == 0)
+                   for item in section["summary"]), name
+    clip = report["sections"]["clip"]["detail"]
+    assert clip["clip_retrieval"]["available"] or clip["clip_retrieval"]["reason"].startswith("clip-retrieval does not import here")
+    # The stage and the bare tower both with the model loaded before the clock, on the same images.
+    timed = {r["name"]: r["images"] for r in clip["rows"]}
+    assert timed["vlpdist process_shard, 1 process, model loaded"] == timed["bare CLIP image tower"] == 100
     train = {item["vs"] for item in report["sections"]["train"]["summary"]}
     assert {"bare LM fwd+bwd", "full, alignment off", "share of the aligned step", "bare LM fwd+bwd, compiled",
             "full, alignment off, eager", "full, alignment off (torch AdamW (fused), the default)"} <= train
@@ -51,7 +57,8 @@ def test_quick_suite_writes_valid_json_and_a_row_per_section(tmp_path):
     rows = {r["name"]: r for r in train_detail["rows"]}
     for name in ("ClipCap step, prefix 40/40", "ClipCap step, prefix 10/10"):
         assert rows[name]["ms"] > 0
-        versus = [item for item in report["sections"]["train"]["summary"] if item["figure"].startswith(f"full step vs {name}, ")]
+        figures = {f"full step vs {name}, batch {batch}" for batch in (train_detail["batch"], 4 * train_detail["batch"])}
+        versus = [item for item in report["sections"]["train"]["summary"] if item["figure"] in figures]
         assert len(versus) == 2  # at the batch and at 4x the batch
         assert all("torch AdamW (fused) as ours" in item["vs"] and item["ratio"] > 0 for item in versus), versus
     assert train_detail["larger_batch"]["batch"] == 4 * train_detail["batch"]
@@ -64,6 +71,19 @@ def test_quick_suite_writes_valid_json_and_a_row_per_section(tmp_path):
         assert list(own["sections"]) == [name] and own["sections"][name] == report["sections"][name]
         assert (out / "sections" / f"{name}.md").read_text().splitlines()[2].startswith(f"| {name} | ")
     assert report["schema_checked"] is True
+
+
+def test_clipcap_mapper_has_its_recipe_geometry():
+    from launcher.bench_clipcap import RECIPE, ClipCapTransformerMapper
+
+    width, prefix = 768, RECIPE["prefix_length"]
+    mapper = ClipCapTransformerMapper(512, width, prefix, RECIPE["clip_length"], RECIPE["num_layers"])
+    assert mapper(torch.randn(3, 512)).shape == (3, prefix, width)
+    # Its parameters, counted from its train.py: the CLIP linear map, the constant tokens, and per layer two
+    # LayerNorms, bias-free queries and keys/values, the output projection and an MLP of ratio 2.
+    per_layer = 2 * 2 * width + 3 * width * width + width * width + width + (width * 2 * width + 2 * width) + (2 * width * width + width)
+    expected = 512 * prefix * width + prefix * width + prefix * width + RECIPE["num_layers"] * per_layer
+    assert sum(p.numel() for p in mapper.parameters()) == expected
 
 
 def bench_command(*arguments: str, without_jsonschema: bool = False) -> list[str]:

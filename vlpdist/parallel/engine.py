@@ -219,11 +219,18 @@ def consolidated_state_dict(module: nn.Module, ep_size: int, include_lm: bool) -
             if kept_by_this_rank(name):
                 masters[id(param)] = (master if master is not None else param).detach().float().cpu()
             del master
-    local = {
-        name: masters[id(tensor)] if id(tensor) in masters else tensor.detach().float().cpu()
-        for name, tensor in module.state_dict(keep_vars=True).items()
-        if kept_by_this_rank(name)
-    }
+    local: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if not kept_by_this_rank(name):
+            continue
+        value = masters[id(tensor)] if id(tensor) in masters else tensor.detach().float().cpu()
+        # A tied alias (GPT-2's lm_head over its token embedding) would hand safetensors two names over one
+        # storage, which it refuses: the alias gets its own copy (load_state_dict ties them again).
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        local[name] = value
     experts_per_rank = module.experts_per_rank
     # Every EP rank holds the same local expert names and shapes, so rank 0's own are the receive templates.
     expert_names = [name for name in local if _is_expert_param(name)]

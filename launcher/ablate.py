@@ -90,9 +90,10 @@ def check_reusable(config_path: Path, overrides: list[str], run_dir: Path) -> No
     """A finished run is reused only when the config it resolved is the one this variant/seed asks for now: a
     table must never show figures made under other overrides. Paths compare resolved (the run's against the
     folder it was started from, ours against the working directory)."""
-    from vlpdist.config import load_run_config, resolve_config_paths
+    from vlpdist.config import PATH_FIELDS, PATH_OR_NAME_FIELDS, load_run_config, resolve_config_paths
 
-    wanted = flatten(dataclasses.asdict(resolve_config_paths(load_config(config_path, overrides), os.getcwd())))
+    wanted_config = resolve_config_paths(load_config(config_path, overrides), os.getcwd(), PATH_FIELDS + PATH_OR_NAME_FIELDS)
+    wanted = flatten(dataclasses.asdict(wanted_config))
     saved = flatten(dataclasses.asdict(load_run_config(run_dir / "config.yaml")))
     differing = sorted(key for key in wanted.keys() | saved.keys() if key != "base_dir" and wanted.get(key) != saved.get(key))
     if differing:

@@ -140,7 +140,10 @@ class FetchDeadline:
             pass
 
 
-class _WatchedHTTPConnection(http.client.HTTPConnection):
+class _DeadlineWatched:
+    """Connection mixin: the fetch's deadline watches the socket from the moment it is connected (for HTTPS,
+    the TLS socket its connect() wraps it in)."""
+
     def __init__(self, *args, deadline: FetchDeadline, **kwargs):
         super().__init__(*args, **kwargs)
         self.deadline = deadline
@@ -150,14 +153,12 @@ class _WatchedHTTPConnection(http.client.HTTPConnection):
         self.deadline.watch(self.sock)
 
 
-class _WatchedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, deadline: FetchDeadline, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
+class _WatchedHTTPConnection(_DeadlineWatched, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.deadline.watch(self.sock)
+
+class _WatchedHTTPSConnection(_DeadlineWatched, http.client.HTTPSConnection):
+    pass
 
 
 class _DeadlineHTTPHandler(urllib.request.HTTPHandler):

@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
+    from vlpdist.parallel.engine import leave_process_group
     from vlpdist.train.loop import StoppedBySignal, TrainingDiverged, run_export_evaluation, run_training
 
     args = parse_args(argv)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {stop.signal_name} after the training steps (export/evaluation not finished; the last "
               f"checkpoint holds every step: rerun to finish them), exit {stop.exit_code}", file=sys.stderr, flush=True)
         return stop.exit_code
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":

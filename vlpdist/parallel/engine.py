@@ -133,6 +133,16 @@ def build_engine(model: nn.Module, train: TrainConfig, info: DistInfo, run_dir: 
     return engine, scheduler
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group, if this process joined one, while the interpreter still runs. Left to
+    interpreter exit, gloo's worker threads can be torn down while joinable (std::terminate: SIGABRT), which
+    turns a rank's one-line exit 2 into a crash (seen when every rank refused the data plan)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _check_device(tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise RuntimeError(f"collective on a {tensor.device} tensor; the engine runs on {device} (NCCL takes CUDA tensors only)")

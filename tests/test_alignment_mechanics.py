@@ -17,8 +17,9 @@ from vlpdist.config import AlignConfig, Config, TrainConfig
 from vlpdist.models.captioner import AlignmentHeads
 
 
-def circle_bank_objective(tiny_lm, metric: str = "geodesic"):
-    """A real objective (tiny captioner, momentum 0, one process) whose 64-slot bank lies on an arc in 8-D."""
+def tiny_objective(tiny_lm, **align):
+    """A real objective (tiny captioner, momentum 0, one process, a 64-slot bank of 8-D entries, exact geodesics
+    over a k=4 graph) with `align` over those settings."""
     from vlpdist.losses.distributed import DataParallelContext
     from vlpdist.models.captioner import build_captioner
     from vlpdist.train.alignment import AlignmentObjective
@@ -28,8 +29,13 @@ def circle_bank_objective(tiny_lm, metric: str = "geodesic"):
     config.train = dataclasses.replace(config.train, micro_batch_size=4)
     config.align = dataclasses.replace(
         config.align, itc_weight=1.0, supcon_weight=1.0, embed_dim=8, bank_size=64, momentum=0.0, geodesic_k=4,
-        geodesic_method="exact", geodesic_refresh_every=4, negatives="cosine", false_negatives="none", metric=metric)
-    objective = AlignmentObjective(config, build_captioner(config.model, 16, align=config.align), DataParallelContext(), num_labels=3)
+        geodesic_method="exact", geodesic_refresh_every=4, false_negatives="none", **align)
+    return AlignmentObjective(config, build_captioner(config.model, 16, align=config.align), DataParallelContext(), num_labels=3)
+
+
+def circle_bank_objective(tiny_lm, metric: str = "geodesic"):
+    """A real objective whose 64-slot bank lies on an arc in 8-D."""
+    objective = tiny_objective(tiny_lm, negatives="cosine", metric=metric)
     generator = torch.Generator().manual_seed(0)
     angle = torch.linspace(0, 3.0, 64)
     points = torch.zeros(64, 8)
@@ -214,18 +220,8 @@ def test_geodesic_hard_negatives_are_the_other_arm_where_cosine_mining_picks_the
     eligible slots among the cosine-nearest pool, while the H cosine-nearest entries are the anchor's own arm
     (false negatives for a class)."""
     from vlpdist.losses.contrastive import ContrastiveKeys, build_keys
-    from vlpdist.losses.distributed import DataParallelContext
-    from vlpdist.train.alignment import AlignmentObjective
 
-    config = Config()
-    config.model = dataclasses.replace(config.model, lm_name=str(tiny_lm), mapper="mlp", prefix_length=2)
-    config.train = dataclasses.replace(config.train, micro_batch_size=4)
-    config.align = dataclasses.replace(
-        config.align, itc_weight=1.0, supcon_weight=1.0, embed_dim=8, bank_size=64, momentum=0.0, geodesic_k=4,
-        geodesic_method="exact", geodesic_refresh_every=4, negatives="geodesic_hard", false_negatives="none",
-        hard_negative_pool=16, hard_negatives=4)
-    captioner = small_mapper_captioner(tiny_lm)
-    objective = AlignmentObjective(config, captioner, DataParallelContext(), num_labels=3)
+    objective = tiny_objective(tiny_lm, negatives="geodesic_hard", hard_negative_pool=16, hard_negatives=4)
 
     def arm(angle, offset):
         points = torch.zeros(angle.shape[0], 8)

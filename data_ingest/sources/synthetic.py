@@ -1,9 +1,19 @@
-"""The demo's synthetic world: coloured shapes on varied backgrounds, captioned by a small grammar.
+"""The demo's synthetic world: 1-4 coloured objects of 22 kinds in a row on varied backgrounds,
+captioned by a small grammar, with one question about each scene answered by 10 noisy annotators.
 
-Deterministic: the same `DemoDataConfig` (seed) gives the same image bytes and captions. Each
-sample records its object words (the shape nouns) and whether its caption was deliberately
-swapped for another image's caption (`is_mismatched`), so later stages can be scored against
-known noise. Broken URLs of every kind a crawler meets are added by `demo_url_rows`.
+Deterministic: the same `DemoDataConfig` (seed) gives the same image bytes, captions and
+questions. Each sample records its objects left to right, its object words (the shape nouns the
+label stage extracts with the `demo_shapes` vocabulary), and whether its caption was deliberately
+swapped for another image's caption (`is_mismatched`), so later stages can be scored against known
+noise. With 22 object classes and 1-4 objects an image, about a fifth of random pairs share a label
+(with the earlier 5 shapes almost all did), so label-sharing positives (SupCon) carry information.
+
+The question (VQAv2 style: question, 10 answers, question_type, answer_type) is about the image as
+it is, whatever its caption says: the colour of an object, a count, what is left or right of an
+object, or whether an object is there. Each of the 10 annotators answers wrongly with probability
+`ANSWER_NOISE` (a plausible wrong answer of the same kind), and writes a correct count as a word
+("two") with probability `NUMBER_AS_WORD`, a spelling the VQA normalisation maps back to "2".
+Broken URLs of every kind a crawler meets are added by `demo_url_rows`.
 """
 
 from __future__ import annotations
@@ -17,7 +27,23 @@ from PIL import Image, ImageDraw
 
 from vlpdist.config import DemoDataConfig
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond")
+# Polygons of the shapes drawn as one polygon, in unit-box coordinates (x right, y down).
+_UNIT_POLYGONS = {
+    "triangle": [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)],
+    "diamond": [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)],
+    "cross": [(0.33, 0.0), (0.67, 0.0), (0.67, 0.33), (1.0, 0.33), (1.0, 0.67), (0.67, 0.67), (0.67, 1.0),
+              (0.33, 1.0), (0.33, 0.67), (0.0, 0.67), (0.0, 0.33), (0.33, 0.33)],
+    "arrow": [(0.0, 0.38), (0.5, 0.38), (0.5, 0.12), (1.0, 0.5), (0.5, 0.88), (0.5, 0.62), (0.0, 0.62)],
+    "bar": [(0.0, 0.35), (1.0, 0.35), (1.0, 0.65), (0.0, 0.65)],
+    "pillar": [(0.35, 0.0), (0.65, 0.0), (0.65, 1.0), (0.35, 1.0)],
+    "trapezoid": [(0.25, 0.2), (0.75, 0.2), (1.0, 0.8), (0.0, 0.8)],
+    "chevron": [(0.0, 1.0), (0.5, 0.0), (1.0, 1.0), (0.7, 1.0), (0.5, 0.5), (0.3, 1.0)],
+    "bolt": [(0.55, 0.0), (0.15, 0.55), (0.45, 0.55), (0.3, 1.0), (0.85, 0.4), (0.55, 0.4), (0.8, 0.0)],
+}
+# The object classes (label words). The first five keep their ids in the `demo_shapes` vocabulary.
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "heart", "cross", "hexagon", "pentagon", "moon",
+          "arrow", "bar", "pillar", "oval", "trapezoid", "dome", "hourglass", "bowtie", "frame", "donut",
+          "chevron", "bolt")
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -25,9 +51,10 @@ COLORS = {
     "yellow": (240, 210, 20),
     "purple": (140, 40, 170),
     "orange": (250, 130, 10),
+    "black": (30, 30, 30),
+    "pink": (250, 110, 190),
 }
-# Horizontal slots, left to right; the caption grammar talks about this order.
-SLOT_NAMES = ("left", "center", "right")
+MAX_OBJECTS = 4
 
 # Broken URL kinds and the failure reason the ingestion summary must file them under.
 # img2dataset reports an HTML page and a cut-off JPEG alike ("Image decoding error"): it never
@@ -41,32 +68,82 @@ BROKEN_KINDS = {
     "slow": "timeout",
 }
 
+# The question-answer columns of the URL list (the QA data contract of issue 18), in order.
+QUESTION_COLUMNS = ("question", "answers", "question_type", "answer_type")
+ANSWERS_PER_QUESTION = 10
+ANSWER_NOISE = 0.1
+"""Probability that one annotator gives a wrong answer (of the question's kind)."""
+NUMBER_AS_WORD = 0.2
+"""Probability that one annotator writes a correct count as a word ("two" for "2")."""
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+QUESTION_KINDS = ("color", "count", "relation", "existence")
+
+
+@dataclass(frozen=True)
+class DemoQuestion:
+    """One question about a scene: VQAv2's fields, plus the noise-free answer and the kind asked."""
+
+    question: str
+    answers: tuple[str, ...]  # ANSWERS_PER_QUESTION annotators' answers, noise included
+    question_type: str  # VQAv2-style question prefix, e.g. "what color is the"
+    answer_type: str  # "yes/no", "number" or "other"
+    true_answer: str
+    kind: str  # one of QUESTION_KINDS
+
 
 @dataclass(frozen=True)
 class DemoSample:
-    """One generated image with its (possibly mismatched) caption and ground truth."""
+    """One generated image with its (possibly mismatched) caption, its question and ground truth."""
 
     path: str  # URL path on the demo server, e.g. "img/000042.jpg"
     jpeg: bytes
     caption: str  # what the URL list says (the web caption)
     true_caption: str  # what the image really shows
-    object_words: tuple[str, ...]  # shape nouns visible in the image
+    objects: tuple[tuple[str, str], ...]  # (colour, shape) of each object, left to right
+    object_words: tuple[str, ...]  # shape nouns visible in the image, left to right
     is_mismatched: bool
+    question: DemoQuestion  # about the image, whatever its caption says
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
     x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if shape == "circle":
+    at = lambda u, v: (x0 + u * w, y0 + v * h)  # noqa: E731  (unit box -> pixels)
+    ring_width = max(2, round(w / 5))
+    if shape in _UNIT_POLYGONS:
+        draw.polygon([at(u, v) for u, v in _UNIT_POLYGONS[shape]], fill=fill)
+    elif shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
         draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif shape == "oval":
+        draw.ellipse((x0, y0 + h / 5, x1, y1 - h / 5), fill=fill)
+    elif shape == "donut":
+        draw.ellipse(box, outline=fill, width=ring_width)
+    elif shape == "frame":
+        draw.rectangle(box, outline=fill, width=ring_width)
+    elif shape in ("hexagon", "pentagon"):
+        draw.regular_polygon((cx, cy, w / 2), 6 if shape == "hexagon" else 5, fill=fill)
+    elif shape == "dome":
+        draw.pieslice((x0, y0 + h / 4, x1, y1 + h / 4), 180, 360, fill=fill)
+    elif shape == "hourglass":
+        draw.polygon([at(0, 0), at(1, 0), at(0.5, 0.5)], fill=fill)
+        draw.polygon([at(0, 1), at(1, 1), at(0.5, 0.5)], fill=fill)
+    elif shape == "bowtie":
+        draw.polygon([at(0, 0), at(0.5, 0.5), at(0, 1)], fill=fill)
+        draw.polygon([at(1, 0), at(0.5, 0.5), at(1, 1)], fill=fill)
+    elif shape == "heart":
+        draw.ellipse((x0, y0, cx + w * 0.02, cy), fill=fill)
+        draw.ellipse((cx - w * 0.02, y0, x1, cy), fill=fill)
+        draw.polygon([at(0.02, 0.32), at(0.98, 0.32), at(0.5, 1.0)], fill=fill)
+    elif shape == "moon":
+        # A crescent opening right: the left half of a circle minus a narrower half-ellipse.
+        outer = [(cx - w / 2 * math.sin(t), cy - h / 2 * math.cos(t)) for t in (i * math.pi / 12 for i in range(13))]
+        inner = [(cx - w / 10 * math.sin(t), cy - h / 2 * math.cos(t)) for t in (i * math.pi / 12 for i in range(12, -1, -1))]
+        draw.polygon(outer + inner, fill=fill)
     elif shape == "star":
-        r_out, r_in = (x1 - x0) / 2, (x1 - x0) / 5
+        r_out, r_in = w / 2, w / 5
         points = []
         for i in range(10):
             angle = math.pi / 2 + i * math.pi / 5
@@ -95,50 +172,128 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     return image
 
 
-def _caption(objects: list[tuple[str, str]]) -> str:
-    """Grammar over objects sorted left to right: ('red', 'circle'), ... -> English."""
-    phrases = [f"a {color} {shape}" for color, shape in objects]
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" or word == "hourglass" else "a"
+
+
+def _phrase(color: str, shape: str) -> str:
+    return f"{_article(color)} {color} {shape}"
+
+
+def scene_caption(objects: tuple[tuple[str, str], ...]) -> str:
+    """Grammar over objects left to right: (('red', 'circle'), ...) -> English."""
+    phrases = [_phrase(color, shape) for color, shape in objects]
     if len(phrases) == 1:
         return phrases[0]
     if len(phrases) == 2:
         return f"{phrases[0]} left of {phrases[1]}"
-    return f"{phrases[0]}, {phrases[1]} and {phrases[2]} from left to right"
+    return f"{', '.join(phrases[:-1])} and {phrases[-1]} from left to right"
 
 
-def _render(rng: random.Random, size: int) -> tuple[bytes, str, tuple[str, ...]]:
-    n_objects = rng.randint(1, 3)
-    slots = sorted(rng.sample(range(len(SLOT_NAMES)), n_objects))
+def sample_scene(rng: random.Random) -> tuple[tuple[str, str], ...]:
+    """1-4 objects, each of a uniformly drawn colour and shape (repeats allowed), left to right."""
+    return tuple((rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.randint(1, MAX_OBJECTS)))
+
+
+def _render(rng: random.Random, size: int, objects: tuple[tuple[str, str], ...]) -> bytes:
+    """The objects in equal columns, left to right: one object may fill most of the image, four share it."""
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
-    objects = []
-    slot_width = size / len(SLOT_NAMES)
-    for slot in slots:
-        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-        side = rng.uniform(0.55, 0.85) * slot_width
-        x0 = slot * slot_width + rng.uniform(0, slot_width - side)
-        y0 = rng.uniform(0.1 * size, 0.9 * size - side)
+    column = size / len(objects)
+    for index, (color, shape) in enumerate(objects):
+        side = rng.uniform(0.6, 0.9) * min(column, 0.7 * size)
+        x0 = index * column + rng.uniform(0, column - side)
+        y0 = rng.uniform(0.08 * size, 0.92 * size - side)
         _draw_shape(draw, shape, (int(x0), int(y0), int(x0 + side), int(y0 + side)), COLORS[color])
-        objects.append((color, shape))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue(), _caption(objects), tuple(shape for _, shape in objects)
+    return buffer.getvalue()
+
+
+def _unique(items: list) -> list[int]:
+    """Indices of the items that occur once."""
+    return [i for i, item in enumerate(items) if items.count(item) == 1]
+
+
+def _ask(rng: random.Random, objects: tuple[tuple[str, str], ...]) -> tuple[str, str, str, str, str]:
+    """(kind, question, question_type, answer_type, true answer) of one question about the scene.
+
+    A question only names an object the scene holds once, so its answer is defined."""
+    shapes = [shape for _, shape in objects]
+    colour_targets = _unique(shapes)  # "the <shape>" must be one object
+    relation_targets = _unique(list(objects))  # "the <colour> <shape>" must be one object
+    kinds = ["count", "existence"]
+    if colour_targets:
+        kinds.append("color")
+    if len(objects) > 1 and relation_targets:
+        kinds.append("relation")
+    kind = rng.choice(sorted(kinds, key=QUESTION_KINDS.index))
+    if kind == "color":
+        color, shape = objects[rng.choice(colour_targets)]
+        return kind, f"what color is the {shape}?", "what color is the", "other", color
+    if kind == "count":
+        if rng.random() < 0.5:
+            return kind, "how many shapes are there?", "how many", "number", str(len(objects))
+        color = rng.choice(list(COLORS))
+        count = sum(c == color for c, _ in objects)
+        return kind, f"how many {color} shapes are there?", "how many", "number", str(count)
+    if kind == "relation":
+        index = rng.choice(relation_targets)
+        color, shape = objects[index]
+        # The leftmost object has nothing to its left, the rightmost nothing to its right.
+        side = "left" if index == len(objects) - 1 or (index > 0 and rng.random() < 0.5) else "right"
+        neighbour = objects[index - 1 if side == "left" else index + 1][1]
+        return kind, f"what is {side} of the {color} {shape}?", f"what is {side} of the", "other", neighbour
+    present = rng.random() < 0.5
+    shape = rng.choice(sorted(set(shapes)) if present else [s for s in SHAPES if s not in shapes])
+    return kind, f"is there {_article(shape)} {shape}?", "is there a", "yes/no", "yes" if present else "no"
+
+
+def _wrong_answer(rng: random.Random, kind: str, answer: str) -> str:
+    """A plausible wrong answer of the same kind: another colour, a count one off, another shape, the other of yes/no."""
+    if kind == "color":
+        return rng.choice([c for c in COLORS if c != answer])
+    if kind == "count":
+        return str(max(0, int(answer) + rng.choice((-1, 1))) if answer != "0" else 1)
+    if kind == "relation":
+        return rng.choice([s for s in SHAPES if s != answer])
+    return "no" if answer == "yes" else "yes"
+
+
+def make_question(rng: random.Random, objects: tuple[tuple[str, str], ...]) -> DemoQuestion:
+    """One question about the scene with ANSWERS_PER_QUESTION annotators' answers, noise included."""
+    kind, question, question_type, answer_type, true_answer = _ask(rng, objects)
+    answers = []
+    for _ in range(ANSWERS_PER_QUESTION):
+        if rng.random() < ANSWER_NOISE:
+            answers.append(_wrong_answer(rng, kind, true_answer))
+        elif kind == "count" and rng.random() < NUMBER_AS_WORD:
+            answers.append(NUMBER_WORDS[int(true_answer)])
+        else:
+            answers.append(true_answer)
+    return DemoQuestion(question, tuple(answers), question_type, answer_type, true_answer, kind)
 
 
 def generate_demo_samples(config: DemoDataConfig) -> list[DemoSample]:
     """The good samples, in order. A `mismatch_fraction` of them carry another sample's caption."""
     rng = random.Random(config.seed)
-    rendered = [_render(rng, config.image_size) for _ in range(config.num_samples)]
+    # Questions draw from their own stream, so the images and captions do not depend on them.
+    question_rng = random.Random(f"{config.seed}-questions")
+    scenes = [sample_scene(rng) for _ in range(config.num_samples)]
+    jpegs = [_render(rng, config.image_size, objects) for objects in scenes]
+    captions = [scene_caption(objects) for objects in scenes]
     n_mismatched = round(config.mismatch_fraction * config.num_samples)
     mismatched = set(rng.sample(range(config.num_samples), n_mismatched))
     samples = []
-    for index, (jpeg, true_caption, words) in enumerate(rendered):
+    for index, (objects, jpeg, true_caption) in enumerate(zip(scenes, jpegs, captions)):
+        words = tuple(shape for _, shape in objects)
         caption = true_caption
         if index in mismatched:
             # Another image's caption that really differs (web noise, not a duplicate).
             while True:
-                donor = rendered[rng.randrange(config.num_samples)]
-                if donor[1] != true_caption and set(donor[2]) != set(words):
-                    caption = donor[1]
+                donor = rng.randrange(config.num_samples)
+                if captions[donor] != true_caption and {s for _, s in scenes[donor]} != set(words):
+                    caption = captions[donor]
                     break
         samples.append(
             DemoSample(
@@ -146,8 +301,10 @@ def generate_demo_samples(config: DemoDataConfig) -> list[DemoSample]:
                 jpeg=jpeg,
                 caption=caption,
                 true_caption=true_caption,
+                objects=objects,
                 object_words=words,
                 is_mismatched=index in mismatched,
+                question=make_question(question_rng, objects),
             )
         )
     return samples
@@ -161,12 +318,17 @@ def broken_paths(config: DemoDataConfig) -> dict[str, str]:
 
 
 def demo_url_rows(samples: list[DemoSample], config: DemoDataConfig, base_url: str) -> list[dict]:
-    """Rows of the URL list (url, caption, plus ground truth) with broken URLs interleaved."""
+    """Rows of the URL list (url, caption, the question columns, plus ground truth) with broken URLs interleaved."""
     rows = [
         {
             "url": f"{base_url}/{s.path}",
             "caption": s.caption,
+            "question": s.question.question,
+            "answers": list(s.question.answers),
+            "question_type": s.question.question_type,
+            "answer_type": s.question.answer_type,
             "true_caption": s.true_caption,
+            "true_answer": s.question.true_answer,
             "object_words": " ".join(s.object_words),
             "is_mismatched": s.is_mismatched,
             "expected": "success",
@@ -178,7 +340,12 @@ def demo_url_rows(samples: list[DemoSample], config: DemoDataConfig, base_url: s
         row = {
             "url": f"{base_url}/{path}",
             "caption": f"a broken link of kind {kind}",
+            "question": f"is there a broken link of kind {kind}?",
+            "answers": ["yes"] * ANSWERS_PER_QUESTION,
+            "question_type": "is there a",
+            "answer_type": "yes/no",
             "true_caption": "",
+            "true_answer": "",
             "object_words": "",
             "is_mismatched": False,
             "expected": BROKEN_KINDS[kind],

@@ -198,6 +198,12 @@ class ModelConfig:
     bottleneck_only: bool = True
     """With bottleneck tokens: the caption reaches the prefix only through them (a 4-D attention
     mask; LMs that ignore such masks are refused). False: the tokens are extra context only."""
+    question_template: str = "Question: {question} Answer:"
+    """Prompt a question sample reads after the prefix (and bottleneck tokens); `{question}` is filled
+    in. Saved with the run's config, so the export answers with the template it was trained with."""
+    max_answer_tokens: int = 8
+    """Answer tokens kept per question sample, the appended EOS included (the prompt is cut to
+    max_caption_tokens)."""
 
 
 @dataclass
@@ -272,6 +278,13 @@ class TrainConfig:
     """Greedy caption length limit at evaluation and for logged sample captions."""
     export_at_end: bool = True
     """Write the consolidated fp32 model (all experts, global ids) to output_dir/export."""
+    question_fraction: float = 0.5
+    """Share of the samples that hold both a caption and a question which train as the question
+    (the rest as the caption). A question-only sample always trains as its question, a caption-only
+    one as its caption; 0 trains no question that has a caption beside it."""
+    answer_target: str = "sample"
+    """The answer a question is taught each time it is read: sample (drawn by the human answers'
+    frequency) or most_common (the most frequent, ties by first occurrence)."""
 
 
 @dataclass
@@ -340,6 +353,10 @@ class AlignConfig:
     """Dijkstra stops at this path length in chords (beyond it: unreachable, a finite far distance)."""
     geodesic_refresh_every: int = 50
     """Rebuild the k-NN graph over the bank every N optimizer steps."""
+    geodesic_local_nodes: int = 1024
+    """With geodesic_method=landmarks and a finite geodesic_limit: each node keeps its exact graph distances
+    to at most this many nodes within the limit, so that distances inside the limit are exact (0: the
+    landmark bound alone, which launcher.geodesic_stretch measured 3-6x too long at that range)."""
 
     @property
     def enabled(self) -> bool:
@@ -551,10 +568,20 @@ def _check_values(config: Config) -> None:
     for key in ("embed_dim", "geodesic_k", "geodesic_landmarks", "geodesic_refresh_every", "hard_negative_pool", "hard_negatives"):
         if getattr(align, key) < 1:
             raise UserError(f"config key 'align.{key}' must be >= 1")
+    if align.geodesic_local_nodes < 0:
+        raise UserError("config key 'align.geodesic_local_nodes' must be >= 0")
     if min(align.itc_weight, align.supcon_weight, align.cap_weight) < 0:
         raise UserError("config keys 'align.*_weight' must be >= 0")
     if config.model.bottleneck_tokens < 0:
         raise UserError("config key 'model.bottleneck_tokens' must be >= 0")
+    if "{question}" not in config.model.question_template:
+        raise UserError("config key 'model.question_template' must contain '{question}'")
+    if config.model.max_answer_tokens < 1:
+        raise UserError("config key 'model.max_answer_tokens' must be >= 1")
+    if not 0.0 <= config.train.question_fraction <= 1.0:
+        raise UserError("config key 'train.question_fraction' must be in [0, 1]")
+    if config.train.answer_target not in ("sample", "most_common"):
+        raise UserError(f"config key 'train.answer_target' is {config.train.answer_target!r}; expected one of ['most_common', 'sample']")
     # numpy's generators (shard order, shuffling) refuse a negative seed: here, not in a loader worker hours in.
     if not 0 <= config.train.seed < 2**32:
         raise UserError(f"config key 'train.seed' is {config.train.seed}; it must be in [0, 2**32)")

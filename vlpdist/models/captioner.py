@@ -77,6 +77,62 @@ def tokenize_captions(tokenizer, max_caption_tokens: int, captions: list[str]) -
     return input_ids, attention_mask
 
 
+def tokenize_lm_inputs(
+    tokenizer, max_caption_tokens: int, max_answer_tokens: int, question_template: str,
+    captions: list[str], questions: list[str | None] | None = None, answers: list[str | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixed caption and question samples -> what the LM reads after the start embeddings:
+    (input_ids (B, T), attention_mask (B, T), target_mask (B, T)), right-padded.
+
+    A caption sample (question None) is its caption + EOS, every token a target (as
+    `tokenize_captions`). A question sample is `format_question_prompt(template, question)` (cut to
+    max_caption_tokens) then " " + answer + EOS (cut to max_answer_tokens): only the answer tokens
+    are targets, so the loss never falls on the prompt. A plain function, so loader workers run it."""
+    from vlpdist.data.question_answer import format_question_prompt
+
+    questions = questions or [None] * len(captions)
+    answers = answers or [None] * len(captions)
+    eos = tokenizer.eos_token_id
+    rows: list[tuple[list[int], int]] = []  # (ids, number of leading non-target tokens)
+    for caption, question, answer in zip(captions, questions, answers):
+        if question is None:
+            ids = tokenizer(caption, add_special_tokens=False)["input_ids"][: max_caption_tokens - 1] + [eos]
+            rows.append((ids, 0))
+            continue
+        prompt = tokenizer(format_question_prompt(question_template, question), add_special_tokens=False)["input_ids"]
+        # A leading space: the answer is a new word after the prompt's last one (GPT-2's BPE marks that).
+        target = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][: max_answer_tokens - 1] + [eos]
+        prompt = prompt[:max_caption_tokens]
+        rows.append((prompt + target, len(prompt)))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, prompt_len) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        target_mask[i, prompt_len : len(ids)] = 1
+    return input_ids, attention_mask, target_mask
+
+
+def tokenize_prompts(tokenizer, max_prompt_tokens: int, question_template: str, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Questions -> their prompts as (input_ids (B, T), attention_mask (B, T)), LEFT-padded, so that
+    every row's last prompt token sits at the end, where generation continues (the padding then lies
+    between the start embeddings and the prompt; positions come from the mask, as in training)."""
+    from vlpdist.data.question_answer import format_question_prompt
+
+    rows = [tokenizer(format_question_prompt(question_template, question), add_special_tokens=False)["input_ids"][:max_prompt_tokens]
+            for question in questions]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, length - len(row):] = torch.tensor(row)
+            attention_mask[i, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
 class AlignmentHeads(nn.Module):
     """Projection heads into the shared alignment space (ITC, SupCon) and the learnable ITC temperature.
 
@@ -201,6 +257,8 @@ class PrefixCaptioner(nn.Module):
         self.tokenizer = tokenizer
         self.prefix_length = cfg.prefix_length
         self.max_caption_tokens = cfg.max_caption_tokens
+        self.max_answer_tokens = cfg.max_answer_tokens
+        self.question_template = cfg.question_template
         self.freeze_lm = cfg.freeze_lm
         self.experts_per_rank = cfg.num_experts // ep_size
         self.lm.requires_grad_(not cfg.freeze_lm)
@@ -270,21 +328,39 @@ class PrefixCaptioner(nn.Module):
 
     def forward(
         self, clip_emb_BC: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-        text_feature_BDt: torch.Tensor | None = None,
+        text_feature_BDt: torch.Tensor | None = None, target_mask_BT: torch.Tensor | None = None,
+        is_question_B: torch.Tensor | None = None, text_ids_BT: torch.Tensor | None = None,
+        text_mask_BT: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms `cap` (next-token CE on caption tokens only) and `moe_aux`, `expert_load` ((E,)
-        fraction of samples per expert, empty without MoE) and `prefix` (B, P, D); with alignment
-        heads also `visual_embed` / `text_embed` (B, E) unit-norm, `text_feature` (B, Dt) and the
-        term `itc_temperature`. `text_feature_BDt` (a cached LM feature or the CLIP text embedding)
-        replaces the LM text forward."""
+        """Loss terms `cap` (next-token CE over the caption samples' tokens), `ans` (over the question
+        samples' answer tokens only; 0 in a micro-batch without questions) and `moe_aux`,
+        `expert_load` ((E,) fraction of samples per expert, empty without MoE) and `prefix` (B, P, D);
+        with alignment heads also `visual_embed` / `text_embed` (B, E) unit-norm, `text_feature` (B, Dt)
+        and the term `itc_temperature`.
+
+        `input_ids_BT` / `attention_mask_BT` are what the LM reads after the start embeddings
+        (`tokenize_lm_inputs`); `target_mask_BT` marks the tokens predicted with a loss (default: all
+        real tokens, i.e. captions) and `is_question_B` (B,) bool the question rows. The alignment text
+        (`text_ids_BT` / `text_mask_BT`, default the LM input) feeds the LM text features; a
+        `text_feature_BDt` (a cached LM feature or the CLIP text embedding) replaces that forward."""
         prefix_BPD, moe_aux, load_E = self.map_prefix(clip_emb_BC)
-        cap = self.caption_loss_after(self.start_embeddings(prefix_BPD), input_ids_BT, attention_mask_BT)
-        out = {"cap": cap, "moe_aux": moe_aux, "expert_load": load_E, "prefix": prefix_BPD}
+        target_mask_BT = attention_mask_BT if target_mask_BT is None else target_mask_BT
+        losses_BT = self.token_losses_after(self.start_embeddings(prefix_BPD), input_ids_BT, attention_mask_BT, target_mask_BT)
+        targets_BT = target_mask_BT.to(losses_BT.dtype)
+        question_B1 = (torch.zeros(len(input_ids_BT), dtype=torch.bool, device=input_ids_BT.device)
+                       if is_question_B is None else is_question_B.to(input_ids_BT.device).bool())[:, None]
+        caption_targets_BT, answer_targets_BT = targets_BT * ~question_B1, targets_BT * question_B1
+        # Token means within each task, as Hugging Face's causal-LM loss; an empty task contributes 0.
+        cap = (losses_BT * caption_targets_BT).sum() / caption_targets_BT.sum().clamp(min=1)
+        ans = (losses_BT * answer_targets_BT).sum() / answer_targets_BT.sum().clamp(min=1)
+        out = {"cap": cap, "ans": ans, "moe_aux": moe_aux, "expert_load": load_E, "prefix": prefix_BPD}
         if self.heads is not None:
             if text_feature_BDt is None:
                 if self.text_target == "clip":
                     raise ValueError("text_target clip: pass the batch's CLIP text embeddings as text_feature_BDt")
-                text_feature_BDt = self.lm_text_features(input_ids_BT, attention_mask_BT)
+                if text_ids_BT is None:
+                    text_ids_BT, text_mask_BT = input_ids_BT, attention_mask_BT
+                text_feature_BDt = self.lm_text_features(text_ids_BT, text_mask_BT)
             out["visual_embed"] = self.heads.visual_embed(prefix_BPD)
             out["text_feature"] = text_feature_BDt
             out["text_embed"] = self.heads.text_embed(text_feature_BDt)
@@ -292,10 +368,22 @@ class PrefixCaptioner(nn.Module):
         return out
 
     def caption_loss_after(
-        self, start_BSD: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None
+        self, start_BSD: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None,
+        target_mask_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The LM's (or `lm`'s) caption cross-entropy after the S start embeddings `start_BSD` (B, S, D)
-        (in bottleneck mode the last B of them are the bottleneck tokens and a 4-D mask applies)."""
+        """The LM's (or `lm`'s) mean cross-entropy over the target tokens (default: every real token)
+        after the S start embeddings `start_BSD` (B, S, D) (in bottleneck mode the last B of them are
+        the bottleneck tokens and a 4-D mask applies)."""
+        target_mask_BT = attention_mask_BT if target_mask_BT is None else target_mask_BT
+        losses_BT = self.token_losses_after(start_BSD, input_ids_BT, attention_mask_BT, target_mask_BT, lm)
+        return losses_BT.sum() / target_mask_BT.sum().clamp(min=1).to(losses_BT.dtype)
+
+    def token_losses_after(
+        self, start_BSD: torch.Tensor, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+        target_mask_BT: torch.Tensor, lm: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """(B, T) fp32 next-token cross-entropy of each token of `input_ids_BT` read after `start_BSD`,
+        0 where `target_mask_BT` is 0 (prompt tokens and padding carry no loss)."""
         lm = self.lm if lm is None else lm
         run = self._training_callable("lm", lm) if lm is self.lm else lm
         batch, start_len = start_BSD.shape[:2]
@@ -307,18 +395,18 @@ class PrefixCaptioner(nn.Module):
             mask = additive_mask(allowed, embeds.dtype)
         else:
             mask = torch.cat([attention_mask_BT.new_ones(batch, start_len), attention_mask_BT], dim=1)
-        targets_BT = input_ids_BT.masked_fill(attention_mask_BT == 0, IGNORE_INDEX)
+        targets_BT = input_ids_BT.masked_fill(target_mask_BT == 0, IGNORE_INDEX)
+        # Position t predicts token t+1: the T positions S-1 .. S+T-2 predict the T tokens read after the start.
         if lm_keeps_chosen_logits(lm):
-            # Position t predicts token t+1: logits only at S-1 .. S+T-2, the T positions that predict a
-            # caption token. The LM head (D x V: 50,257 rows for GPT-2, ~30 % of its forward) then skips
-            # the other S positions; padding rows are still computed and ignored by the loss.
+            # Logits only there: the LM head (D x V: 50,257 rows for GPT-2, ~30 % of its forward) then
+            # skips the other S positions; padding rows are still computed and ignored by the loss.
             keep_T = torch.arange(start_len - 1, start_len + caption_len - 1, device=embeds.device)
             logits_BTV = run(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep_T).logits
-            # As Hugging Face's causal-LM loss: fp32 logits, the mean over the tokens that count.
-            return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
-        labels = torch.cat([input_ids_BT.new_full((batch, start_len), IGNORE_INDEX), targets_BT], dim=1)
-        # The LM shifts labels itself: position t predicts token t+1, so the last start position predicts the first caption token.
-        return run(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        else:
+            logits_BTV = run(inputs_embeds=embeds, attention_mask=mask).logits[:, start_len - 1 : start_len + caption_len - 1]
+        # As Hugging Face's causal-LM loss: fp32 logits.
+        losses = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.view(batch, caption_len)
 
     def text_only_caption_loss(
         self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lm: nn.Module | None = None
@@ -329,15 +417,62 @@ class PrefixCaptioner(nn.Module):
         the fair baseline is the LM as it was before (a tuned LM has learnt to expect a prefix).
         """
         lm = self.lm if lm is None else lm
-        batch = input_ids_BT.shape[0]
-        embed = lm.get_input_embeddings()
+        # At most P start embeddings: never the bottleneck mask (that needs more than P).
+        return self.caption_loss_after(self.text_only_start(input_ids_BT.shape[0], lm), input_ids_BT, attention_mask_BT, lm)
+
+    def text_only_start(self, batch: int, lm: nn.Module | None = None) -> torch.Tensor:
+        """What the LM without the image reads first: its BOS embedding (B, 1, D), or an all-zeros
+        prefix (B, P, D) when it has no BOS."""
+        embed = (self.lm if lm is None else lm).get_input_embeddings()
         bos = self.tokenizer.bos_token_id
         if bos is not None:
-            start_BSD = embed(input_ids_BT.new_full((batch, 1), bos))
-        else:
-            start_BSD = embed.weight.new_zeros(batch, self.prefix_length, embed.embedding_dim)
-        # At most P start embeddings: never the bottleneck mask (that needs more than P).
-        return self.caption_loss_after(start_BSD, input_ids_BT, attention_mask_BT, lm)
+            return embed(torch.full((batch, 1), bos, dtype=torch.long, device=embed.weight.device))
+        return embed.weight.new_zeros(batch, self.prefix_length, embed.embedding_dim)
+
+    @torch.no_grad()
+    def generate_answers(
+        self, clip_emb_BC: torch.Tensor | None, prompts: list[str], max_new_tokens: int, num_beams: int = 1,
+        apply_template: bool = True,
+    ) -> list[str]:
+        """Short answers to questions, greedy (num_beams=1) or by beam search, through Hugging Face
+        `generate` with `inputs_embeds`: the input is `[prefix | bottleneck tokens | prompt]` as in
+        training (`tokenize_lm_inputs`), and the answer is what the LM writes after the prompt.
+
+        `prompts` are the questions, each put into this model's `question_template` (the one it was
+        trained with, from the run's or the export's config); `apply_template=False` takes them as
+        finished prompts. `clip_emb_BC=None` is the LM without the image (the baseline): the prompt
+        follows the LM's BOS alone (no prefix, no bottleneck tokens). In bottleneck mode the answer
+        decodes greedily, the prompt and answer reaching the prefix only through the bottleneck tokens."""
+        from vlpdist.data.question_answer import format_question_prompt
+
+        texts = [format_question_prompt(self.question_template, p) if apply_template else p for p in prompts]
+        prompt_ids_BT, prompt_mask_BT = tokenize_prompts(self.tokenizer, self.max_caption_tokens, "{question}", texts)
+        was_training = self.training
+        self.eval()
+        try:
+            if clip_emb_BC is None:
+                start_BSD = self.text_only_start(len(texts))
+            else:
+                prefix_BPD, _, _ = self.map_prefix(clip_emb_BC)
+                start_BSD = self.start_embeddings(prefix_BPD)
+            device = start_BSD.device
+            prompt_ids_BT, prompt_mask_BT = prompt_ids_BT.to(device), prompt_mask_BT.to(device)
+            common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
+                          pad_token_id=self.tokenizer.pad_token_id)
+            if self.bottleneck_only and clip_emb_BC is not None:
+                if num_beams != 1:
+                    raise UserError("bottleneck mode (model.bottleneck_only) decodes greedily: use num_beams=1")
+                generated = self._generate_through_bottleneck(start_BSD, common, prompt_ids_BT, prompt_mask_BT)
+            else:
+                # The left padding of the prompts sits between the start embeddings and the prompt:
+                # masked out, and `generate` derives the positions from the mask, so each row's
+                # tokens have the positions they had in training.
+                embeds = torch.cat([start_BSD, self.lm.get_input_embeddings()(prompt_ids_BT)], dim=1)
+                mask = torch.cat([prompt_mask_BT.new_ones(start_BSD.shape[:2]), prompt_mask_BT], dim=1)
+                generated = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, **common)
+        finally:
+            self.train(was_training)
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate_captions(self, clip_emb_BC: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> list[str]:
@@ -368,32 +503,48 @@ class PrefixCaptioner(nn.Module):
         # With only inputs_embeds, decoder-only `generate` returns just the new tokens.
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
-    def _generate_through_bottleneck(self, start_BSD: torch.Tensor, common: dict) -> torch.Tensor:
-        """New token ids (B, <= max_new_tokens) for bottleneck mode (see `generate_captions`)."""
+    def _generate_through_bottleneck(self, start_BSD: torch.Tensor, common: dict, prompt_ids_BT: torch.Tensor | None = None,
+                                     prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """New token ids (B, <= max_new_tokens) for bottleneck mode (see `generate_captions`), after
+        the start embeddings and, for questions, a left-padded prompt (B, T) read under the training
+        mask (`bottleneck_attention_allowed`: the prompt sees the prefix only through the bottleneck)."""
         batch, start_len = start_BSD.shape[:2]
         device = start_BSD.device
+        if prompt_ids_BT is None:
+            prompt_ids_BT = torch.zeros((batch, 0), dtype=torch.long, device=device)
+            prompt_mask_BT = prompt_ids_BT.clone()
         ones_BS = torch.ones((batch, start_len), dtype=torch.long, device=device)
+        read_mask_BR = torch.cat([ones_BS, prompt_mask_BT], dim=1)  # R = S + T positions read before decoding
+        read_len = read_mask_BR.shape[1]
+        # Positions count the real tokens only, as in training, where the prompt follows the start directly.
+        positions_BR = (read_mask_BR.cumsum(dim=1) - 1).clamp(min=0)
         cache_argument = lm_cache_argument(self.lm)
-        first = self.lm(inputs_embeds=start_BSD, attention_mask=ones_BS, use_cache=True)
+        embeds = torch.cat([start_BSD, self.lm.get_input_embeddings()(prompt_ids_BT)], dim=1)
+        if prompt_ids_BT.shape[1]:
+            allowed = bottleneck_attention_allowed(self.prefix_length, start_len - self.prefix_length, prompt_mask_BT)
+            first = self.lm(inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
+                            position_ids=positions_BR, use_cache=True)
+        else:
+            first = self.lm(inputs_embeds=embeds, attention_mask=ones_BS, use_cache=True)
         first_token_B1 = first.logits[:, -1].argmax(dim=-1, keepdim=True)
         if common["max_new_tokens"] == 1:
             return first_token_B1
         ended_B = first_token_B1[:, 0] == common["eos_token_id"]
         # `generate` reads the cached length off the cache and feeds only the ids after it; the ids
         # standing for cached positions are placeholders that are never embedded.
-        placeholder_BS = torch.full((batch, start_len), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-        visible_BS = ones_BS.clone()
-        visible_BS[:, : self.prefix_length] = 0
+        placeholder_BR = torch.full((batch, read_len), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        visible_BR = read_mask_BR.clone()
+        visible_BR[:, : self.prefix_length] = 0
         # Positions count every token as in training: from the masked prefix `generate` would derive them shifted by P.
-        positions_BS = torch.arange(start_len + 1, device=device).expand(batch, -1)
+        positions_BR1 = torch.cat([positions_BR, positions_BR[:, -1:] + 1], dim=1)
         generated = self.lm.generate(
-            input_ids=torch.cat([placeholder_BS, first_token_B1], dim=1),
-            attention_mask=torch.cat([visible_BS, torch.ones_like(first_token_B1)], dim=1),
-            position_ids=positions_BS,
+            input_ids=torch.cat([placeholder_BR, first_token_B1], dim=1),
+            attention_mask=torch.cat([visible_BR, torch.ones_like(first_token_B1)], dim=1),
+            position_ids=positions_BR1,
             **{cache_argument: getattr(first, cache_argument)},
             **{**common, "max_new_tokens": common["max_new_tokens"] - 1},
         )
-        new_BT = generated[:, start_len:]
+        new_BT = generated[:, read_len:]
         # `generate` does not know its first token was already EOS for these rows: what follows is not the caption.
         new_BT[ended_B, 1:] = common["pad_token_id"]
         return new_BT

@@ -188,7 +188,8 @@ def test_disconnected_graph_gives_unreachable_but_finite_distances(two_clusters,
 def test_limit_marks_longer_paths_unreachable(two_clusters, method):
     nodes_ND, anchors_BD, _, _ = two_clusters
     unlimited = GeodesicSnapshot.build(nodes_ND, torch.arange(300), k=5, method=method, num_landmarks=4)
-    unlimited_BN, unlimited_reachable_BN = unlimited.distances(anchors_BD)
+    # Within the limit both methods are exact (landmarks through each node's exact ball of radius limit).
+    unlimited_BN, unlimited_reachable_BN = unlimited.distances(anchors_BD, method="exact")
     limit = float(unlimited_BN[unlimited_reachable_BN].median())
     limited = GeodesicSnapshot.build(nodes_ND, torch.arange(300), k=5, method=method, num_landmarks=4, limit=limit)
     limited_BN, limited_reachable_BN = limited.distances(anchors_BD)

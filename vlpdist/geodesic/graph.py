@@ -150,3 +150,57 @@ def pick_landmarks(
         if len(landmarks) == total:
             return np.asarray(landmarks, dtype=np.int64), np.stack(rows)
         landmarks.append(int(np.argmax(nearest_landmark_N)))
+
+
+# Sources per truncated-Dijkstra call of `local_balls`: scipy returns a dense (sources, N) float64 block,
+# so 256 sources at 65,536 nodes are 128 MiB.
+BALL_SOURCES_PER_CALL = 256
+
+
+def local_balls(graph: CsrGraph, radius: float, max_nodes: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(ball_index_NM int64, ball_distance_NM float32, stats): each node's exact graph distances to the nodes
+    within `radius` of it (itself included, at 0), the `max_nodes` nearest where more are that close,
+    padded with index 0 at distance inf. M is the largest ball kept (at most max_nodes).
+
+    Why: a landmark bound is loose at short range (a path through a landmark detours unless a landmark
+    sits near it; measured by launcher.geodesic_stretch), and short range is where the false-negative
+    radius, the limit and the hard-negative picks act. With these balls, any pair whose shortest path
+    from the anchor's first hop n is at most `radius` long is answered exactly: G(n, j) <= radius puts
+    j in n's ball (unless the ball was capped; stats["ball_capped_fraction"] says how often).
+    """
+    from scipy.sparse.csgraph import dijkstra
+
+    matrix = graph.to_scipy()
+    index_blocks, distance_blocks, counts = [], [], []
+    for start in range(0, graph.num_nodes, BALL_SOURCES_PER_CALL):
+        sources_c = np.arange(start, min(start + BALL_SOURCES_PER_CALL, graph.num_nodes))
+        distance_cN = dijkstra(matrix, directed=True, indices=sources_c, limit=radius)
+        rows_F, cols_F = np.nonzero(np.isfinite(distance_cN))  # row-major: grouped by source
+        values_F = distance_cN[rows_F, cols_F]
+        # Within each source, nearest first; then the rank of each entry inside its source's run.
+        order_F = np.lexsort((values_F, rows_F))
+        rows_F, cols_F, values_F = rows_F[order_F], cols_F[order_F], values_F[order_F]
+        count_c = np.bincount(rows_F, minlength=sources_c.shape[0])
+        first_c = np.concatenate([[0], np.cumsum(count_c)[:-1]])
+        rank_F = np.arange(rows_F.shape[0]) - first_c[rows_F]
+        keep_F = rank_F < max_nodes
+        width = int(min(max_nodes, count_c.max(initial=1)))
+        index_cM = np.zeros((sources_c.shape[0], width), dtype=np.int64)
+        ball_cM = np.full((sources_c.shape[0], width), np.inf, dtype=np.float32)
+        index_cM[rows_F[keep_F], rank_F[keep_F]] = cols_F[keep_F]
+        ball_cM[rows_F[keep_F], rank_F[keep_F]] = values_F[keep_F]
+        index_blocks.append(index_cM)
+        distance_blocks.append(ball_cM)
+        counts.append(count_c)
+    width = max(block.shape[1] for block in index_blocks)
+    ball_index_NM = np.zeros((graph.num_nodes, width), dtype=np.int64)
+    ball_distance_NM = np.full((graph.num_nodes, width), np.inf, dtype=np.float32)
+    row = 0
+    for index_cM, ball_cM in zip(index_blocks, distance_blocks):
+        ball_index_NM[row : row + index_cM.shape[0], : index_cM.shape[1]] = index_cM
+        ball_distance_NM[row : row + index_cM.shape[0], : ball_cM.shape[1]] = ball_cM
+        row += index_cM.shape[0]
+    count_N = np.concatenate(counts)
+    stats = {"ball_mean_nodes": float(np.minimum(count_N, max_nodes).mean()), "ball_width": width,
+             "ball_capped_fraction": float((count_N > max_nodes).mean())}
+    return ball_index_NM, ball_distance_NM, stats

@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vlpdist.geodesic.graph import AnchorGraphBuffer, CsrGraph, build_symmetric_graph, find_first_hops, pick_landmarks
+from vlpdist.geodesic.graph import (
+    AnchorGraphBuffer, CsrGraph, build_symmetric_graph, find_first_hops, local_balls, pick_landmarks,
+)
 from vlpdist.geodesic.knn import KnnIndex, build_knn_index, search_knn
+from vlpdist.geodesic.trust import assess
 
 METHODS = ("exact", "landmarks")
 # The landmark bound's (B, L, n) blocks hold at most this many entries (64 MiB in float32).
@@ -62,7 +65,12 @@ class GeodesicSnapshot:
     graph: the symmetrised k-NN graph on the host. component_N: connected-component label of each
     node. landmark_L / landmark_distance_LN: landmark nodes and their graph distances to all
     nodes (float32 on the nodes' device, inf outside the landmark's component); empty in `exact`
-    mode. limit: paths longer than this count as unreachable.
+    mode. limit: paths longer than this count as unreachable. ball_index_NM / ball_distance_NM
+    (`landmarks` mode with a finite limit): each node's exact graph distances to the nodes within
+    ball_radius (= the limit at build) of it, at most `local_nodes` of them (`graph.local_balls`);
+    (N, 0) otherwise. With them the landmark method is exact wherever the exact distance is within
+    ball_radius (unless a ball was capped), so distances, reachability and hard picks inside the
+    limit are the exact ones; beyond, the landmark bound (>= exact) still says "beyond the limit".
     """
 
     nodes_ND: torch.Tensor
@@ -75,6 +83,9 @@ class GeodesicSnapshot:
     component_N: np.ndarray
     landmark_L: torch.Tensor
     landmark_distance_LN: torch.Tensor
+    ball_index_NM: torch.Tensor | None = None
+    ball_distance_NM: torch.Tensor | None = None
+    ball_radius: float = 0.0
     stats: dict = field(default_factory=dict)
     anchor_buffer: AnchorGraphBuffer | None = None
 
@@ -89,13 +100,15 @@ class GeodesicSnapshot:
         method: str = "exact",
         num_landmarks: int = 64,
         limit: float = float("inf"),
+        local_nodes: int = 1024,
         seed: int = 0,
         knn_options: dict | None = None,
     ) -> "GeodesicSnapshot":
         """Build the graph over nodes_ND (N, D), unit-norm. backend: see `build_knn`; knn_options go
         to `build_knn_index` (ivf_lists, ivf_probes, hnsw_m, hnsw_ef_search). method: `exact` or
         `landmarks` (then `num_landmarks`, raised to one per connected component, are picked by
-        farthest-point sampling from a node drawn with `seed`)."""
+        farthest-point sampling from a node drawn with `seed`; with a finite `limit`, each node's exact
+        distances to at most `local_nodes` nodes within the limit are kept too, `local_nodes=0`: none)."""
         from scipy.sparse.csgraph import connected_components
 
         if method not in METHODS:
@@ -108,18 +121,65 @@ class GeodesicSnapshot:
         synchronize(device)
         started = time.perf_counter()
         knn_index = build_knn_index(nodes_ND, backend, seed=seed, **(knn_options or {}))
-        neighbor_NK, distance_NK = search_knn(knn_index, nodes_ND, k, exclude_self=True)
+        neighbor_NK, _ = search_knn(knn_index, nodes_ND, k, exclude_self=True)
         synchronize(device)
-        knn_done = time.perf_counter()
+        knn_build_s = time.perf_counter() - started
+        return cls.from_neighbors(nodes_ND, node_ids_N, knn_index, neighbor_NK, method=method, num_landmarks=num_landmarks,
+                                  limit=limit, local_nodes=local_nodes, seed=seed, knn_build_s=knn_build_s)
 
-        graph = build_symmetric_graph(neighbor_NK.cpu().numpy(), chord_lengths(nodes_ND, neighbor_NK).cpu().numpy())
+    @classmethod
+    def from_neighbors(
+        cls,
+        nodes_ND: torch.Tensor,
+        node_ids_N: torch.Tensor,
+        knn_index: KnnIndex,
+        neighbor_NK: torch.Tensor,
+        *,
+        method: str = "exact",
+        num_landmarks: int = 64,
+        limit: float = float("inf"),
+        local_nodes: int = 1024,
+        seed: int = 0,
+        knn_build_s: float = 0.0,
+        landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> "GeodesicSnapshot":
+        """The rest of `build` from each node's k nearest other nodes (N, K), nearest first: the graph, its
+        components and the landmarks. Neighbours searched once for a larger k serve every smaller k as
+        their first columns (the stretch measurement builds several graphs from one search this way).
+        landmarks: (landmark_L, landmark_distance_LN) already picked on this graph (farthest-point
+        sampling's first L of a longer run are its L-landmark answer), instead of picking them here."""
+        from scipy.sparse.csgraph import connected_components
+
+        if method not in METHODS:
+            raise ValueError(f"geodesic method {method!r}; choose one of {METHODS}")
+        device = nodes_ND.device
+        k = neighbor_NK.shape[1]
+        knn_done = time.perf_counter()
+        chord_NK = chord_lengths(nodes_ND, neighbor_NK).cpu().numpy()
+        graph = build_symmetric_graph(neighbor_NK.cpu().numpy(), chord_NK)
         num_components, component_N = connected_components(graph.to_scipy(), directed=False)
         graph_done = time.perf_counter()
+        # Whether these geodesics can be trusted (intrinsic dimension, short-range stretch on a probe): see `trust`.
+        trust_stats = assess(graph, nodes_ND, chord_NK, seed) if k >= 2 else {}
+        trust_stats["build_trust_s"] = time.perf_counter() - graph_done
+        graph_done = time.perf_counter()
 
+        ball_stats = {}
+        ball_index_NM = torch.empty(nodes_ND.shape[0], 0, dtype=torch.int64, device=device)
+        ball_distance_NM = torch.empty(nodes_ND.shape[0], 0, device=device)
+        ball_radius = 0.0
         if method == "landmarks":
-            landmark_L, landmark_distance_LN = pick_landmarks(graph, num_landmarks, num_components, seed)
-            landmark_L = torch.from_numpy(landmark_L).to(device)
-            landmark_distance_LN = torch.from_numpy(landmark_distance_LN.astype(np.float32)).to(device)
+            if landmarks is None:
+                landmarks = pick_landmarks(graph, num_landmarks, num_components, seed)
+            landmark_L = torch.from_numpy(landmarks[0]).to(device)
+            landmark_distance_LN = torch.from_numpy(landmarks[1].astype(np.float32)).to(device)
+            landmarks_done = time.perf_counter()
+            if math.isfinite(limit) and local_nodes > 0:
+                ball_index_host, ball_distance_host, ball_stats = local_balls(graph, limit, local_nodes)
+                ball_index_NM = torch.from_numpy(ball_index_host).to(device)
+                ball_distance_NM = torch.from_numpy(ball_distance_host).to(device)
+                ball_radius = limit
+            ball_stats["build_balls_s"] = time.perf_counter() - landmarks_done
         else:
             landmark_L = torch.empty(0, dtype=torch.int64, device=device)
             landmark_distance_LN = torch.empty(0, nodes_ND.shape[0], device=device)
@@ -134,9 +194,11 @@ class GeodesicSnapshot:
             "largest_component_fraction": float(component_sizes.max() / nodes_ND.shape[0]),
             "mean_degree": float(graph.indices.shape[0] / nodes_ND.shape[0]),
             "landmarks": int(landmark_L.shape[0]),
-            "build_knn_s": knn_done - started,
+            "build_knn_s": knn_build_s,
             "build_graph_s": graph_done - knn_done,
             "build_paths_s": paths_done - graph_done,
+            **ball_stats,
+            **trust_stats,
         }
         return cls(
             nodes_ND=nodes_ND,
@@ -149,6 +211,9 @@ class GeodesicSnapshot:
             component_N=component_N,
             landmark_L=landmark_L,
             landmark_distance_LN=landmark_distance_LN,
+            ball_index_NM=ball_index_NM,
+            ball_distance_NM=ball_distance_NM,
+            ball_radius=ball_radius,
             stats=stats,
         )
 
@@ -234,7 +299,8 @@ class GeodesicSnapshot:
         """An upper bound on d(a, j) through the landmarks, in device tensor ops:
 
         d(a, l) = min_n [ |a - x_n| + D(l, n) ]  over a's k nearest nodes n,
-        d(a, j) ~ min_l [ d(a, l) + D(l, j) ],     and for j among a's k nearest, also |a - x_j|.
+        d(a, j) ~ min_l [ d(a, l) + D(l, j) ],     and for j among a's k nearest, also |a - x_j|,
+        and for j in the local ball of one of a's k nearest n, also |a - x_n| + G(n, j) (exact there).
 
         The (B, L, n) sums are formed over blocks of nodes to bound memory.
         """
@@ -250,6 +316,13 @@ class GeodesicSnapshot:
             blocks.append(through_BLn.min(dim=1).values)
         geodesic_BN = torch.cat(blocks, dim=1)
         geodesic_BN = geodesic_BN.scatter_reduce(1, neighbor_BK, first_hop_BK, reduce="amin", include_self=True)
+        if self.ball_index_NM is not None and self.ball_index_NM.shape[1] > 0:
+            # Exact at short range: |a - x_n| + G(n, j) for j in the ball of each of a's k nearest n.
+            # (B, K) -> (B, K, M) candidate lengths and their nodes, flattened to (B, K * M).
+            through_ball_BKM = first_hop_BK[:, :, None] + self.ball_distance_NM[neighbor_BK].to(first_hop_BK.dtype)
+            geodesic_BN = geodesic_BN.scatter_reduce(
+                1, self.ball_index_NM[neighbor_BK].flatten(1), through_ball_BKM.flatten(1), reduce="amin", include_self=True
+            )
         return geodesic_BN, torch.isfinite(geodesic_BN)
 
 

@@ -84,6 +84,8 @@ class AlignmentObjective:
         self.snapshot = None  # the geodesic graph over the bank as it was at the last refresh
         self.snapshot_slots_n = None  # (n,) bank slot of each graph node
         self.snapshot_step = -1
+        self.refreshes = self.untrusted_refreshes = 0  # graph builds, and those `geodesic.trust` flagged
+        self.last_untrusted_stats: dict = {}
         self.pending_rows = None  # the gathered rows of the current micro-batch, enqueued after its losses
 
     # -- per micro-batch -------------------------------------------------------------------------
@@ -168,9 +170,27 @@ class AlignmentObjective:
         self.snapshot = GeodesicSnapshot.build(
             nodes_nE, node_ids_n, k=self.align.geodesic_k, backend=self.align.geodesic_backend,
             method=self.align.geodesic_method, num_landmarks=self.align.geodesic_landmarks,
-            limit=self.align.geodesic_limit, seed=step,
+            limit=self.align.geodesic_limit, local_nodes=self.align.geodesic_local_nodes, seed=step,
         )
         self.snapshot_slots_n, self.snapshot_step = slots_n, step
+        self.refreshes += 1
+        if self.snapshot.stats.get("trusted", 1.0) == 0.0:
+            # One line per refresh (rank 0; every rank built the same graph) and a count for the run summary.
+            from vlpdist.geodesic.trust import warning_line
+
+            self.untrusted_refreshes += 1
+            self.last_untrusted_stats = dict(self.snapshot.stats)
+            if self.ctx.rank == 0:
+                print(warning_line(self.snapshot.stats, step), flush=True)
+
+    def summary_lines(self) -> list[str]:
+        """Lines for the end-of-run summary: how many refreshes built a graph that cannot follow the bank."""
+        if not self.untrusted_refreshes:
+            return []
+        stats = self.last_untrusted_stats
+        return [f"geodesics: {self.untrusted_refreshes} of {self.refreshes} graph refreshes could not follow the bank "
+                f"(last: short-range stretch {stats['short_range_stretch']:.2f}, intrinsic dimension "
+                f"{stats['intrinsic_dimension']:.1f}); geodesic negatives there were no better than cosine ones"]
 
     def geodesic_masks(self, visual_q_bE: torch.Tensor, keys: ContrastiveKeys, gathered: int, own_index_b: torch.Tensor):
         """(keep_bK or None, similarity_bK or None) from the geodesic snapshot, per align.negatives /

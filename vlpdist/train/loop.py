@@ -360,6 +360,9 @@ def run_training(config: Config, stop_marker: Path | None = None) -> int:
                                                 last_saved_step, objective, extras)
         if train.compile and info.is_main:
             print(compile_summary(), flush=True)
+        if objective is not None and info.is_main:
+            for line in objective.summary_lines():
+                print(line, flush=True)
         if state.step > last_saved_step:
             save_checkpoint(engine, checkpoint_dir, state, train.keep_checkpoints, exclude_frozen, plan.describe(), device, extras)
         if stopped:

@@ -268,7 +268,7 @@ def measure_fold_latency(config: Config) -> list[dict]:
     """Folded vs MoE mapper eval latency on the trained demo mapper, timed side by side (median of interleaved runs)."""
     from safetensors.torch import load_file
 
-    from launcher.bench_mapper import eval_step, interleaved_median_seconds, unit_norm_clip
+    from launcher.bench.mapper import eval_step, interleaved_median_seconds, unit_norm_clip
     from launcher.export import mapper_state
     from vlpdist.models.fold import load_folded_mapper
     from vlpdist.models.mapper import build_mapper

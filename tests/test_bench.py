@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import torch
 
-from launcher.bench import BENCH_SCHEMA, SECTIONS
+from launcher.bench.suite import BENCH_SCHEMA, SECTIONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_quick_suite_writes_valid_json_and_a_row_per_section(tmp_path):
 
 
 def test_clipcap_mapper_has_its_recipe_geometry():
-    from launcher.bench_clipcap import RECIPE, ClipCapTransformerMapper
+    from launcher.bench.clipcap import RECIPE, ClipCapTransformerMapper
 
     width, prefix = 768, RECIPE["prefix_length"]
     mapper = ClipCapTransformerMapper(512, width, prefix, RECIPE["clip_length"], RECIPE["num_layers"])
@@ -88,7 +88,7 @@ def test_clipcap_mapper_has_its_recipe_geometry():
 
 def bench_command(*arguments: str, without_jsonschema: bool = False) -> list[str]:
     if without_jsonschema:  # as on a bare GPU machine: `import jsonschema` fails
-        code = "import sys; sys.modules['jsonschema'] = None; from launcher.bench import main; sys.exit(main(sys.argv[1:]))"
+        code = "import sys; sys.modules['jsonschema'] = None; from launcher.bench.suite import main; sys.exit(main(sys.argv[1:]))"
         return [sys.executable, "-c", code, *arguments]
     return [sys.executable, "-m", "launcher.bench", *arguments]
 

@@ -1,6 +1,6 @@
 """CLIP feature throughput: our processing stage vs clip-retrieval's `clip_inference`, side by side.
 
-`python -m launcher.bench_clip [--root /tmp/vlpdist_bench] [--num-samples 4000] [--repeats 3]`
+`python -m launcher.bench.clip [--root /tmp/vlpdist_bench] [--num-samples 4000] [--repeats 3]`
 
 Same raw webdataset shards (made by the demo: img2dataset from the loopback server), same CLIP
 (a small open_clip model built from a config, saved as a checkpoint file, loaded by each tool
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BENCH_CLIP_MODEL = "vlpdist-bench-clip"
 # A ViT that OpenAI's CLIP loader can rebuild from the state dict alone: 64-wide heads, QuickGELU,
 # the 77-token context and 49408-token vocabulary of its tokenizer.
@@ -216,7 +216,7 @@ def clip_retrieval_unavailable(extra_pythonpath: str) -> str | None:
     if done.returncode == 0:
         return None
     last = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
-    hint = " (clip-anytorch needs pkg_resources: see launcher/bench_clip.py's docstring)" if "pkg_resources" in done.stderr else ""
+    hint = " (clip-anytorch needs pkg_resources: see launcher/bench/clip.py's docstring)" if "pkg_resources" in done.stderr else ""
     return f"clip-retrieval does not import here: {last}{hint}"
 
 
@@ -325,7 +325,7 @@ def run_benchmark(root: Path, num_samples: int = 4000, samples_per_shard: int = 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="launcher.bench_clip", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="launcher.bench.clip", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/vlpdist_bench",
                         help="benchmark folder; raw shards are made once per sample count, in <root>/<num-samples>")
     # Enough images that starting Ray and its workers (seconds) is not most of the stage's time,

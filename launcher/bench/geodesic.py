@@ -1,6 +1,6 @@
 """Geodesic snapshot cost per k-NN backend: the refresh (k-NN + graph + landmark Dijkstra) and each step's distances.
 
-`python -m launcher.bench_geodesic [--nodes 65536 --dim 512 --k 10 --anchors 32]`
+`python -m launcher.bench.geodesic [--nodes 65536 --dim 512 --k 10 --anchors 32]`
 
 The nodes are synthetic bank-like embeddings: a mixture of Gaussian clusters in a 16-dimensional
 latent space, mapped to `dim` by a random linear map, with a little isotropic noise, then

@@ -10,16 +10,16 @@ measured side by side in it (absolute times on a shared machine mean little); go
 figure (the GPU's samples/s, the k-NN's 3 s) are shown beside the measured figure, not divided into it.
 
 Sections (each one module's `run_benchmark`):
-- ingest: img2dataset from the loopback demo server vs a bare threaded fetch (`launcher.bench_ingest`);
+- ingest: img2dataset from the loopback demo server vs a bare threaded fetch (`launcher.bench.ingest`);
 - clip: our CLIP stage vs the bare image tower, and vs clip-retrieval's `clip_inference` when it
-  imports here (`launcher.bench_clip`); if it does not, the section says why;
+  imports here (`launcher.bench.clip`); if it does not, the section says why;
 - train: the full training step at GPT-2 small's geometry vs the bare LM forward+backward and vs
   ClipCap's own step (its COCO recipe, prefix 40 and clip length 40, and at prefix 10; the same
   optimizer implementation as ours, named in the table), alignment off and on, each loss term's
-  share (`launcher.bench_train`, `launcher.bench_clipcap`);
-- mapper: MoE vs dense vs folded vs static fold at batch 1, 64, 1024 (`launcher.bench_mapper`);
+  share (`launcher.bench.train`, `launcher.bench.clipcap`);
+- mapper: MoE vs dense vs folded vs static fold at batch 1, 64, 1024 (`launcher.bench.mapper`);
 - geodesic: k-NN graph build per backend and a geodesic refresh over a 65,536 x 512 bank, as a share
-  of the training step at the refresh interval (`launcher.bench_geodesic`; the share needs the
+  of the training step at the refresh interval (`launcher.bench.geodesic`; the share needs the
   train section in the same run); on a GPU, the 1M x 512 k-NN graph's time beside its 3 s goal.
 
 `--quick` shrinks every size (the whole suite in under two minutes on a 2-core machine); `--gpu`
@@ -131,7 +131,7 @@ def describe_machine() -> dict:
 # -- sections ------------------------------------------------------------------------------------
 
 def section_ingest(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
-    from launcher.bench_ingest import run_benchmark
+    from launcher.bench.ingest import run_benchmark
 
     try:
         import img2dataset  # noqa: F401
@@ -149,7 +149,7 @@ def section_ingest(mode: str, work: Path, results: dict) -> tuple[list[dict], di
 
 
 def section_clip(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
-    from launcher.bench_clip import run_benchmark
+    from launcher.bench.clip import run_benchmark
 
     try:
         import open_clip  # noqa: F401
@@ -185,7 +185,7 @@ def section_clip(mode: str, work: Path, results: dict) -> tuple[list[dict], dict
 
 
 def section_train(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
-    from launcher.bench_train import QUICK, run_benchmark
+    from launcher.bench.train import QUICK, run_benchmark
 
     settings = {"quick": QUICK | {"compiled_rows": True}, "full": dict(batch=8, steps=1, rounds=5, compiled_rows=True),
                 # One GPU: everything compiled (ClipCap's steps too), the cached text target only, no unfused-AdamW
@@ -259,7 +259,7 @@ def section_train(mode: str, work: Path, results: dict) -> tuple[list[dict], dic
 
 
 def section_mapper(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
-    from launcher.bench_mapper import QUICK_GEOMETRY, run_benchmark
+    from launcher.bench.mapper import QUICK_GEOMETRY, run_benchmark
 
     if mode == "gpu":
         return mapper_on_gpu((1, 64, 1024))
@@ -285,7 +285,7 @@ def section_mapper(mode: str, work: Path, results: dict) -> tuple[list[dict], di
 
 
 def section_geodesic(mode: str, work: Path, results: dict) -> tuple[list[dict], dict]:
-    from launcher.bench_geodesic import run_benchmark
+    from launcher.bench.geodesic import run_benchmark
     from vlpdist.config import AlignConfig
 
     refresh_every = AlignConfig().geodesic_refresh_every
@@ -328,7 +328,7 @@ def mapper_on_gpu(batches: tuple[int, ...], repeats: int = 20) -> tuple[list[dic
 
     import torch
 
-    from launcher.bench_mapper import unit_norm_clip
+    from launcher.bench.mapper import unit_norm_clip
     from vlpdist.config import ModelConfig
     from vlpdist.models.fold import fold_mapper
     from vlpdist.models.mapper import build_mapper
@@ -365,7 +365,7 @@ def knn_graph_on_gpu(nodes: int, dim: int, k: int) -> tuple[list[dict], dict]:
     """The k-NN graph of `nodes` x `dim` unit vectors by torch brute force on the GPU (fp32, then with TF32 matmuls)."""
     import torch
 
-    from launcher.bench_geodesic import make_embeddings
+    from launcher.bench.geodesic import make_embeddings
     from vlpdist.geodesic.knn import build_knn, similarity_block_rows
 
     if not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""Ingestion throughput, side by side: `python -m launcher.bench_ingest [--num-samples 2000] [--quick]`.
+"""Ingestion throughput, side by side: `python -m launcher.bench.ingest [--num-samples 2000] [--quick]`.
 
 The demo's images served on the loopback HTTP server (no broken URLs, so every row is a success),
 fetched by the download stage (img2dataset: fetch, decode, resize, encode, write webdataset shards)
@@ -90,7 +90,7 @@ def run_benchmark(num_samples: int = 2000, samples_per_shard: int = 500, process
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="launcher.bench_ingest", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="launcher.bench.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--processes", type=int, default=1)

@@ -1,4 +1,4 @@
-"""Training step cost at an LM's real geometry, side by side in one run: `python -m launcher.bench_train [--quick] ...`.
+"""Training step cost at an LM's real geometry, side by side in one run: `python -m launcher.bench.train [--quick] ...`.
 
 Rows, all on the same tokens (prefix P + T caption tokens, every caption exactly T tokens), timed
 in interleaved rounds (so load from other processes on a shared machine hits every row alike; the
@@ -16,7 +16,7 @@ best round counts):
 - `bare LM`: forward + backward of the frozen LM over [prefix | caption] embeddings, gradients
   reaching the prefix only, through the captioner's own caption loss (its LM head runs at the
   caption positions only): the work no captioner of a frozen LM can avoid;
-- `ClipCap`: ClipCap's own training step as its code runs it (`launcher.bench_clipcap`: its
+- `ClipCap`: ClipCap's own training step as its code runs it (`launcher.bench.clipcap`: its
   transformer mapper, 8 layers, GPT-2 in eval mode outside the optimizer, full logits) on a fixed
   batch of the same captions, at its COCO recipe (prefix 40, clip length 40) and at prefix 10, with
   an optimizer of the same class and settings as the full step's (fused or not alike), the same
@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from launcher.bench_clipcap import RECIPE, ClipCapStep, describe_optimizer
+from launcher.bench.clipcap import RECIPE, ClipCapStep, describe_optimizer
 
 TEXT_TARGETS = ("lm", "lm_cached", "clip")
 QUICK = {"width": 64, "layers": 2, "heads": 2, "vocab_size": 2048, "batch": 4, "steps": 1, "rounds": 1,
@@ -390,7 +390,7 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="launcher.bench_train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="launcher.bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1, help="timed calls per round and row")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
     parser.add_argument("--batch", type=int, default=8)

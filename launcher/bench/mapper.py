@@ -1,4 +1,4 @@
-"""Mapper cost, side by side from one run: `python -m launcher.bench_mapper [--batch 1 64 1024] [--quick] ...`.
+"""Mapper cost, side by side from one run: `python -m launcher.bench.mapper [--batch 1 64 1024] [--quick] ...`.
 
 Rows per batch size, all on the same machine, weights and inputs, timed round-robin:
 - `moe`: DeepSpeed MoE mapper (E experts, top-k) — train step (fwd+bwd) and eval forward;
@@ -208,7 +208,7 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="launcher.bench_mapper", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="launcher.bench.mapper", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64, 1024])
     parser.add_argument("--width", type=int, default=768, help="LM width D (GPT-2: 768)")
     parser.add_argument("--clip-dim", type=int, default=512)

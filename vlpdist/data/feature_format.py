@@ -9,7 +9,14 @@ Each sample, keyed by its raw sample key, holds:
 - `txt.npy`: float16 (C, D), L2-normalised CLIP text embeddings of the C >= 1 kept captions,
   in the order of `captions`;
 - `json`: captions, labels (sorted unique int ids, union over kept captions), label_names,
-  scores (every filter score), decision, source_key, url, original_caption.
+  scores (every filter score), decision, source_key, url, original_caption; and for a question
+  sample (issue 18) the `vlpdist.data.question_answer` keys: question, answers (list of str),
+  question_type and answer_type when known. Absent keys mean a caption sample only.
+
+A question sample may keep no caption (VQAv2 rows have none): `captions` is then empty and
+`txt.npy` holds ONE row, the CLIP text embedding of its alignment text
+(`question_answer.alignment_text`: the question and its most common answer), which ITC and SupCon
+use in place of a caption.
 
 `.npy` members are plain numpy files (no pickles), readable with `np.load(allow_pickle=False)`.
 
@@ -26,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from vlpdist.data.question_answer import qa_fields
 
 LABEL_VOCABULARY_FILE = "label_vocabulary.json"
 IMAGE_MEMBER = "img.npy"
@@ -48,6 +57,7 @@ class FeatureSample:
     source_key: str = ""
     url: str = ""
     original_caption: str = ""
+    qa: dict[str, Any] = field(default_factory=dict)  # question, answers, question_type, answer_type; {} for captions only
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -73,15 +83,21 @@ def encode_feature_sample(
     decision: str,
     url: str,
     original_caption: str,
+    qa: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A dict ready for `webdataset.TarWriter.write`. Checks shapes and the C >= 1 rule."""
+    """A dict ready for `webdataset.TarWriter.write`. Checks shapes and the C >= 1 rule (a question
+    sample without captions has C = 1: its alignment text's embedding). `qa`: `question_answer.qa_fields`."""
     image_D = np.asarray(image_embedding, dtype=np.float16)
     text_CD = np.atleast_2d(np.asarray(text_embeddings, dtype=np.float16))
     if image_D.ndim != 1:
         raise ValueError(f"image embedding must be 1-D, got shape {image_D.shape}")
     if text_CD.ndim != 2 or text_CD.shape[1] != image_D.shape[0]:
         raise ValueError(f"text embeddings must be (C, {image_D.shape[0]}), got {text_CD.shape}")
-    if len(captions) == 0 or len(captions) != text_CD.shape[0]:
+    qa = dict(qa or {})
+    if qa and not (qa.get("question") and qa.get("answers")):
+        raise ValueError("a question sample needs a question and at least one answer")
+    expected = len(captions) if captions or not qa else 1
+    if expected == 0 or expected != text_CD.shape[0]:
         raise ValueError(f"need one text embedding per kept caption (>= 1): {len(captions)} vs {text_CD.shape[0]}")
     meta = {
         "captions": list(captions),
@@ -92,6 +108,7 @@ def encode_feature_sample(
         "source_key": key,
         "url": url,
         "original_caption": original_caption,
+        **qa,
     }
     return {
         "__key__": key,
@@ -118,6 +135,7 @@ def decode_feature_sample(sample: dict[str, Any]) -> FeatureSample:
         source_key=meta.get("source_key", sample["__key__"]),
         url=meta.get("url", ""),
         original_caption=meta.get("original_caption", ""),
+        qa=qa_fields(meta),
     )
 
 

@@ -314,31 +314,75 @@ def sample_id_of(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
+@dataclass(frozen=True)
+class QuestionSampling:
+    """How the loader turns samples with a question into training rows (train.question_fraction,
+    train.answer_target): a question-only sample always trains as its question, a sample with a
+    caption and a question as the question with probability `fraction`, the answer drawn by
+    `answer_target` ("sample" | "most_common"); both drawn from (seed, epoch, key), so a resumed run
+    and any rank or worker layout make the same choices."""
+
+    fraction: float = 0.5
+    answer_target: str = "sample"
+    seed: int = 0
+
+
+LmInputs = Callable[[list[str], list[str | None], list[str | None]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(captions, questions or None, answers or None) -> (input_ids, attention_mask, target_mask) (B, T)
+(`vlpdist.models.captioner.tokenize_lm_inputs`), run in the loader workers."""
+
+
 def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
     from vlpdist.data.feature_format import decode_feature_sample
+    from vlpdist.data.question_answer import ANSWERS, QUESTION, alignment_text
 
     feature = decode_feature_sample(sample)
+    qa = feature.qa
     # One of the kept captions per sample and epoch, chosen from the key so that it does not
-    # depend on the order samples are read in.
-    choice = zlib.crc32(f"{epoch}:{feature.key}".encode()) % len(feature.captions)
+    # depend on the order samples are read in. A question sample without captions aligns with its
+    # alignment text (text embedding row 0).
+    captions = feature.captions
+    choice = zlib.crc32(f"{epoch}:{feature.key}".encode()) % len(captions) if captions else 0
     return {
         "key": feature.key,
         "clip": feature.image_embedding,
         "clip_text": feature.text_embeddings[choice],
         "clip_texts": feature.text_embeddings,
-        "caption": feature.captions[choice],
+        "caption": captions[choice] if captions else alignment_text(qa[QUESTION], qa[ANSWERS]),
         "caption_index": choice,
-        "captions": feature.captions,
+        "captions": captions,
         "labels": feature.labels,
         "decision": feature.decision,
+        "qa": qa,
     }
 
 
-def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = None) -> dict[str, Any]:
+def choose_tasks(samples: list[dict[str, Any]], sampling: QuestionSampling, epoch: int) -> tuple[list[str | None], list[str | None]]:
+    """Per sample (question or None, answer or None): which task it trains this epoch (see `QuestionSampling`)."""
+    from vlpdist.data.question_answer import ANSWERS, QUESTION, choose_answer_target
+
+    questions: list[str | None] = []
+    answers: list[str | None] = []
+    for sample in samples:
+        qa = sample.get("qa") or {}
+        rng = np.random.default_rng([sampling.seed, epoch, zlib.crc32(sample["key"].encode())])
+        as_question = bool(qa) and (not sample["captions"] or rng.random() < sampling.fraction)
+        questions.append(qa[QUESTION] if as_question else None)
+        answers.append(choose_answer_target(qa[ANSWERS], sampling.answer_target, rng) if as_question else None)
+    return questions, answers
+
+
+def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = None, lm_inputs: LmInputs | None = None,
+                     sampling: QuestionSampling | None = None, epoch: int = 0) -> dict[str, Any]:
     """Decoded samples -> a batch: `clip` (B, D) float32, `clip_text` (B, D) the chosen captions' CLIP
     text embeddings, `sample_ids` (B,) int64, `label_ids` (B, L) int64 padded with -1, `caption_index`
     (B,) int64, per-sample lists, and with `tokenize` the chosen captions' `input_ids` /
-    `attention_mask` (B, T), so tokenising happens in the loader workers."""
+    `attention_mask` (B, T), so tokenising happens in the loader workers.
+
+    With `lm_inputs` (questions in training): `is_question` (B,) bool, `question` / `answer` lists
+    (None for caption rows), and `input_ids` / `attention_mask` / `target_mask` are the LM's input
+    (`[prompt | answer]` for question rows), while `text_ids` / `text_mask` (from `tokenize`) are the
+    alignment text: the caption, or for a question-only sample its `alignment_text`."""
     longest = max(1, max(len(sample["labels"]) for sample in samples))
     label_ids = torch.full((len(samples), longest), -1, dtype=torch.long)
     for row, sample in enumerate(samples):
@@ -353,13 +397,22 @@ def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = 
         "captions": [sample["captions"] for sample in samples],
         "keys": [sample["key"] for sample in samples],
         "labels": [sample["labels"] for sample in samples],
+        "qa": [sample.get("qa") or {} for sample in samples],
     }
-    if tokenize is not None:
+    if lm_inputs is not None:
+        questions, answers = choose_tasks(samples, sampling or QuestionSampling(), epoch)
+        batch["question"], batch["answer"] = questions, answers
+        batch["is_question"] = torch.tensor([question is not None for question in questions], dtype=torch.bool)
+        batch["input_ids"], batch["attention_mask"], batch["target_mask"] = lm_inputs(batch["caption"], questions, answers)
+        if tokenize is not None:
+            batch["text_ids"], batch["text_mask"] = tokenize(batch["caption"])
+    elif tokenize is not None:
         batch["input_ids"], batch["attention_mask"] = tokenize(batch["caption"])
     return batch
 
 
-def slot_batches(plan: ShardPlan, slot: int, start_batch: int, tokenize: Tokenize | None = None) -> Iterator[dict[str, Any]]:
+def slot_batches(plan: ShardPlan, slot: int, start_batch: int, tokenize: Tokenize | None = None,
+                 lm_inputs: LmInputs | None = None, sampling: QuestionSampling | None = None) -> Iterator[dict[str, Any]]:
     """Slot `slot`'s micro-batches forever (epoch after epoch), from its `start_batch`-th on."""
     epoch, skip = plan.locate(start_batch)
     while True:
@@ -368,7 +421,7 @@ def slot_batches(plan: ShardPlan, slot: int, start_batch: int, tokenize: Tokeniz
             raw = [next(stream) for _ in range(plan.micro_batch_size)]
             if batch_index < skip:  # replaying up to the resume point: no decoding
                 continue
-            batch = collate_features([_decode(sample, epoch) for sample in raw], tokenize)
+            batch = collate_features([_decode(sample, epoch) for sample in raw], tokenize, lm_inputs, sampling, epoch)
             batch["epoch"] = epoch
             yield batch
         skip = 0
@@ -382,12 +435,15 @@ class FeatureBatchStream(torch.utils.data.IterableDataset):
     position). Each yielded batch carries `position`, its index in the rank's sequence.
     """
 
-    def __init__(self, plan: ShardPlan, rank: int, start_position: int = 0, tokenize: Tokenize | None = None):
+    def __init__(self, plan: ShardPlan, rank: int, start_position: int = 0, tokenize: Tokenize | None = None,
+                 lm_inputs: LmInputs | None = None, sampling: QuestionSampling | None = None):
         super().__init__()
         self.plan = plan
         self.rank = rank
         self.start_position = start_position
         self.tokenize = tokenize
+        self.lm_inputs = lm_inputs
+        self.sampling = sampling
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -397,7 +453,7 @@ class FeatureBatchStream(torch.utils.data.IterableDataset):
         worker = (loader_worker + self.start_position) % workers
         first = self.start_position // workers + (1 if worker < self.start_position % workers else 0)
         slot = self.rank * workers + worker
-        for offset, batch in enumerate(slot_batches(self.plan, slot, first, self.tokenize)):
+        for offset, batch in enumerate(slot_batches(self.plan, slot, first, self.tokenize, self.lm_inputs, self.sampling)):
             batch["position"] = (first + offset) * workers + worker
             yield batch
 
@@ -413,11 +469,13 @@ def reset_worker_signals(worker_id: int) -> None:
 
 def build_train_loader(
     plan: ShardPlan, rank: int, start_position: int, tokenize: Tokenize | None = None, pin_memory: bool = False,
+    lm_inputs: LmInputs | None = None, sampling: QuestionSampling | None = None,
 ) -> torch.utils.data.DataLoader:
     """An endless DataLoader over this rank's micro-batches, starting after `start_position`
-    (`pin_memory` on GPUs, so the copies to the device can be non-blocking)."""
+    (`pin_memory` on GPUs, so the copies to the device can be non-blocking; `lm_inputs` and
+    `sampling`: questions beside captions, see `collate_features`)."""
     return torch.utils.data.DataLoader(
-        FeatureBatchStream(plan, rank, start_position, tokenize),
+        FeatureBatchStream(plan, rank, start_position, tokenize, lm_inputs, sampling),
         batch_size=None,
         num_workers=plan.num_workers,
         persistent_workers=plan.num_workers > 0,
@@ -470,6 +528,8 @@ def iterate_heldout(
         if index % world_size != rank:
             continue
         sample = _decode(raw, epoch=0)
+        if not sample["captions"]:
+            continue  # a question-only sample: no caption to score (`iterate_heldout_questions` has it)
         sample["caption"], sample["caption_index"], sample["clip_text"] = sample["captions"][0], 0, sample["clip_texts"][0]
         samples.append(sample)
         if len(samples) == batch_size:
@@ -477,3 +537,42 @@ def iterate_heldout(
             samples = []
     if samples:
         yield _heldout_batch(samples)
+
+
+def iterate_heldout_questions(
+    shards: list[Path], batch_size: int, max_samples: int, rank: int = 0, world_size: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Held-out question batches in file order: of the first `max_samples` samples that hold a
+    question, those with question index % world_size == rank; each batch is `collate_features` plus
+    `question`, `answers`, `answer_type`, `question_type` lists (what `vlpdist.eval.vqa` scores)."""
+    samples: list[dict[str, Any]] = []
+
+    def finished(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_features(samples)
+        for key in ("question", "answers", "question_type", "answer_type"):
+            batch[key] = [sample["qa"].get(key, "" if key != "answers" else []) for sample in samples]
+        return batch
+
+    index = 0
+    for raw in _raw_samples([str(path) for path in shards]):
+        if index >= max_samples:
+            break
+        sample = _decode(raw, epoch=0)
+        if not sample["qa"]:
+            continue
+        index += 1
+        if (index - 1) % world_size != rank:
+            continue
+        samples.append(sample)
+        if len(samples) == batch_size:
+            yield finished(samples)
+            samples = []
+    if samples:
+        yield finished(samples)
+
+
+def clip_width_of(shard: Path) -> int:
+    """D, the width of the CLIP image embeddings in `shard` (read off its first sample, whatever its kind)."""
+    from vlpdist.data.feature_format import decode_feature_sample
+
+    return int(decode_feature_sample(next(_raw_samples([str(shard)]))).image_embedding.shape[0])

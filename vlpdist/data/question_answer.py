@@ -91,3 +91,11 @@ def qa_fields(record: dict) -> dict:
         if isinstance(value, str) and value:
             out[key] = value
     return out
+
+
+def alignment_text(question: str, answers: Sequence[str]) -> str:
+    """The text a question sample WITHOUT a caption aligns with (ITC, and the CLIP text embedding
+    stored for it): the question followed by its most common answer, "what colour is the circle? red".
+    A question alone says what is asked, not what is seen; with its answer it states a fact about
+    the image. A question sample that has a caption aligns with the caption."""
+    return f"{question.strip()} {choose_answer_target(list(answers), 'most_common', None)}"

@@ -14,6 +14,7 @@ def loss_weights(config: Config) -> dict[str, float]:
     """The weight of each trained term; a term not named here (or weighted 0) is logged only."""
     weights = {
         "cap": config.align.cap_weight,
+        "ans": config.align.cap_weight,  # the answer tokens of question samples: the same LM loss, on answers
         "moe_aux": config.model.moe_aux_weight,
         "itc": config.align.itc_weight,
         "supcon": config.align.supcon_weight,

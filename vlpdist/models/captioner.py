@@ -86,7 +86,7 @@ def tokenize_lm_inputs(
 
     A caption sample (question None) is its caption + EOS, every token a target (as
     `tokenize_captions`). A question sample is `format_question_prompt(template, question)` (cut to
-    max_caption_tokens) then " " + answer + EOS (cut to max_answer_tokens): only the answer tokens
+    max_caption_tokens, keeping its end) then " " + answer + EOS (cut to max_answer_tokens): only the answer tokens
     are targets, so the loss never falls on the prompt. A plain function, so loader workers run it."""
     from vlpdist.data.question_answer import format_question_prompt
 
@@ -102,7 +102,7 @@ def tokenize_lm_inputs(
         prompt = tokenizer(format_question_prompt(question_template, question), add_special_tokens=False)["input_ids"]
         # A leading space: the answer is a new word after the prompt's last one (GPT-2's BPE marks that).
         target = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][: max_answer_tokens - 1] + [eos]
-        prompt = prompt[:max_caption_tokens]
+        prompt = prompt[-max_caption_tokens:]  # a long question loses its start, never the template's cue before the answer
         rows.append((prompt + target, len(prompt)))
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
@@ -121,8 +121,8 @@ def tokenize_prompts(tokenizer, max_prompt_tokens: int, question_template: str, 
     between the start embeddings and the prompt; positions come from the mask, as in training)."""
     from vlpdist.data.question_answer import format_question_prompt
 
-    rows = [tokenizer(format_question_prompt(question_template, question), add_special_tokens=False)["input_ids"][:max_prompt_tokens]
-            for question in questions]
+    rows = [tokenizer(format_question_prompt(question_template, question), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+            for question in questions]  # cut as in training (`tokenize_lm_inputs`)
     length = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)

@@ -187,6 +187,8 @@ def score_captions(heldout: dict, baseline_caption: str, *, meteor: bool | None 
         print(f"caption metrics skipped: {problem}", flush=True)
         scored = {"captioning": {}, "caption_metrics_skipped": problem, **heldout_retrieval(heldout)}
     keys = list(heldout["references"])[:8]
+    from vlpdist.report.retrieval import retrieval_examples
+
     return {
         "samples": heldout["samples"],
         "caption_loss": heldout["caption_loss"],
@@ -198,4 +200,6 @@ def score_captions(heldout: dict, baseline_caption: str, *, meteor: bool | None 
         "examples": [{"key": key, "references": heldout["references"][key],
                       "synthetic": heldout["synthetic_references"].get(key, []),
                       "generated": heldout["predictions"][key]} for key in keys],
+        # A few images' top-5 references for the run report (`launcher.report`).
+        "retrieval_examples": retrieval_examples(heldout["embeddings"], heldout["references"]),
     }

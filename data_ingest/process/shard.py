@@ -7,7 +7,9 @@ processes decode the images and run every model's image preprocessing (the clip-
 while the task's own thread runs CLIP, the captioner and the filter on batches. So a task holds a
 few chunks of images, never the whole shard, and a GPU is fed while the next chunks decode. The
 loader gets `process.loader_workers` workers (default `floor(process.cpus_per_task) - 1`): one CPU drives the models, the others
-decode (with one CPU the loader runs in the task's thread).
+decode (with one CPU the loader runs in the task's thread). The workers are started once per task
+(`ChunkLoader`: a Ray actor, or one `ShardProcessor`) and reused for every shard it is given, so a
+shard pays for decoding, not for forking and importing.
 
 Outputs: `features/NNNNN.tar`, `NNNNN_decisions.parquet` (one row per raw sample: written, dropped
 or failed with a reason) and, last, `NNNNN_stats.json`, whose presence marks the shard done. Every
@@ -66,6 +68,11 @@ class IndexedSample:
 
     key: str
     members: dict[str, tuple[int, int]] = field(default_factory=dict)  # extension -> (byte offset, size)
+
+
+QUESTION_ONLY_DECISION = "question_only"
+"""The decision of a question sample written without a caption (issue 18): its row had none, or
+the filter dropped it (its scores say which); its text embedding is its alignment text's."""
 
 
 def stats_path(features_dir: Path, shard_name: str) -> Path:
@@ -211,7 +218,7 @@ def _decode(sample: RawSample, max_pixels: int):
 def read_inputs(raw_path: Path, captioner_on: bool, max_pixels: int):
     """The whole shard at once, for callers that need every pair (the demo CLIP's training): usable
     samples as (sample, RGB image, caption), failures as (key, url, reason), and the tar error if
-    the tar was cut short. The processing task streams instead (`_DecodedChunks`)."""
+    the tar was cut short. The processing task streams instead (`ChunkLoader`)."""
     index = index_raw_shard(raw_path)
     failures = list(index.lost)
     good, undecodable = [], []
@@ -238,6 +245,7 @@ class DecodedSample:
     url: str
     caption: str
     pixels: dict[str, object]  # model name ("clip", "captioner", "itm") -> (3, H, W) tensor
+    qa: dict = field(default_factory=dict)  # `question_answer.qa_fields` of the row; {} for a caption row
 
 
 @dataclass
@@ -247,6 +255,20 @@ class DecodedChunk:
     samples: list[DecodedSample] = field(default_factory=list)
     undecodable: list[tuple[str, str, str]] = field(default_factory=list)  # (key, url, reason `_decode` gave)
     empty_caption: list[tuple[str, str, str]] = field(default_factory=list)  # (key, url, "empty_caption")
+
+
+def _question_of(meta: dict) -> tuple[dict, str]:
+    """(the row's question fields, "") or ({}, "bad_answers") when its answers are not a list of
+    strings or are missing: that row fails with the reason, the shard goes on."""
+    from vlpdist.data.question_answer import ANSWERS, qa_fields
+
+    try:
+        qa = qa_fields(meta)
+    except ValueError:
+        return {}, "bad_answers"
+    if qa and not qa[ANSWERS]:
+        return {}, "bad_answers"
+    return qa, ""
 
 
 def _clip_pixels(preprocess, images: list):
@@ -261,32 +283,33 @@ def _blip_pixels(processor, images: list):
     return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-class _DecodedChunks:
-    """Map-style dataset: chunk i is raw samples [i n, (i + 1) n) in key order, read, decoded and
-    preprocessed by every model's transform (in a loader worker, or the task's thread)."""
+class _ChunkDecoder:
+    """Map-style dataset whose index is a job, (raw tar path, the IndexedSample entries of one chunk in
+    key order): those samples read, decoded and preprocessed by every model's transform (in a loader
+    worker, or the task's thread). The job carries the shard, so one set of workers serves every shard."""
 
-    def __init__(self, tar_path: Path, indexed: list[IndexedSample], chunk_size: int, transforms: dict,
-                 drop_empty_captions: bool, max_pixels: int):
-        self.tar_path, self.indexed, self.chunk_size = tar_path, indexed, chunk_size
+    def __init__(self, transforms: dict, drop_empty_captions: bool, max_pixels: int):
         self.transforms, self.drop_empty_captions, self.max_pixels = transforms, drop_empty_captions, max_pixels
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.indexed) / self.chunk_size)
-
-    def __getitem__(self, chunk_index: int) -> DecodedChunk:
+    def __getitem__(self, job: tuple[str, list[IndexedSample]]) -> DecodedChunk:
+        tar_name, entries = job
+        tar_path = Path(tar_name)
         chunk = DecodedChunk()
         images = []
-        with open(self.tar_path, "rb") as raw_file:
-            for entry in self.indexed[chunk_index * self.chunk_size : (chunk_index + 1) * self.chunk_size]:
-                sample = _read_sample(raw_file, self.tar_path, entry)
-                url = _sample_meta(sample).get("url", "")
+        with open(tar_path, "rb") as raw_file:
+            for entry in entries:
+                sample = _read_sample(raw_file, tar_path, entry)
+                meta = _sample_meta(sample)
+                url = meta.get("url", "")
                 image, caption, reason = _decode(sample, self.max_pixels)
-                if reason:
-                    chunk.undecodable.append((sample.key, url, reason))
-                elif self.drop_empty_captions and not caption:  # no captioner: nothing it could keep
+                qa, qa_error = _question_of(meta)
+                if reason or qa_error:
+                    chunk.undecodable.append((sample.key, url, reason or qa_error))
+                # A question row with no caption (VQAv2) is not a web caption to filter: it is kept for its question.
+                elif self.drop_empty_captions and not caption and not qa:  # no captioner: nothing it could keep
                     chunk.empty_caption.append((sample.key, url, "empty_caption"))
                 else:
-                    chunk.samples.append(DecodedSample(sample.key, url, caption, {}))
+                    chunk.samples.append(DecodedSample(sample.key, url, caption, {}, qa))
                     images.append(image)
         if images:
             for name, transform in self.transforms.items():
@@ -294,6 +317,65 @@ class _DecodedChunks:
                 for decoded, pixels_3HW in zip(chunk.samples, pixels_B3HW):
                     decoded.pixels[name] = pixels_3HW
         return chunk
+
+
+class _ChunkJobs:
+    """The loader's sampler: the jobs of the shard in hand, replaced before each shard (the sampler
+    runs in the task's process and is iterated afresh at every pass over the loader)."""
+
+    def __init__(self):
+        self.jobs: list[tuple[str, list[IndexedSample]]] = []
+
+    def __iter__(self):
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+class ChunkLoader:
+    """A task's decoding workers: one torch `DataLoader` with persistent workers, started at the first
+    shard and reused for every later one, so forking and importing in the workers is paid once per
+    task, not once per shard. A shard that fails (or is abandoned) part way shuts the workers down,
+    and the next shard starts fresh ones: a worker that died must not be waited on again."""
+
+    def __init__(self, models: dict, settings: ProcessConfig, persistent: bool = True):
+        self.workers, self.persistent = loader_workers(settings), persistent
+        self.decoder = _ChunkDecoder(_image_transforms(models), drop_empty_captions=not settings.captioner,
+                                     max_pixels=settings.max_image_pixels)
+        self.jobs = _ChunkJobs()
+        self.loader = None
+        self.passes = 0  # which pass is the current one: a stale pass's late close must not stop the next one's workers
+
+    def _make_loader(self):
+        import torch
+
+        # Its own generator: a loader draws its workers' base seed from it, which from the global one
+        # would shift the captioner's sampling.
+        return torch.utils.data.DataLoader(self.decoder, batch_size=None, sampler=self.jobs, num_workers=self.workers,
+                                           collate_fn=_as_is, prefetch_factor=2 if self.workers else None,
+                                           persistent_workers=self.persistent and self.workers > 0, generator=torch.Generator())
+
+    def chunks(self, tar_path: Path, indexed: list[IndexedSample], chunk_size: int):
+        """The shard's chunks of `chunk_size` raw samples, decoded, in key order."""
+        self.jobs.jobs = [(str(tar_path), indexed[start : start + chunk_size]) for start in range(0, len(indexed), chunk_size)]
+        if self.loader is None:
+            self.loader = self._make_loader()
+        self.passes += 1
+        this_pass = self.passes
+        try:
+            yield from self.loader
+        except BaseException:  # GeneratorExit included: an unfinished pass leaves the workers mid-shard
+            if self.passes == this_pass:
+                self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the workers now (they would stop with the loader's last reference, at a time GC picks)."""
+        loader, self.loader = self.loader, None
+        iterator = getattr(loader, "_iterator", None)  # a persistent loader keeps its one iterator there
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def _as_is(chunk: DecodedChunk) -> DecodedChunk:
@@ -387,7 +469,9 @@ def _process_batch(batch: list[DecodedSample], settings: ProcessConfig, models, 
     """CLIP + CapFilt + labels for a batch of decoded samples -> one result dict per sample."""
     from data_ingest.process.capfilt import apply_caption_policy
     from data_ingest.process.clip_model import encode_images
+    from data_ingest.process.clip_model import encode_texts
     from data_ingest.process.labels import extract_labels
+    from vlpdist.data.question_answer import ANSWERS, QUESTION, alignment_text
 
     image_BD = encode_images(models["clip"][0], _stack(batch, "clip"), device)
     synthetic = _propose_captions(batch, settings, models, device)
@@ -400,6 +484,10 @@ def _process_batch(batch: list[DecodedSample], settings: ProcessConfig, models, 
         texts += candidates
     text_ND, clip_N, itm_N, passes_N = _score_candidates(batch, image_BD, owners, texts, settings, models, device)
 
+    # A question sample aligns with its question + most common answer when it keeps no caption (feature_format).
+    alignment_texts = [alignment_text(sample.qa[QUESTION], sample.qa[ANSWERS]) if sample.qa else "" for sample in batch]
+    asked = [index for index, sample in enumerate(batch) if sample.qa]
+    alignment_ND = encode_texts(models["clip"][0], models["clip"][2], [alignment_texts[i] for i in asked], device) if asked else None
     results = []
     for index, (sample, proposals) in enumerate(zip(batch, synthetic)):
         web, rows = sample.caption, rows_of[index]
@@ -417,10 +505,16 @@ def _process_batch(batch: list[DecodedSample], settings: ProcessConfig, models, 
             scores["web_itm"] = float(itm_N[web_row]) if web_row is not None else None
             scores["synthetic_itm"] = [float(itm_N[n]) for n in synthetic_rows]
         kept_rows = ([web_row] if choice.web_kept else []) + [synthetic_rows[i] for i in choice.kept_synthetic]
-        labels = sorted({label for n in kept_rows for label in extract_labels(texts[n], models["vocab"])})
+        labelled = [texts[n] for n in kept_rows]
+        if sample.qa:  # the question and its answers name objects as captions do
+            labelled += [sample.qa[QUESTION], *dict.fromkeys(sample.qa[ANSWERS])]
+        labels = sorted({label for text in labelled for label in extract_labels(text, models["vocab"])})
+        question_only = bool(sample.qa) and not kept_rows
         results.append({
             "sample": sample, "choice": choice, "scores": scores,
-            "image_D": image_BD[index], "kept_text_CD": text_ND[kept_rows], "kept_captions": [texts[n] for n in kept_rows],
+            "image_D": image_BD[index], "kept_captions": [texts[n] for n in kept_rows],
+            "kept_text_CD": alignment_ND[asked.index(index)][None] if question_only else text_ND[kept_rows],
+            "question_only": question_only,
             "labels": labels, "label_names": [models["vocab"].names[label] for label in labels],
         })
     return results
@@ -450,9 +544,10 @@ def _batches(chunks, batch_size: int):
         yield waiting
 
 
-def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models: dict, device: str) -> dict:
-    """Turn one raw shard into its feature shard with loaded models; returns (and writes) the shard's stats."""
-    import torch
+def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models: dict, device: str,
+               chunk_loader: ChunkLoader | None = None) -> dict:
+    """Turn one raw shard into its feature shard with loaded models, decoded by `chunk_loader`'s workers
+    (None: workers of its own, stopped at the end); returns (and writes) the shard's stats."""
     import webdataset as wds
 
     started = time.time()
@@ -463,13 +558,10 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
     for output in (feature_tar, decisions_file, stats_path(out_dir, shard_name)):
         remove_stale_staging(output)  # left by an attempt whose worker died
     index = index_raw_shard(raw_path)
-    chunks = _DecodedChunks(raw_path, index.samples, settings.batch_size, _image_transforms(models),
-                            drop_empty_captions=not settings.captioner, max_pixels=settings.max_image_pixels)
-    workers = loader_workers(settings)
-    # Its own generator: a loader draws its workers' base seed from it, which from the global one
-    # would shift the captioner's sampling.
-    loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                         prefetch_factor=2 if workers else None, generator=torch.Generator())
+    # A shard alone (no chunk_loader) gets workers of its own, which stop once its chunks are read.
+    if chunk_loader is None:
+        chunk_loader = ChunkLoader(models, settings, persistent=False)
+    loader = chunk_loader.chunks(raw_path, index.samples, settings.batch_size)
     undecodable, empty_caption = [], []
 
     def counted(loaded_chunks):  # the failures of each chunk, kept aside as its samples go on to the batches
@@ -479,25 +571,29 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
             yield chunk
 
     processed_rows: list[dict] = []
-    decision_counts, captions_kept, synthetic_kept = Counter(), 0, 0
+    decision_counts, captions_kept, synthetic_kept, questions_written = Counter(), 0, 0, 0
     with atomic_path(feature_tar) as staged_tar, wds.TarWriter(str(staged_tar)) as sink:
         for batch in _batches(counted(loader), settings.batch_size):
             for result in _process_batch(batch, settings, models, device):
                 sample, choice = result["sample"], result["choice"]
-                decision_counts[choice.decision] += 1
-                if choice.kept:
+                # A question sample that keeps no caption (none given, or the filter dropped it) is written for its question.
+                decision = QUESTION_ONLY_DECISION if result["question_only"] else choice.decision
+                written = bool(choice.kept) or result["question_only"]
+                decision_counts[decision] += 1
+                questions_written += int(written and bool(sample.qa))
+                if written:
                     sink.write(encode_feature_sample(
                         key=sample.key, image_embedding=result["image_D"], text_embeddings=result["kept_text_CD"],
                         captions=result["kept_captions"], labels=result["labels"], label_names=result["label_names"],
-                        scores=result["scores"], decision=choice.decision, url=sample.url,
-                        original_caption=sample.caption,
+                        scores=result["scores"], decision=decision, url=sample.url,
+                        original_caption=sample.caption, qa=sample.qa,
                     ))
                     captions_kept += len(choice.kept)
                     synthetic_kept += len(choice.kept_synthetic)
                     sink.tarstream.members = []  # tarfile keeps every header it wrote; nothing reads them back
                 processed_rows.append({"key": sample.key, "url": sample.url,
-                                       "status": "written" if choice.kept else "dropped", "reason": "",
-                                       "decision": choice.decision, "web_clip": result["scores"]["web_clip"],
+                                       "status": "written" if written else "dropped", "reason": "",
+                                       "decision": decision, "web_clip": result["scores"]["web_clip"],
                                        "web_kept": choice.web_kept})
     # Failures first, as (key, url, reason): what the cut lost, then undecodable, then captionless samples.
     failures = index.lost + undecodable + empty_caption
@@ -514,6 +610,7 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
         "decisions": dict(decision_counts),
         "captions_kept": captions_kept,
         "synthetic_captions_kept": synthetic_kept,
+        "questions_written": questions_written,
         "tar_error": index.tar_error,
         "device": device,
         "seconds": round(time.time() - started, 3),
@@ -533,13 +630,14 @@ class ShardProcessor:
         self.settings = settings
         self.device = pick_device(settings)
         self.models = load_models(settings, self.device)
+        self.chunk_loader = ChunkLoader(self.models, settings)  # its workers start at the first shard, then stay
 
     def ready(self) -> str:
         """Answers once the models are loaded (the driver hands out shards only to ready actors)."""
         return self.device
 
     def process(self, raw_tar: str, features_dir: str) -> dict:
-        return _run_shard(raw_tar, features_dir, self.settings, self.models, self.device)
+        return _run_shard(raw_tar, features_dir, self.settings, self.models, self.device, self.chunk_loader)
 
 
 _MODEL_CACHE: dict[tuple, dict] = {}

@@ -25,6 +25,7 @@ from pathlib import Path
 from data_ingest.url_list import UrlList, check_url_list
 from vlpdist.atomic import atomic_write_bytes, atomic_write_json
 from vlpdist.config import Config
+from vlpdist.data.question_answer import QA_FIELDS
 from vlpdist.data.provenance import INGESTION_KEYS, ingestion_preparation, resizer_arguments
 from vlpdist.errors import UserError
 
@@ -270,7 +271,8 @@ def run_download(config: Config, retry_failed: bool = False) -> dict:
         _run_img2dataset(
             url_list.location, url_list.input_format, folder, config,
             url_col=config.download.url_col, caption_col=config.download.caption_col,
-            extra_columns=list(config.download.extra_columns), incremental_mode="incremental",
+            extra_columns=_with_question_columns(config.download.extra_columns, url_list.question_columns),
+            incremental_mode="incremental",
         )
     else:
         print(f"all {state['original_shards']} shards of {folder} are finished", flush=True)
@@ -295,6 +297,12 @@ def run_download(config: Config, retry_failed: bool = False) -> dict:
     return summary
 
 
+def _with_question_columns(extra_columns: list[str], question_columns) -> list[str]:
+    """The configured extra columns, then the URL list's question-answer columns (issue 18), each once:
+    img2dataset copies them into every sample's json, where processing reads the question."""
+    return list(dict.fromkeys([*extra_columns, *question_columns]))
+
+
 def _count_rows(folder: Path, shards: list[int]) -> dict:
     import pyarrow.parquet as pq
 
@@ -314,7 +322,7 @@ def _retry_failed_rows(config: Config, folder: Path, state: dict) -> None:
     if failed.empty:
         print("retry-failed: no failed rows to retry", flush=True)
         return
-    extras = [c for c in config.download.extra_columns if c in failed.columns]
+    extras = [c for c in _with_question_columns(config.download.extra_columns, QA_FIELDS) if c in failed.columns]
     retry_list = pd.DataFrame(
         {"url": failed["url"].values, "caption": failed["caption"].values, SOURCE_KEY_COLUMN: failed["key"].values}
     )

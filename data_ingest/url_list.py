@@ -8,6 +8,9 @@ Conventions of the common datasets (column names to put in the config):
   LAION-400M/5B parquet: url_col=URL, caption_col=TEXT, extra_columns=[similarity, punsafe, pwatermark]
   CC3M/CC12M tsv: add a header line "caption<TAB>url" as img2dataset's docs say; url_col=url
   SBU parquet/jsonl: url_col=image_url, caption_col=caption
+  VQA rows (issue 18): the columns question, answers (a list; in csv/tsv a JSON-encoded list) and
+  optionally question_type, answer_type travel as extra columns without being named in the config
+  (`UrlList.question_columns`); one row per question, the caption may be empty.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlpdist.config import DownloadConfig
+from vlpdist.data.question_answer import ANSWERS, QA_FIELDS, QUESTION
 from vlpdist.errors import UserError
 
 SUPPORTED_FORMATS = ("parquet", "csv", "tsv", "jsonl")
@@ -26,6 +30,7 @@ SUPPORTED_FORMATS = ("parquet", "csv", "tsv", "jsonl")
 class UrlListFile:
     path: Path
     rows: int
+    columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,11 @@ class UrlList:
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
+
+    @property
+    def question_columns(self) -> list[str]:
+        """The question-answer columns every file of the list holds (none when it holds no question column)."""
+        return [c for c in QA_FIELDS if all(c in f.columns for f in self.files)] if self.files else []
 
     def shard_count(self, samples_per_shard: int) -> int:
         """img2dataset numbers shards consecutively across files, each file split on its own."""
@@ -128,5 +138,7 @@ def check_url_list(config: DownloadConfig) -> UrlList:
             raise UserError(f"URL list {path} has no column {missing[0]!r} (columns: {', '.join(columns)})")
         if rows == 0:
             raise UserError(f"URL list {path} has no rows")
-        files.append(UrlListFile(path=path, rows=rows))
+        if QUESTION in columns and ANSWERS not in columns:
+            raise UserError(f"URL list {path} has a {QUESTION!r} column but no {ANSWERS!r} column (a list of answers per row)")
+        files.append(UrlListFile(path=path, rows=rows, columns=tuple(columns)))
     return UrlList(location=location, input_format=input_format, files=tuple(files))

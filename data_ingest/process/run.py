@@ -32,7 +32,7 @@ from vlpdist.data.provenance import write_provenance
 from vlpdist.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SUMMED_STATS = ("raw_samples", "written", "dropped_by_filter", "captions_kept", "synthetic_captions_kept")
+SUMMED_STATS = ("raw_samples", "written", "dropped_by_filter", "captions_kept", "synthetic_captions_kept", "questions_written")
 """Per-shard stats that the stage summary adds up over shards."""
 
 
@@ -293,7 +293,7 @@ def summarize(features_dir: Path, shard_names: list[str]) -> dict:
         stats = json.loads(path.read_text())
         totals["shards_done"] += 1
         for key in SUMMED_STATS:
-            totals[key] += stats[key]
+            totals[key] += stats.get(key, 0)  # stats written before a key existed count 0
         failed.update(stats["failed"])
         decisions.update(stats["decisions"])
         seconds += stats["seconds"]
@@ -385,7 +385,7 @@ def print_summary(summary: dict) -> None:
         f"+ dropped by filter {summary.get('dropped_by_filter', 0)} + failed {sum(summary['failed'].values())} "
         f"{summary['failed']}",
         f"[process] decisions {summary['decisions']}; captions kept {summary.get('captions_kept', 0)} "
-        f"(synthetic {summary.get('synthetic_captions_kept', 0)})",
+        f"(synthetic {summary.get('synthetic_captions_kept', 0)}); question samples written {summary.get('questions_written', 0)}",
     ]
     if summary["samples_per_second"] is not None:
         lines.append(f"[process] throughput {summary['samples_per_second']} samples/s ({summary['wall_seconds']} s wall)")

@@ -7,7 +7,9 @@ processes decode the images and run every model's image preprocessing (the clip-
 while the task's own thread runs CLIP, the captioner and the filter on batches. So a task holds a
 few chunks of images, never the whole shard, and a GPU is fed while the next chunks decode. The
 loader gets `process.loader_workers` workers (default `floor(process.cpus_per_task) - 1`): one CPU drives the models, the others
-decode (with one CPU the loader runs in the task's thread).
+decode (with one CPU the loader runs in the task's thread). The workers are started once per task
+(`ChunkLoader`: a Ray actor, or one `ShardProcessor`) and reused for every shard it is given, so a
+shard pays for decoding, not for forking and importing.
 
 Outputs: `features/NNNNN.tar`, `NNNNN_decisions.parquet` (one row per raw sample: written, dropped
 or failed with a reason) and, last, `NNNNN_stats.json`, whose presence marks the shard done. Every
@@ -216,7 +218,7 @@ def _decode(sample: RawSample, max_pixels: int):
 def read_inputs(raw_path: Path, captioner_on: bool, max_pixels: int):
     """The whole shard at once, for callers that need every pair (the demo CLIP's training): usable
     samples as (sample, RGB image, caption), failures as (key, url, reason), and the tar error if
-    the tar was cut short. The processing task streams instead (`_DecodedChunks`)."""
+    the tar was cut short. The processing task streams instead (`ChunkLoader`)."""
     index = index_raw_shard(raw_path)
     failures = list(index.lost)
     good, undecodable = [], []
@@ -281,24 +283,22 @@ def _blip_pixels(processor, images: list):
     return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-class _DecodedChunks:
-    """Map-style dataset: chunk i is raw samples [i n, (i + 1) n) in key order, read, decoded and
-    preprocessed by every model's transform (in a loader worker, or the task's thread)."""
+class _ChunkDecoder:
+    """Map-style dataset whose index is a job, (raw tar path, the IndexedSample entries of one chunk in
+    key order): those samples read, decoded and preprocessed by every model's transform (in a loader
+    worker, or the task's thread). The job carries the shard, so one set of workers serves every shard."""
 
-    def __init__(self, tar_path: Path, indexed: list[IndexedSample], chunk_size: int, transforms: dict,
-                 drop_empty_captions: bool, max_pixels: int):
-        self.tar_path, self.indexed, self.chunk_size = tar_path, indexed, chunk_size
+    def __init__(self, transforms: dict, drop_empty_captions: bool, max_pixels: int):
         self.transforms, self.drop_empty_captions, self.max_pixels = transforms, drop_empty_captions, max_pixels
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.indexed) / self.chunk_size)
-
-    def __getitem__(self, chunk_index: int) -> DecodedChunk:
+    def __getitem__(self, job: tuple[str, list[IndexedSample]]) -> DecodedChunk:
+        tar_name, entries = job
+        tar_path = Path(tar_name)
         chunk = DecodedChunk()
         images = []
-        with open(self.tar_path, "rb") as raw_file:
-            for entry in self.indexed[chunk_index * self.chunk_size : (chunk_index + 1) * self.chunk_size]:
-                sample = _read_sample(raw_file, self.tar_path, entry)
+        with open(tar_path, "rb") as raw_file:
+            for entry in entries:
+                sample = _read_sample(raw_file, tar_path, entry)
                 meta = _sample_meta(sample)
                 url = meta.get("url", "")
                 image, caption, reason = _decode(sample, self.max_pixels)
@@ -317,6 +317,65 @@ class _DecodedChunks:
                 for decoded, pixels_3HW in zip(chunk.samples, pixels_B3HW):
                     decoded.pixels[name] = pixels_3HW
         return chunk
+
+
+class _ChunkJobs:
+    """The loader's sampler: the jobs of the shard in hand, replaced before each shard (the sampler
+    runs in the task's process and is iterated afresh at every pass over the loader)."""
+
+    def __init__(self):
+        self.jobs: list[tuple[str, list[IndexedSample]]] = []
+
+    def __iter__(self):
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+class ChunkLoader:
+    """A task's decoding workers: one torch `DataLoader` with persistent workers, started at the first
+    shard and reused for every later one, so forking and importing in the workers is paid once per
+    task, not once per shard. A shard that fails (or is abandoned) part way shuts the workers down,
+    and the next shard starts fresh ones: a worker that died must not be waited on again."""
+
+    def __init__(self, models: dict, settings: ProcessConfig, persistent: bool = True):
+        self.workers, self.persistent = loader_workers(settings), persistent
+        self.decoder = _ChunkDecoder(_image_transforms(models), drop_empty_captions=not settings.captioner,
+                                     max_pixels=settings.max_image_pixels)
+        self.jobs = _ChunkJobs()
+        self.loader = None
+        self.passes = 0  # which pass is the current one: a stale pass's late close must not stop the next one's workers
+
+    def _make_loader(self):
+        import torch
+
+        # Its own generator: a loader draws its workers' base seed from it, which from the global one
+        # would shift the captioner's sampling.
+        return torch.utils.data.DataLoader(self.decoder, batch_size=None, sampler=self.jobs, num_workers=self.workers,
+                                           collate_fn=_as_is, prefetch_factor=2 if self.workers else None,
+                                           persistent_workers=self.persistent and self.workers > 0, generator=torch.Generator())
+
+    def chunks(self, tar_path: Path, indexed: list[IndexedSample], chunk_size: int):
+        """The shard's chunks of `chunk_size` raw samples, decoded, in key order."""
+        self.jobs.jobs = [(str(tar_path), indexed[start : start + chunk_size]) for start in range(0, len(indexed), chunk_size)]
+        if self.loader is None:
+            self.loader = self._make_loader()
+        self.passes += 1
+        this_pass = self.passes
+        try:
+            yield from self.loader
+        except BaseException:  # GeneratorExit included: an unfinished pass leaves the workers mid-shard
+            if self.passes == this_pass:
+                self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the workers now (they would stop with the loader's last reference, at a time GC picks)."""
+        loader, self.loader = self.loader, None
+        iterator = getattr(loader, "_iterator", None)  # a persistent loader keeps its one iterator there
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def _as_is(chunk: DecodedChunk) -> DecodedChunk:
@@ -485,9 +544,10 @@ def _batches(chunks, batch_size: int):
         yield waiting
 
 
-def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models: dict, device: str) -> dict:
-    """Turn one raw shard into its feature shard with loaded models; returns (and writes) the shard's stats."""
-    import torch
+def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models: dict, device: str,
+               chunk_loader: ChunkLoader | None = None) -> dict:
+    """Turn one raw shard into its feature shard with loaded models, decoded by `chunk_loader`'s workers
+    (None: workers of its own, stopped at the end); returns (and writes) the shard's stats."""
     import webdataset as wds
 
     started = time.time()
@@ -498,13 +558,10 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
     for output in (feature_tar, decisions_file, stats_path(out_dir, shard_name)):
         remove_stale_staging(output)  # left by an attempt whose worker died
     index = index_raw_shard(raw_path)
-    chunks = _DecodedChunks(raw_path, index.samples, settings.batch_size, _image_transforms(models),
-                            drop_empty_captions=not settings.captioner, max_pixels=settings.max_image_pixels)
-    workers = loader_workers(settings)
-    # Its own generator: a loader draws its workers' base seed from it, which from the global one
-    # would shift the captioner's sampling.
-    loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                         prefetch_factor=2 if workers else None, generator=torch.Generator())
+    # A shard alone (no chunk_loader) gets workers of its own, which stop once its chunks are read.
+    if chunk_loader is None:
+        chunk_loader = ChunkLoader(models, settings, persistent=False)
+    loader = chunk_loader.chunks(raw_path, index.samples, settings.batch_size)
     undecodable, empty_caption = [], []
 
     def counted(loaded_chunks):  # the failures of each chunk, kept aside as its samples go on to the batches
@@ -573,13 +630,14 @@ class ShardProcessor:
         self.settings = settings
         self.device = pick_device(settings)
         self.models = load_models(settings, self.device)
+        self.chunk_loader = ChunkLoader(self.models, settings)  # its workers start at the first shard, then stay
 
     def ready(self) -> str:
         """Answers once the models are loaded (the driver hands out shards only to ready actors)."""
         return self.device
 
     def process(self, raw_tar: str, features_dir: str) -> dict:
-        return _run_shard(raw_tar, features_dir, self.settings, self.models, self.device)
+        return _run_shard(raw_tar, features_dir, self.settings, self.models, self.device, self.chunk_loader)
 
 
 _MODEL_CACHE: dict[tuple, dict] = {}

@@ -18,7 +18,8 @@ def member_index(tar_path: Path) -> dict[str, tarfile.TarInfo]:
     seeks over the data of an uncompressed tar). A cut archive gives the members before the cut."""
     index: dict[str, tarfile.TarInfo] = {}
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
+        # Unbuffered: a buffered file would fill 8 KB around every 512-byte header it seeks to.
+        with open(tar_path, "rb", buffering=0) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
             for member in tar:
                 if member.isfile():
                     index[member.name] = member

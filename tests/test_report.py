@@ -1,0 +1,235 @@
+"""The run report (`launcher.report`, `vlpdist.report`): a demo-sized run built from the files each
+stage writes (raw shards, decision files, feature shards, metrics.jsonl, TensorBoard events through
+the training's own logger, eval.json, ablation.json), rendered and opened in headless Chromium;
+partial runs; the size bound on a long run; sampling reads members, not shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from process_fixtures import write_raw_shards
+
+from launcher.report import main as report_main
+from vlpdist.config import Config, save_config
+from vlpdist.report.page import PAGE_BOUND_BYTES, SECTIONS
+from vlpdist.report.samples import thumbnails_for_keys
+
+NAMES = ["circle", "square", "star", "diamond"]
+
+
+def write_feature_shards(root: Path, raw_shards: list[Path], rng: random.Random) -> list[str]:
+    """Feature shards and decision files for the raw shards (about 1 in 4 dropped); the held-out keys."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    from vlpdist.data.feature_format import encode_feature_sample
+
+    features = root / "features"
+    features.mkdir()
+    keys = []
+    for raw in raw_shards:
+        rows = pq.read_table(raw.with_suffix(".parquet")).to_pylist()
+        decisions = []
+        with wds.TarWriter(str(features / raw.name)) as sink:
+            for row in rows:
+                score = rng.uniform(0.6, 0.95) if rng.random() > 0.25 else rng.uniform(-0.3, 0.6)
+                kept = score >= 0.65
+                decisions.append({"key": row["key"], "url": row["url"], "status": "written" if kept else "dropped", "reason": "",
+                                  "decision": "keep" if kept else "drop", "web_clip": score, "web_kept": kept})
+                if kept:
+                    labels = sorted({rng.randrange(len(NAMES)) for _ in range(2)})
+                    vector = np.ones(8, np.float32) / np.sqrt(8)
+                    sink.write(encode_feature_sample(row["key"], vector, vector[None], [row["caption"]], labels,
+                                                     [NAMES[i] for i in labels], {"filter": "clip", "web_clip": score,
+                                                                                  "synthetic_captions": ["a synthetic caption"]},
+                                                     "keep", row["url"], row["caption"]))
+                    keys.append(row["key"])
+        pq.write_table(pa.Table.from_pylist(decisions), features / f"{raw.stem}_decisions.parquet")
+    (features / "label_vocabulary.json").write_text(json.dumps({"names": NAMES, "fingerprint": "test"}))
+    (features / "process_summary.json").write_text(json.dumps({"written": len(keys), "dropped_by_filter": 5, "failed": {"decode_error": 1}}))
+    (root / "ingest_summary.json").write_text(json.dumps({"input_rows": 70, "success": 64, "failed": 6,
+                                                          "failures_by_reason": {"http_404": 4, "timeout": 2}}))
+    return keys
+
+
+def write_training(run: Path, heldout_keys: list[str], steps: int, launches: tuple[int, ...] = (0, 30)) -> None:
+    """metrics.jsonl, TensorBoard events of every launch (a resume at each later start), eval.json."""
+    import torch
+
+    from vlpdist.eval.scoring import heldout_retrieval
+    from vlpdist.monitor.tensorboard import TensorBoardLogger
+    from vlpdist.report.retrieval import retrieval_examples
+
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "metrics.jsonl", "w") as handle:
+        for step in range(1, steps + 1):
+            handle.write(json.dumps({"step": step, "cap": 2 / step ** 0.3, "itc": 4 - step / steps, "moe_aux": 2.0, "loss": 2.5 / step ** 0.3,
+                                     "lr": 1e-3 * min(1, step / 20), "grad_norm": 1 + 1 / step, "nan_skipped": 0, "samples_seen": 32 * step,
+                                     "epoch": 0}) + "\n")
+    bounds = [*launches, steps]
+    for start, end in zip(bounds, bounds[1:]):
+        tb = TensorBoardLogger(run / "tb", True, purge_step=start + 1)
+        tb.scalars({"data/left_out_per_epoch": 3}, start)
+        for step in range(start + 10, end + 1, 10):
+            tb.scalars({"throughput/samples_per_s": 900 + step % 7, "align/bank_fill": min(512, 32 * step),
+                        "geodesic/known_fraction": 0.8, "geodesic/connected_components": 2, "geodesic/mean_degree": 12.0,
+                        "geodesic/snapshot_step": step - step % 20}, step)
+            tb.expert_load([0.3, 0.2, 0.25, 0.25], step)
+        tb.close()
+    generator = torch.Generator().manual_seed(0)
+    keys = heldout_keys[:8]
+    references = {key: [f"caption of {key}"] for key in keys}
+    embeddings = {key: (torch.randn(8, generator=generator), torch.randn(1, 8, generator=generator)) for key in keys}
+    evaluation = {"samples": len(keys), "caption_loss": 1.2, "lm_without_image_loss": 2.0,
+                  "captioning": {"greedy": {"BLEU-4": 0.3, "CIDEr": 0.9}, "most-frequent caption": {"BLEU-4": 0.1, "CIDEr": 0.2}},
+                  "reference_samples": len(keys),
+                  "examples": [{"key": key, "references": references[key], "synthetic": [], "generated": "a red circle"} for key in keys],
+                  **heldout_retrieval({"references": references, "embeddings": embeddings}),
+                  "retrieval_examples": retrieval_examples(embeddings, references)}
+    (run / "eval.json").write_text(json.dumps(evaluation))
+
+
+@pytest.fixture(scope="module")
+def demo_sized(tmp_path_factory):
+    """A root as the demo leaves it (with an ablation under it), alignment on."""
+    root = tmp_path_factory.mktemp("report") / "root"
+    raw = write_raw_shards(root, 64, 32)
+    heldout = write_feature_shards(root, raw, random.Random(0))
+    config = Config()
+    config.root, config.train.output_dir = str(root), str(root / "train")
+    config.process.clip_threshold, config.align.itc_weight = 0.65, 0.1
+    save_config(config, root)
+    write_training(root / "train", heldout[-8:], steps=60)
+    save_config(config, root / "train")
+    (root / "ablation").mkdir()
+    (root / "ablation" / "ablation.json").write_text(json.dumps({"rows": [
+        {"variant": "caption", "description": "caption loss only", "seeds": [0, 1], "mean": {"CIDEr": 0.5}, "sd": {"CIDEr": 0.01}},
+        {"variant": "itc", "description": "+ ITC", "seeds": [0, 1], "mean": {"CIDEr": 0.45}, "sd": {"CIDEr": 0.02}}]}))
+    return root
+
+
+def chromium_driver():
+    """Headless Debian Chromium through its chromedriver (selenium). Without them: a skip naming the
+    packages, or a failure where CI is set (.ci/run installs them)."""
+    missing = [tool for tool in ("chromium", "chromedriver") if shutil.which(tool) is None]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (apt-get install -y --no-install-recommends chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1000", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.binary_location = shutil.which("chromium")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def test_the_demo_sized_report_renders_in_chromium_with_every_section_and_image(demo_sized, tmp_path):
+    out = report_main([str(demo_sized), "--out", str(tmp_path / "report.html")])
+    page = out.read_text()
+    assert "Every section present." in page and "<script" not in page and "http://" not in page.split("</style>")[1].replace(
+        "http://www.w3.org/2000/svg", "").replace("http://127.0.0.1:1/", "")
+    driver = chromium_driver()
+    try:
+        driver.get(out.resolve().as_uri())
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+        widths = driver.execute_script("return Array.from(document.images).map(image => image.complete ? image.naturalWidth : 0)")
+        assert len(widths) >= 8 + 8 + 8 + 4 and min(widths) > 0  # filter grid (dropped + kept), held-out, retrieval
+        present = driver.execute_script("return Array.from(document.querySelectorAll('section.present')).map(s => s.id)")
+        assert present == [sid for sid, _ in SECTIONS]
+        assert driver.execute_script("return document.querySelectorAll('svg').length") >= 8
+        assert driver.execute_script("return document.querySelectorAll('#training line.marker').length") >= 1  # the resume at 30
+        screenshot = out.with_suffix(".png")
+        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
+    finally:
+        driver.quit()
+
+
+def _sections(page: str) -> dict[str, str]:
+    return {sid: page.split(f'<section id="{sid}" class="')[1].split('"')[0] for sid, _ in SECTIONS}
+
+
+def test_partial_runs_name_each_missing_section_and_why(demo_sized, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(demo_sized, root)
+    (root / "train" / "eval.json").unlink()
+    shutil.rmtree(root / "ablation")
+    with open(root / "train" / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 61, "cap": 1.')  # a run killed mid-write
+    config = Config()
+    config.root, config.train.output_dir, config.align.itc_weight = str(root), str(root / "train"), 0.0
+    save_config(config, root)
+    save_config(config, root / "train")
+    page = report_main([str(root / "train")]).read_text()  # the run folder, not the root
+    state = _sections(page)
+    assert state == {"ingestion": "present", "filter": "present", "labels": "present", "training": "present",
+                     "heldout": "missing", "retrieval": "missing", "bank": "missing", "ablation": "missing"}
+    assert "alignment is off" in page and "eval.json" in page and "1 unreadable lines" in page
+    assert "Sections missing: Held-out captions" in page
+
+    (root / "train" / "metrics.jsonl").write_text("not json\n")
+    shutil.rmtree(root / "train" / "tb")
+    (root / "features" / "label_vocabulary.json").write_text("{")
+    state = _sections(report_main([str(root)]).read_text())
+    assert state["training"] == "missing" and state["labels"] == "missing" and state["ingestion"] == "present"
+
+
+def test_a_long_run_gives_a_page_within_the_bound(tmp_path):
+    root = tmp_path / "root"
+    raw = write_raw_shards(root, 64, 32)
+    heldout = write_feature_shards(root, raw, random.Random(1))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for shard in range(2, 202):  # 200 more shards' decisions, 2,000 rows each: a big ingestion's files
+        rows = {"key": [f"{shard:05d}{i:04d}" for i in range(2000)], "status": ["written", "dropped"] * 1000,
+                "web_clip": [i / 2000 for i in range(2000)]}
+        pq.write_table(pa.table(rows), root / "features" / f"{shard:05d}_decisions.parquet")
+    config = Config()
+    config.root, config.train.output_dir = str(root), str(root / "train")
+    save_config(config, root)
+    write_training(root / "train", heldout, steps=100_000, launches=(0, 99_000))
+    page = report_main([str(root)]).read_text()
+    assert len(page.encode()) < PAGE_BOUND_BYTES
+    curves = [piece.split('points="')[1].split('"')[0] for piece in page.split("<polyline")[1:]]
+    assert curves and all(curve.count(",") <= 400 for curve in curves)
+    assert "from 64 of 202 shards" in page
+
+
+def test_thumbnails_read_the_members_asked_for_not_the_shard(tmp_path):
+    """/proc/self/io's rchar counts the bytes every read call returned: an index of headers and three
+    images, not the 60 MB of the shard."""
+    import webdataset as wds
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    image = (write_raw_shards(tmp_path / "small", 1, 1)[0])
+    import tarfile
+
+    with tarfile.open(image) as tar:
+        jpeg = tar.extractfile(next(m for m in tar if m.name.endswith(".jpg"))).read()
+    padding = os.urandom(64 * 1024)
+    with wds.TarWriter(str(raw / "00000.tar")) as sink:
+        for index in range(1000):
+            sink.write({"__key__": f"00000{index:04d}", "jpg": jpeg, "bin": padding})
+    size = (raw / "00000.tar").stat().st_size
+
+    def read_bytes() -> int:
+        return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+
+    before = read_bytes()
+    found = thumbnails_for_keys(raw, ["000000007", "000000500", "000000999"])
+    assert sorted(found) == ["000000007", "000000500", "000000999"]
+    assert read_bytes() - before < size / 10  # headers: ~1.5 KB of each 66 KB member

@@ -40,7 +40,7 @@ def test_quick_suite_writes_valid_json_and_a_row_per_section(tmp_path):
     assert clip["clip_retrieval"]["available"] or clip["clip_retrieval"]["reason"].startswith("clip-retrieval does not import here")
     # The stage and the bare tower both with the model loaded before the clock, on the same images.
     timed = {r["name"]: r["images"] for r in clip["rows"]}
-    assert timed["vlpdist process_shard, 1 process, model loaded"] == timed["bare CLIP image tower"] == 100
+    assert timed["vlpdist ShardProcessor, 1 process, model loaded, workers started"] == timed["bare CLIP image tower"] == 100
     train = {item["vs"] for item in report["sections"]["train"]["summary"]}
     assert {"bare LM fwd+bwd", "full, alignment off", "share of the aligned step", "bare LM fwd+bwd, compiled",
             "full, alignment off, eager", "full, alignment off (torch AdamW (fused), the default)"} <= train

@@ -136,18 +136,26 @@ def process_settings(checkpoint: Path, batch_size: int, workers: int, model: str
                          batch_size=batch_size, num_cpus=workers, cpus_per_task=1.0, loader_workers=loader_workers)
 
 
-def run_process_shard_loop(shards: list[Path], checkpoint: Path, output: Path, batch_size: int,
-                           model: str = BENCH_CLIP_MODEL, device: str = "cpu", workers: int = 1, keep_model: bool = False) -> dict:
-    """Our per-shard function (what each Ray task runs), called on every shard in this process
-    (`workers` CPUs for the task: its loader decodes on workers - 1 processes)."""
-    from data_ingest.process import shard as shard_module
+def make_shard_processor(checkpoint: Path, batch_size: int, model: str = BENCH_CLIP_MODEL, device: str = "cpu",
+                         workers: int = 1):
+    """What each Ray task of the stage holds (`ShardProcessor`: its models, loaded once, and its loader's
+    workers, started at its first shard and kept), for `workers` CPUs: the loader decodes on workers - 1 processes."""
+    from data_ingest.process.shard import ShardProcessor
 
+    return ShardProcessor(process_settings(checkpoint, batch_size, 1, model, device, loader_workers=workers - 1))
+
+
+def run_process_shard_loop(shards: list[Path], checkpoint: Path, output: Path, batch_size: int,
+                           model: str = BENCH_CLIP_MODEL, device: str = "cpu", workers: int = 1, processor=None) -> dict:
+    """Our per-shard work (what each Ray task runs) on every shard in this process. With `processor`
+    (a warm `make_shard_processor`) the clock holds the shards alone; without, it also holds the model
+    load and the loader's workers starting, as clip_inference's call does."""
     shutil.rmtree(output, ignore_errors=True)
-    if not keep_model:
-        shard_module._MODEL_CACHE.clear()  # the model load is part of each measured call, as for clip_inference
-    settings = process_settings(checkpoint, batch_size, 1, model, device, loader_workers=workers - 1)
     cpu_before, started = time.process_time(), time.perf_counter()
-    written = sum(shard_module.process_shard(str(raw), str(output), settings)["written"] for raw in shards)
+    task = processor or make_shard_processor(checkpoint, batch_size, model, device, workers)
+    written = sum(task.process(str(raw), str(output))["written"] for raw in shards)
+    if processor is None:
+        task.chunk_loader.close()
     return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_before, "images": written}
 
 
@@ -269,10 +277,11 @@ def run_bare_tower(checkpoint: Path, model_name: str, images: int, batch_size: i
 def run_benchmark(root: Path, num_samples: int = 4000, samples_per_shard: int = 250, batch_size: int = 64, workers: int = 2,
                   repeats: int = 3, with_ray: bool = True, clip_retrieval_pythonpath: str = "",
                   model_name: str = BENCH_CLIP_MODEL, device: str = "cpu", download: bool = True) -> dict:
-    """Rows (images/s, best of `repeats`, runs alternating): our per-shard stage function and the bare
-    image tower on the same number of images, timed alike (the model loaded and a first shard run
-    through the stage before either clock starts; what the stage does per shard - its loader's
-    workers, decoding, preprocessing, writing - stays in); clip-retrieval's `clip_inference` when it
+    """Rows (images/s, best of `repeats`, runs alternating): our per-shard stage work and the bare
+    image tower on the same number of images, timed alike (for both, the model loaded before the clock;
+    for the stage, also its loader's workers started and a first shard run through it, as in a Ray
+    task past its first shard; what the stage does per shard - decoding, preprocessing, writing -
+    stays in); clip-retrieval's `clip_inference` when it
     imports, and (with `with_ray`) the whole Ray stage cold and with Ray running, against our stage
     function with its model load in the measured call as theirs; JSON-ready. The raw shards come
     from the demo's download stage, or (`download` False, or no img2dataset) are written directly."""
@@ -288,11 +297,11 @@ def run_benchmark(root: Path, num_samples: int = 4000, samples_per_shard: int = 
         shards = write_raw_shards(root, num_samples, samples_per_shard)
         made_by = "written directly"
     checkpoint = make_bench_clip(root / "bench_clip", model_name)
-    ours, cold = "vlpdist process_shard, 1 process, model loaded", "vlpdist process_shard, 1 process, model load included"
-    # The warm-up: the model into the stage's cache, CUDA and the loader's first workers started.
-    run_process_shard_loop(shards[:1], checkpoint, root / "out_warm_up", batch_size, model_name, device, workers=workers)
-    contenders = {ours: lambda: run_process_shard_loop(shards, checkpoint, root / "out_ours_loop", batch_size, model_name, device,
-                                                        workers=workers, keep_model=True)}
+    ours, cold = "vlpdist ShardProcessor, 1 process, model loaded, workers started", "vlpdist ShardProcessor, 1 process, model load included"
+    # The warm-up, outside every clock: the model loaded, CUDA and the loader's workers started (they stay).
+    warm = make_shard_processor(checkpoint, batch_size, model_name, device, workers)
+    run_process_shard_loop(shards[:1], checkpoint, root / "out_warm_up", batch_size, processor=warm)
+    contenders = {ours: lambda: run_process_shard_loop(shards, checkpoint, root / "out_ours_loop", batch_size, processor=warm)}
     contenders["bare CLIP image tower"] = lambda: run_bare_tower(checkpoint, model_name, num_samples, batch_size, device)
     unavailable = clip_retrieval_unavailable(clip_retrieval_pythonpath)
     if unavailable is None or with_ray:  # what includes its model load is compared with our call that does too
@@ -307,9 +316,12 @@ def run_benchmark(root: Path, num_samples: int = 4000, samples_per_shard: int = 
         contenders[f"vlpdist run_process, Ray running, {workers} CPUs"] = lambda: run_process_stage(
             root, checkpoint, batch_size, workers, ray_running=True)
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, measure in contenders.items():
-            runs[name].append(measure())
+    try:
+        for _ in range(repeats):
+            for name, measure in contenders.items():
+                runs[name].append(measure())
+    finally:
+        warm.chunk_loader.close()
     rows = [summarize(name, measured) for name, measured in runs.items()]
     best = {row["name"]: row["best_images_per_s"] for row in rows}
     result = {"shards": len(shards), "shards_made_by": made_by, "model": model_name, "device": device, "batch_size": batch_size,
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         root, checkpoint, args.batch_size, args.workers, ray_running=False)
     contenders[f"vlpdist run_process, Ray running, {args.workers} CPUs"] = lambda: run_process_stage(
         root, checkpoint, args.batch_size, args.workers, ray_running=True)
-    contenders["vlpdist process_shard, 1 process"] = lambda: run_process_shard_loop(
+    contenders["vlpdist ShardProcessor, 1 process"] = lambda: run_process_shard_loop(
         shards, checkpoint, root / "out_ours_loop", args.batch_size)
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for repeat in range(args.repeats):  # alternate the tools so that machine noise hits all of them alike

@@ -135,8 +135,8 @@ class LoopRunner:
     """One engine (+ alignment objective) and the real training loop, run `steps` optimizer steps per call."""
 
     def __init__(self, config, info, run_dir: Path, clip_dim: int, label_names: list[str], ds_optimizer_params: dict | None = None):
-        from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
-        from vlpdist.models.captioner import tokenize_captions
+        from vlpdist.data.feature_shards import QuestionSampling, build_shard_plan, build_train_loader, list_feature_shards
+        from vlpdist.models.captioner import tokenize_captions, tokenize_lm_inputs
         from vlpdist.monitor.tensorboard import TensorBoardLogger
         from vlpdist.train.loop import DataWorld, PreemptionSignal, build_alignment_objective, build_model_and_engine
         from vlpdist.train.state import TrainState
@@ -149,8 +149,13 @@ class LoopRunner:
         self.objective = build_alignment_objective(config, self.engine.module, DataWorld(label_names=label_names), device)
         train = config.train
         self.plan = build_shard_plan(list_feature_shards(train.features_dir), 1, train.num_workers, train.micro_batch_size, train.seed)
+        # The loader as the training loop builds it: the alignment text and the LM's input (captions here).
         tokenize = partial(tokenize_captions, self.engine.module.tokenizer, config.model.max_caption_tokens)
-        self.loader = iter(build_train_loader(self.plan, info.rank, 0, tokenize, pin_memory=info.on_gpu))
+        lm_inputs = partial(tokenize_lm_inputs, self.engine.module.tokenizer, config.model.max_caption_tokens,
+                            config.model.max_answer_tokens, config.model.question_template)
+        sampling = QuestionSampling(train.question_fraction, train.answer_target, train.seed)
+        self.loader = iter(build_train_loader(self.plan, info.rank, 0, tokenize, pin_memory=info.on_gpu,
+                                              lm_inputs=lm_inputs, sampling=sampling))
         self.state = TrainState()
         self.tb = TensorBoardLogger(run_dir / "tb", False)
         self.preemption = PreemptionSignal()

@@ -605,7 +605,7 @@ def load_exported_captioner(export_dir: str | Path) -> PrefixCaptioner:
     manifest names), the bottleneck tokens and alignment heads. A partial export is refused."""
     from safetensors.torch import load_file
 
-    from vlpdist.models.export_bundle import read_export_manifest
+    from vlpdist.models.export_manifest import read_export_manifest
     from vlpdist.models.fold import load_folded_mapper
 
     export_dir = Path(export_dir)

@@ -16,12 +16,11 @@ An export folder holds (next to `mapper.safetensors` + `mapper_config.json`, the
   features had no provenance;
 - `export.json`: the manifest, written last: format and version, model and align config, the LM and
   CLIP identities, and every other file with its size. An export without it, or with a listed
-  file missing or of another size, is refused (`read_export_manifest`).
+  file missing or of another size, is refused (`read_export_manifest`, in `export_manifest`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -30,10 +29,9 @@ import torch
 
 from vlpdist.config import Config
 from vlpdist.errors import UserError
+# The manifest's names and reader live below the captioner; imported here for the writer and for callers.
+from vlpdist.models.export_manifest import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, MANIFEST_FILE, read_export_manifest  # noqa: F401
 
-MANIFEST_FILE = "export.json"
-EXPORT_FORMAT = "vlpdist-export"
-EXPORT_FORMAT_VERSION = 1
 LM_DIR = "lm"
 EXTRAS_FILE = "extras.safetensors"
 LM_PREFIX = "lm."
@@ -169,29 +167,4 @@ def write_export_bundle(
         "files": list_files(out_dir),
     }
     atomic_write_json(out_dir / MANIFEST_FILE, manifest)
-    return manifest
-
-
-def read_export_manifest(export_dir: str | Path) -> dict:
-    """The manifest of a complete export; a one-line `UserError` for anything partial or foreign."""
-    export_dir = Path(export_dir)
-    path = export_dir / MANIFEST_FILE
-    if not export_dir.is_dir():
-        raise UserError(f"export {export_dir} does not exist")
-    if not path.is_file():
-        raise UserError(f"export {export_dir} has no {MANIFEST_FILE}: not a complete export (write one with python -m launcher.export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"export manifest {path} is not valid JSON: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{path} is not a vlpdist export manifest (a consolidated-only export? run python -m launcher.export on it)")
-    if manifest.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise UserError(f"export {export_dir} has format version {manifest.get('format_version')}; this vlpdist reads {EXPORT_FORMAT_VERSION}")
-    for name, size in manifest["files"].items():
-        file = export_dir / name
-        if not file.is_file():
-            raise UserError(f"export {export_dir} is partial: {name} is missing")
-        if file.stat().st_size != size:
-            raise UserError(f"export {export_dir} is partial: {name} has {file.stat().st_size} bytes, the manifest says {size}")
     return manifest

@@ -51,11 +51,13 @@ import torch
 from vlpdist.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from vlpdist.errors import UserError
 from vlpdist.parallel.expert_state import local_to_global_expert_state
-from vlpdist.train.checkpoint import TAG_PREFIX, checkpoint_problem, list_checkpoints, read_manifest
+from vlpdist.parallel.checkpoint_files import TAG_PREFIX, checkpoint_problem, list_checkpoints, read_manifest
 
 if TYPE_CHECKING:
     from vlpdist.config import Config
 
+# The consolidated export's weights, written here and by the live export (`vlpdist.train.loop`).
+EXPORT_WEIGHTS = "model_fp32.safetensors"
 MODULE_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 OPTIMIZER_SHARD = re.compile(r"^(bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_00_optim_states\.pt$")
@@ -243,7 +245,6 @@ def write_consolidated_export(consolidated: ConsolidatedCheckpoint, config: Conf
     from safetensors.torch import save
 
     from vlpdist.config import save_config
-    from vlpdist.train.loop import EXPORT_WEIGHTS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,8 @@ safetensors export is the format to share.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import zlib
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -43,71 +41,22 @@ import torch
 
 from vlpdist.atomic import atomic_write_json, atomic_write_text
 from vlpdist.errors import UserError
+# The step folder's names and readers (below both this module and the offline consolidation).
+from vlpdist.parallel.checkpoint_files import (  # noqa: F401 (LATEST, MANIFEST and the readers are used by callers too)
+    LATEST,
+    MANIFEST,
+    TAG_PREFIX,
+    describe_file,
+    list_step_files,
+    checkpoint_problem,
+    list_checkpoints,
+    read_manifest,
+    tag_for_step,
+)
 from vlpdist.parallel.engine import all_gather_values, broadcast_from_main, gather_to_main
 from vlpdist.train.state import TrainState, capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
-
-TAG_PREFIX = "step_"
-MANIFEST = "manifest.json"
-LATEST = "latest"
-
-
-def tag_for_step(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
-
-
-def _crc32(path: Path) -> int:
-    checksum = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            checksum = zlib.crc32(chunk, checksum)
-    return checksum
-
-
-def _list_files(folder: Path) -> list[str]:
-    return [str(path.relative_to(folder)) for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST]
-
-
-def _describe(path: Path) -> dict[str, int]:
-    return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
-
-
-def _file_problem(folder: Path, name: str, expected: dict[str, int]) -> str | None:
-    path = folder / name
-    if not path.is_file():
-        return f"missing {name}"
-    if path.stat().st_size != expected["bytes"] or _crc32(path) != expected["crc32"]:
-        return f"{name} does not match its manifest (damaged)"
-    return None
-
-
-def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
-    """(manifest, None), or (None, why the folder is not a finished checkpoint)."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return None, "no manifest (unfinished write)"
-    try:
-        return json.loads(manifest_path.read_text()), None
-    except ValueError:
-        return None, "unreadable manifest"
-
-
-def checkpoint_problem(folder: Path, rank: int = 0, world_size: int = 1) -> str | None:
-    """Why the checkpoint folder is not usable, or None when every file of this rank's share
-    (every world_size-th file from the rank-th; all of them by default) matches its manifest."""
-    manifest, problem = read_manifest(folder)
-    if problem is not None:
-        return problem
-    share = sorted(manifest["files"].items())[rank::world_size]
-    return next((found for name, expected in share if (found := _file_problem(folder, name, expected))), None)
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[str]:
-    """Final (non-temporary) tags, newest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted((p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)), reverse=True)
 
 
 def tags_to_prune(tags: Sequence[str], written: str, keep: int) -> list[str]:
@@ -207,8 +156,8 @@ def save_checkpoint(
     dist.barrier()
     # Every rank lists the folder and the union counts: on a shared file system with cached
     # directory attributes, rank 0 may not see yet what another node has just written.
-    names = sorted(set().union(*all_gather_values(_list_files(tmp))))
-    shares = gather_to_main({name: _describe(tmp / name) for name in names[rank::world_size]})
+    names = sorted(set().union(*all_gather_values(list_step_files(tmp))))
+    shares = gather_to_main({name: describe_file(tmp / name) for name in names[rank::world_size]})
     if rank == 0:
         files = {name: described for share in shares for name, described in share.items()}
         atomic_write_json(tmp / MANIFEST, {

@@ -40,6 +40,7 @@ from vlpdist.data.provenance import PROVENANCE_FILE, copy_provenance, read_prove
 from vlpdist.errors import UserError
 from vlpdist.losses.terms import loss_weights, weighted_total
 from vlpdist.parallel.deepspeed_config import check_train_config
+from vlpdist.parallel.consolidate import EXPORT_WEIGHTS  # the export's weights file, shared with offline consolidation
 from vlpdist.parallel.engine import (
     DistInfo,
     broadcast_from_main,
@@ -56,7 +57,6 @@ from vlpdist.train.state import TrainState
 
 PREEMPTED_EXIT_CODE = 3
 """Exit code of a run stopped by SIGUSR2/SIGTERM after writing its checkpoint (requeue me)."""
-EXPORT_WEIGHTS = "model_fp32.safetensors"
 
 
 class TrainingDiverged(RuntimeError):

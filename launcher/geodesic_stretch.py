@@ -21,7 +21,7 @@ puts beyond it, and the overlap of the hard picks (top hard_negatives by stretch
 Costs are time.perf_counter on this machine: the k-NN search is measured once at the largest k
 (a smaller k costs about the same: the search is brute force); landmark picking is measured at the
 largest count (farthest-point sampling is one full Dijkstra per landmark, so L landmarks cost L / max
-of it); balls once per k. `--step-ms` (an aligned training step, e.g. from `launcher.bench_train`'s
+of it); balls once per k. `--step-ms` (an aligned training step, e.g. from `launcher.bench.train`'s
 aligned_step_ms) turns the refresh into a share of the steps between refreshes.
 """
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--landmarks", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--anchors", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step-ms", type=float, default=None, help="an aligned training step in ms (launcher.bench_train)")
+    parser.add_argument("--step-ms", type=float, default=None, help="an aligned training step in ms (launcher.bench.train)")
     parser.add_argument("--out", default="geodesic_stretch.json")
     args = parser.parse_args(argv)
     if min(args.ks) < 1 or args.nodes <= max(args.ks) or min(args.landmarks) < 1 or args.anchors < 1:

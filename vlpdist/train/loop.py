@@ -615,9 +615,9 @@ def evaluate_questions(captioner, config: Config, world: DataWorld, info: DistIn
         return None
     device = device_of(info)
     batches = list(iterate_heldout_questions(heldout_shards, train.micro_batch_size, train.eval_max_samples, info.rank, info.world_size))
-    counts = torch.zeros(info.world_size, device=device)
-    counts[info.rank] = len(batches)
-    rounds = int(sum_over_ranks(counts, device).max())
+    # Object collectives (torch's helpers): the step loop's fused all-reduce stays vlpdist's only tensor collective.
+    counts = gather_to_main(len(batches))
+    rounds = broadcast_from_main(max(counts) if info.is_main else None, device)
     if rounds == 0:
         return None
     share: dict[str, list] = {"predictions": [], "blind": [], "answers": [], "answer_types": [], "question_types": []}

@@ -88,10 +88,21 @@ def optional_metric_problems() -> dict[str, str | None]:
     return {"METEOR": None, "SPICE": spice}
 
 
+def start_meteor():
+    """pycocoevalcap's METEOR scorer: a Java process that loads its paraphrase tables first (seconds),
+    so one scorer serves every caption set of an evaluation; its `compute_score` keeps no state
+    between calls (its `__del__` stops the process)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
 def caption_metrics(
-    references: dict[Hashable, list[str]], predictions: dict[Hashable, str], *, meteor: bool = False, spice: bool = False
+    references: dict[Hashable, list[str]], predictions: dict[Hashable, str], *, meteor: bool = False, spice: bool = False,
+    meteor_scorer=None,
 ) -> dict[str, float]:
-    """Corpus scores {"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr"[, "METEOR"][, "SPICE"]} of `predictions` against `references`."""
+    """Corpus scores {"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr"[, "METEOR"][, "SPICE"]} of `predictions` against `references`.
+    With `meteor`, `meteor_scorer` (from `start_meteor`) is reused; None starts one for this call."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -114,10 +125,8 @@ def caption_metrics(
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if meteor:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        # Meteor() starts a Java process; its __del__ stops it.
-        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+        scorer = meteor_scorer if meteor_scorer is not None else start_meteor()
+        scores["METEOR"] = float(scorer.compute_score(gts, res)[0])
     if spice:
         from pycocoevalcap.spice.spice import Spice
 

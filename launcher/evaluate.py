@@ -34,6 +34,7 @@ from pathlib import Path
 from vlpdist.errors import UserError, exit_on_user_error
 
 DEFAULT_BATCH = 32
+WRITER = "launcher.evaluate"  # names --out's file as this command's own, which a rerun may replace
 
 
 def load_model_for_evaluation(path: Path, clip_dir: Path):
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, value in (("--beams", args.beams), ("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
+    from vlpdist.atomic import refuse_foreign_output_file
+
+    refuse_foreign_output_file(Path(args.out), WRITER, "--out")  # before the work; checked again when written
     if args.references is not None:
         images, references = read_coco_references(Path(args.references))
         if not Path(args.images).is_dir():
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from vlpdist.atomic import atomic_write_json
+    from vlpdist.atomic import write_output_json
     from vlpdist.eval.scoring import published_clipcap_applies, score_heldout
     from vlpdist.train.evaluate import most_frequent_training_caption, retrieval_source
 
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
                       **({"beam": heldout["beam_predictions"][key]} if heldout["beam_predictions"] else {})}
                      for key, refs in heldout["references"].items()],
     }
-    atomic_write_json(Path(args.out), result)
+    write_output_json(Path(args.out), result, WRITER, "--out")
     print_tables(result, published_clipcap_applies(args.references is not None, scored["reference_samples"]))
     print(f"\nwritten to {args.out}", flush=True)
     return result

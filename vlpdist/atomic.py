@@ -6,6 +6,10 @@ A command writes only into a folder that is missing, empty, or marked as its own
 (`refuse_foreign_output`): whatever else a folder holds was not written by it and is never replaced.
 A folder written whole is staged beside its final name and swapped in (`replace_output_dir`); a
 folder its command fills stage by stage and resumes (the demo's root) is claimed (`claim_output_dir`).
+
+Output files (`launcher.evaluate --out`, `launcher.geodesic_stretch --out`) are JSON objects that
+name their command under `OUTPUT_FILE_KEY`; a command replaces only a file naming it
+(`write_output_json`), atomically, and refuses any other file, folder or link under that name.
 """
 
 from __future__ import annotations
@@ -119,11 +123,13 @@ def refuse_foreign_output(path: str | os.PathLike, writer: str, option: str) -> 
     if path.is_dir() and not path.is_symlink() and (not any(path.iterdir()) or output_writer(path) == writer):
         return
     what = "a file" if path.is_file() else "a link" if path.is_symlink() else "a non-empty folder"
-    owner = output_writer(path)
-    if owner:
-        what += f" written by {owner}"
-    raise UserError(f"{option} {path} is {what}, not an earlier output of {writer}: choose a new or empty folder "
-                    f"(it is never overwritten)")
+    raise _foreign_output_error(path, what, output_writer(path), writer, option, "a new or empty folder")
+
+
+def _foreign_output_error(path: Path, what: str, owner: str | None, writer: str, option: str, instead: str) -> UserError:
+    owned = f" written by {owner}" if owner else ""
+    return UserError(f"{option} {path} is {what}{owned}, not an earlier output of {writer}: choose {instead} "
+                     f"(it is never overwritten)")
 
 
 def _write_marker(folder: Path, writer: str) -> None:
@@ -152,3 +158,37 @@ def replace_output_dir(path: str | os.PathLike, writer: str, option: str) -> Ite
         staging.mkdir()
         yield staging
         _write_marker(staging, writer)
+
+
+OUTPUT_FILE_KEY = "written_by"
+
+
+def output_file_writer(path: str | os.PathLike) -> str | None:
+    """The command named under `OUTPUT_FILE_KEY` by the JSON object in file `path`, or None (no file, not such JSON)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError: a binary file is nobody's output either
+        return None
+    return value.get(OUTPUT_FILE_KEY) if isinstance(value, dict) else None
+
+
+def refuse_foreign_output_file(path: str | os.PathLike, writer: str, option: str) -> None:
+    """A `UserError` unless `path` is missing, an empty file, or a file `writer` wrote (`write_output_json`).
+
+    A link is refused even when it points at `writer`'s file: replacing it would drop someone's link."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    is_plain_file = path.is_file() and not path.is_symlink()
+    if is_plain_file and (path.stat().st_size == 0 or output_file_writer(path) == writer):
+        return
+    what = "a link" if path.is_symlink() else "a file" if is_plain_file else "a folder"
+    raise _foreign_output_error(path, what, output_file_writer(path) if is_plain_file else None, writer, option,
+                                "a new file name")
+
+
+def write_output_json(path: str | os.PathLike, value: dict, writer: str, option: str) -> Path:
+    """Write `value`, marked as `writer`'s under `OUTPUT_FILE_KEY`, to `path` atomically; refused (nothing
+    written) when `path` is not missing, empty, or `writer`'s own earlier output. `option` names the setting, for the message."""
+    refuse_foreign_output_file(path, writer, option)
+    return atomic_write_json(path, {OUTPUT_FILE_KEY: writer, **value})

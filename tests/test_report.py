@@ -1,7 +1,9 @@
 """The run report (`launcher.report`, `vlpdist.report`): a demo-sized run built from the files each
 stage writes (raw shards, decision files, feature shards, metrics.jsonl, TensorBoard events through
 the training's own logger, eval.json, ablation.json), rendered and opened in headless Chromium;
-partial runs; the size bound on a long run; sampling reads members, not shards."""
+partial runs; the size bound on a long run; sampling reads members, not shards. `--screenshot`
+(and its one-line refusal without a browser), `--out` never replacing a file it did not write, and
+`launcher.evaluate --report` on an export, opened in Chromium too."""
 
 from __future__ import annotations
 
@@ -14,16 +16,21 @@ from pathlib import Path
 import pytest
 from process_fixtures import write_raw_shards
 
+from launcher.evaluate import main as evaluate_main
+from launcher.export import main as export_main
 from launcher.report import main as report_main
 from vlpdist.config import Config, save_config
-from vlpdist.report.page import PAGE_BOUND_BYTES, SECTIONS
+from vlpdist.errors import UserError
+from vlpdist.report.browser import WINDOW_WIDTH, headless_chromium
+from vlpdist.report.page import GENERATOR_META, PAGE_BOUND_BYTES, SECTIONS
 from vlpdist.report.samples import thumbnails_for_keys
 
 NAMES = ["circle", "square", "star", "diamond"]
 
 
-def write_feature_shards(root: Path, raw_shards: list[Path], rng: random.Random) -> list[str]:
-    """Feature shards and decision files for the raw shards (about 1 in 4 dropped); the held-out keys."""
+def write_feature_shards(root: Path, raw_shards: list[Path], rng: random.Random, dim: int = 8) -> list[str]:
+    """Feature shards and decision files for the raw shards (about 1 in 4 dropped), embeddings of width
+    `dim` (a random unit vector per key, the same as image and caption); the kept keys."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -45,7 +52,8 @@ def write_feature_shards(root: Path, raw_shards: list[Path], rng: random.Random)
                                   "decision": "keep" if kept else "drop", "web_clip": score, "web_kept": kept})
                 if kept:
                     labels = sorted({rng.randrange(len(NAMES)) for _ in range(2)})
-                    vector = np.ones(8, np.float32) / np.sqrt(8)
+                    vector = np.random.default_rng(int(row["key"])).standard_normal(dim).astype(np.float32)
+                    vector /= np.linalg.norm(vector)
                     sink.write(encode_feature_sample(row["key"], vector, vector[None], [row["caption"]], labels,
                                                      [NAMES[i] for i in labels], {"filter": "clip", "web_clip": score,
                                                                                   "synthetic_captions": ["a synthetic caption"]},
@@ -116,23 +124,32 @@ def demo_sized(tmp_path_factory):
 
 
 def chromium_driver():
-    """Headless Debian Chromium through its chromedriver (selenium). Without them: a skip naming the
-    packages, or a failure where CI is set (.ci/run installs them)."""
-    missing = [tool for tool in ("chromium", "chromedriver") if shutil.which(tool) is None]
-    if missing:
-        message = f"{' and '.join(missing)} not installed (apt-get install -y --no-install-recommends chromium chromium-driver)"
+    """Headless Debian Chromium through its chromedriver (selenium), as `launcher.report --screenshot`
+    starts it. Without them: a skip naming the packages, or a failure where CI is set (.ci/run installs them)."""
+    try:
+        return headless_chromium()
+    except UserError as missing:
         if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
 
-    options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1000", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.binary_location = shutil.which("chromium")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+def assert_renders_cleanly(page: Path, sections: list[str], min_images: int):
+    """Open `page` in Chromium: no console errors, at least `min_images` images and every one decoded,
+    exactly `sections` present (in order). The driver, for more checks; the caller quits it."""
+    driver = chromium_driver()
+    try:
+        driver.get(page.resolve().as_uri())
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+        widths = driver.execute_script("return Array.from(document.images).map(image => image.complete ? image.naturalWidth : 0)")
+        assert len(widths) >= min_images and min(widths) > 0
+        present = driver.execute_script("return Array.from(document.querySelectorAll('section.present')).map(s => s.id)")
+        assert present == sections
+    except BaseException:
+        driver.quit()
+        raise
+    return driver
 
 
 def test_the_demo_sized_report_renders_in_chromium_with_every_section_and_image(demo_sized, tmp_path):
@@ -140,21 +157,55 @@ def test_the_demo_sized_report_renders_in_chromium_with_every_section_and_image(
     page = out.read_text()
     assert "Every section present." in page and "<script" not in page and "http://" not in page.split("</style>")[1].replace(
         "http://www.w3.org/2000/svg", "").replace("http://127.0.0.1:1/", "")
-    driver = chromium_driver()
+    # filter grid (dropped + kept), held-out, retrieval
+    driver = assert_renders_cleanly(out, [sid for sid, _ in SECTIONS], 8 + 8 + 8 + 4)
     try:
-        driver.get(out.resolve().as_uri())
-        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        assert errors == []
-        widths = driver.execute_script("return Array.from(document.images).map(image => image.complete ? image.naturalWidth : 0)")
-        assert len(widths) >= 8 + 8 + 8 + 4 and min(widths) > 0  # filter grid (dropped + kept), held-out, retrieval
-        present = driver.execute_script("return Array.from(document.querySelectorAll('section.present')).map(s => s.id)")
-        assert present == [sid for sid, _ in SECTIONS]
         assert driver.execute_script("return document.querySelectorAll('svg').length") >= 8
         assert driver.execute_script("return document.querySelectorAll('#training line.marker').length") >= 1  # the resume at 30
-        screenshot = out.with_suffix(".png")
-        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
+        page_height = driver.execute_script("return document.documentElement.scrollHeight")
     finally:
         driver.quit()
+    # The screenshot beside the page, as the README's is made: the whole page, 1200 px wide; or its top.
+    from PIL import Image
+
+    screenshot = out.with_suffix(".png")
+    assert report_main([str(demo_sized), "--out", str(out), "--screenshot", str(screenshot)]) == out  # its own page: replaced
+    with Image.open(screenshot) as image:
+        assert image.size == (WINDOW_WIDTH, page_height) and page_height > 2000
+        assert sum(1 for count in image.convert("L").histogram() if count) > 20  # drawn, not a blank page
+    report_main([str(demo_sized), "--out", str(out), "--screenshot", str(screenshot), "--screenshot-height", "700"])
+    with Image.open(screenshot) as image:
+        assert image.size == (WINDOW_WIDTH, 700)
+
+
+def test_screenshot_without_a_browser_is_one_line_and_exit_2(demo_sized, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # a machine without chromium and chromedriver
+    with pytest.raises(SystemExit) as exited:
+        report_main([str(demo_sized), "--out", str(tmp_path / "report.html"), "--screenshot", str(tmp_path / "report.png")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: chromium and chromedriver not installed") and "apt-get install" in err
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "report.png").exists()
+
+
+def test_out_replaces_its_own_page_and_refuses_anything_else(demo_sized, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    report_main([str(demo_sized), "--out", str(out)])
+    assert GENERATOR_META in out.read_text()[:512]
+    out.write_text(out.read_text().replace("Every section present.", "an older page"))
+    assert "Every section present." in report_main([str(demo_sized), "--out", str(out)]).read_text()  # its own: replaced
+
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html><head><title>my notes</title></head><body>mine</body></html>")
+    (tmp_path / "folder.html").mkdir()
+    for target, what in ((notes, "a file"), (tmp_path / "folder.html", "a folder")):
+        with pytest.raises(SystemExit) as exited:
+            report_main([str(demo_sized), "--out", str(target)])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"error: --out {target} is {what} that is not a report vlpdist wrote") and "never overwritten" in err
+    assert notes.read_text() == "<html><head><title>my notes</title></head><body>mine</body></html>"
+    assert list((tmp_path / "folder.html").iterdir()) == []
 
 
 def _sections(page: str) -> dict[str, str]:

@@ -16,6 +16,11 @@ and why, never an exception):
 - bank: the `align/*` and `geodesic/*` TensorBoard scalars (when alignment is on);
 - ablation: `ablation.json` under the root.
 
+A page carries `GENERATOR_META` in its head: `write_report` replaces a file only when it is such a
+page, so a report path that names anything else is refused, never overwritten.
+`build_evaluation_report` is the held-out and retrieval sections alone, for one evaluation's result
+(`launcher.evaluate --report`).
+
 Bound: every grid is a fixed number of thumbnails (<= 96 px JPEG), every curve <= 400 points,
 label bars <= 30, tables <= 50 rows, captions cut at 200 characters, at most 64 decision files and
 16 shards' headers read: the page stays under 2 MB (a few hundred KB in practice) for any run.
@@ -29,6 +34,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlpdist.errors import UserError
 from vlpdist.report import svg
 from vlpdist.report.samples import member_index, members_by_key, read_members, thumbnails_for_keys
 
@@ -46,6 +52,9 @@ MAX_TEXT = 200
 SEED = 0
 CAPTION_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 TB_SIZE_GUIDANCE = 2000  # scalars kept per tag (TensorBoard's reservoir sampling): bounded memory and time
+GENERATOR = "vlpdist.report"
+GENERATOR_META = f'<meta name="generator" content="{GENERATOR}">'
+MARKER_WINDOW_BYTES = 512  # the marker sits right after <meta charset>, so a page is recognised from its first bytes
 
 
 class Missing(Exception):
@@ -382,10 +391,16 @@ def retrieval_html(result: dict, images: dict[str, str]) -> str:
     return "".join(parts)
 
 
+def evaluation_image_keys(result: dict) -> list[str]:
+    """The keys whose images the held-out grid and the retrieval examples show: the examples of
+    training's eval.json, or the first captions of `launcher.evaluate`'s result (which has no examples)."""
+    keys = [ex["key"] for ex in result.get("examples") or []][:HELDOUT_EXAMPLES]
+    keys = keys or [c["id"] for c in result.get("captions") or []][:HELDOUT_EXAMPLES]
+    return keys + [ex["key"] for ex in result.get("retrieval_examples") or [] if ex["key"] not in keys]
+
+
 def _evaluation_images(run: RunFiles, result: dict) -> dict[str, str]:
-    keys = [ex["key"] for ex in result.get("examples", [])[:HELDOUT_EXAMPLES]]
-    keys += [ex["key"] for ex in result.get("retrieval_examples") or []]
-    return thumbnails_for_keys(run.raw, keys) if run.raw else {}
+    return thumbnails_for_keys(run.raw, evaluation_image_keys(result)) if run.raw else {}
 
 
 def section_heldout(run: RunFiles) -> str:
@@ -453,22 +468,23 @@ def render_page(title: str, sections: list[tuple[str, str, str | None, str | Non
     body = "".join(f'<section id="{sid}" class="{"present" if content is not None else "missing"}"><h2>{html.escape(heading)}</h2>'
                    + (content if content is not None else f'<p class="missing">Missing: {_text(why, 400)}</p>') + "</section>"
                    for sid, heading, content, why in sections)
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>{STYLE}</style>"
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{GENERATOR_META}<title>{html.escape(title)}</title><style>{STYLE}</style>"
             f"</head><body><h1>{html.escape(title)}</h1>{summary}{body}</body></html>")
 
 
+def build_section(sid: str, heading: str, make) -> tuple[str, str, str | None, str | None]:
+    """(id, heading, body, None), or (id, heading, None, why) when `make()` finds nothing to show or fails."""
+    try:
+        return sid, heading, make(), None
+    except Missing as why:
+        return sid, heading, None, str(why)
+    except Exception as err:  # a damaged file costs its section, never the page
+        return sid, heading, None, f"could not be read: {type(err).__name__}: {err}"
+
+
 def build_sections(run: RunFiles, names=None) -> list[tuple[str, str, str | None, str | None]]:
-    out = []
-    for sid, heading in SECTIONS:
-        if names is not None and sid not in names:
-            continue
-        try:
-            out.append((sid, heading, BUILDERS[sid](run), None))
-        except Missing as why:
-            out.append((sid, heading, None, str(why)))
-        except Exception as err:  # a damaged file costs its section, never the page
-            out.append((sid, heading, None, f"could not be read: {type(err).__name__}: {err}"))
-    return out
+    return [build_section(sid, heading, lambda sid=sid: BUILDERS[sid](run))
+            for sid, heading in SECTIONS if names is None or sid in names]
 
 
 def build_report(path: Path) -> str:
@@ -476,7 +492,38 @@ def build_report(path: Path) -> str:
     return render_page(f"vlpdist run report: {path}", build_sections(run))
 
 
-def write_report(html_text: str, out: Path) -> Path:
+def build_evaluation_report(result: dict, images: dict[str, str], title: str) -> str:
+    """The held-out and retrieval sections of one evaluation's result (the keys of `launcher.evaluate`'s
+    JSON or of training's eval.json), `images` the thumbnails of `evaluation_image_keys(result)`."""
+    headings = dict(SECTIONS)
+    return render_page(title, [build_section("heldout", headings["heldout"], lambda: heldout_html(result, images)),
+                               build_section("retrieval", headings["retrieval"], lambda: retrieval_html(result, images))])
+
+
+def is_own_report(path: Path) -> bool:
+    """Whether the file at `path` is a page `render_page` wrote (its generator marker in the first bytes)."""
+    try:
+        with open(path, "rb") as handle:
+            return GENERATOR_META.encode() in handle.read(MARKER_WINDOW_BYTES)
+    except OSError:
+        return False
+
+
+def refuse_foreign_report(path: Path, option: str) -> None:
+    """A one-line `UserError` unless `path` is free or holds a report page written earlier (replaced then)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_file() and not path.is_symlink() and is_own_report(path):
+        return
+    what = "a folder" if path.is_dir() else "a link" if path.is_symlink() else "a file"
+    raise UserError(f"{option} {path} is {what} that is not a report vlpdist wrote (no generator mark {GENERATOR!r}): "
+                    "choose a new file name (it is never overwritten)")
+
+
+def write_report(html_text: str, out: Path, option: str = "--out") -> Path:
+    """Write the page atomically at `out`, refused (`refuse_foreign_report`) when `out` holds anything else."""
     from vlpdist.atomic import atomic_write_text
 
+    refuse_foreign_report(Path(out), option)
     return atomic_write_text(Path(out), html_text)

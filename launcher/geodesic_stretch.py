@@ -34,12 +34,13 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from vlpdist.atomic import refuse_foreign_output_file, write_output_json
 from vlpdist.config import AlignConfig
+from vlpdist.errors import exit_on_user_error
 from vlpdist.geodesic import GeodesicSnapshot, build_knn_index, search_knn
 from vlpdist.geodesic.graph import local_balls, pick_landmarks
 
@@ -205,6 +206,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+WRITER = "launcher.geodesic_stretch"  # names --out's file as this command's own, which a rerun may replace
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=65536)
@@ -214,18 +219,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--anchors", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-ms", type=float, default=None, help="an aligned training step in ms (launcher.bench.train)")
-    parser.add_argument("--out", default="geodesic_stretch.json")
+    parser.add_argument("--out", default="geodesic_stretch.json",
+                        help="JSON file: new, empty, or this command's earlier output (replaced atomically)")
     args = parser.parse_args(argv)
     if min(args.ks) < 1 or args.nodes <= max(args.ks) or min(args.landmarks) < 1 or args.anchors < 1:
         print("error: need nodes > k >= 1, landmarks >= 1 and anchors >= 1", file=sys.stderr)
         raise SystemExit(2)
+    refuse_foreign_output_file(args.out, WRITER, "--out")  # before minutes of measuring; checked again when written
     results = run(args.nodes, args.dim, args.ks, args.landmarks, args.anchors, args.seed, args.step_ms)
     table = markdown(results)
     print(table)
-    out = Path(args.out)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(results, indent=1) + "\n")
-    partial.replace(out)  # no partial file under the final name
+    write_output_json(args.out, results, WRITER, "--out")
     return results
 
 

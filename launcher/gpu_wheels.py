@@ -18,13 +18,16 @@ wheels and the working tree that travels with them exceed the 64 MiB carry limit
 `--from-installed` packs the wheels from this environment's installed files instead of downloading
 them (pure-Python packages only; for this Python, not the GPU machine's): the offline,
 deterministic form the CPU tests use.
+
+`--out` is new, empty, or this script's earlier output (its `vlpdist.atomic` marker): that is replaced
+atomically (staged beside it, swapped in), anything else refused with exit 2, and the staging folder is
+removed on every failure (a wheel that cannot be had, the carry limit).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -34,6 +37,8 @@ from hashlib import sha256
 from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
+
+from vlpdist.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_EXTRAS = ("process", "train", "faiss", "test")
@@ -49,6 +54,7 @@ PYTHON_VERSION = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 CARRY_LIMIT_BYTES = 64 * 2**20
 IMPORTS_FILE = "imports.txt"
+WRITER = "launcher.gpu_wheels"  # the marker's name for a wheel folder this script wrote
 
 
 def fail(message: str) -> NoReturn:
@@ -167,23 +173,32 @@ def fetch_wheel(name: str, out: Path) -> None:
         fail(f"no wheel of {pinned} for Python {PYTHON_VERSION}: {(done.stderr or built.stderr).strip().splitlines()[-1:]}")
 
 
-def travelling_tree_bytes() -> int:
-    """What travels with `.whl/` to the GPU machine: the tracked and untracked, not ignored files."""
+def travelling_tree_bytes(staging: Path) -> int:
+    """What travels with `.whl/` to the GPU machine: the tracked and untracked, not ignored files, less
+    `staging` (the wheels being built beside `.whl/`: git does not ignore that name, and they are counted once already)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
-    return sum((REPO / path).stat().st_size for path in listed if path and (REPO / path).is_file())
+    return sum((REPO / path).stat().st_size for path in listed
+               if path and (REPO / path).is_file() and not (REPO / path).resolve().is_relative_to(staging.resolve()))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / ".whl", help="the wheel folder (replaced as a whole)")
+    parser.add_argument("--out", type=Path, default=REPO / ".whl",
+                        help="the wheel folder: new, empty, or this script's earlier output (replaced as a whole)")
     parser.add_argument("--only", default=None, help="comma-separated distributions: a subset (see the module docstring)")
     parser.add_argument("--from-installed", action="store_true", help="pack this environment's pure-Python installs, no download")
     args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()) and not (args.out / IMPORTS_FILE).is_file():
-        print(f"error: {args.out} exists and was not written by this script (no {IMPORTS_FILE}); remove it or pick another --out",
-              file=sys.stderr)
-        return 2
+    try:
+        return build_wheel_folder(args)
+    except UserError as err:
+        fail(str(err))
+
+
+def build_wheel_folder(args: argparse.Namespace) -> int:
+    from vlpdist.atomic import refuse_foreign_output, replace_output_dir
+
+    refuse_foreign_output(args.out, WRITER, "--out")  # before any download
 
     present = on_gpu_machine()
     wanted = [normalize(name) for name in args.only.split(",")] if args.only else project_requirements()
@@ -196,30 +211,26 @@ def main(argv: list[str] | None = None) -> int:
     # GPU machine's own packages' dependencies are its business: its versions differ from these).
     checked = sorted(set(carried) | set(wanted))
 
-    staging = args.out.with_name(f".{args.out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in carried:
-        (pack_installed_wheel(name, staging) if args.from_installed else fetch_wheel(name, staging))
-    (staging / IMPORTS_FILE).write_text(
-        "# import name, distribution: every package the GPU paths use (launcher/gpu_run.sh imports each)\n"
-        + "".join(f"{module} {name}\n" for name in checked for module in import_names(name)))
+    # Staged beside --out and swapped in on success; any failure below (fail()'s SystemExit included) removes the staging.
+    with replace_output_dir(args.out, WRITER, "--out") as staging:
+        for name in carried:
+            (pack_installed_wheel(name, staging) if args.from_installed else fetch_wheel(name, staging))
+        (staging / IMPORTS_FILE).write_text(
+            "# import name, distribution: every package the GPU paths use (launcher/gpu_run.sh imports each)\n"
+            + "".join(f"{module} {name}\n" for name in checked for module in import_names(name)))
 
-    wheels = sorted(staging.glob("*.whl"), key=lambda path: path.stat().st_size, reverse=True)
-    wheel_bytes = sum(path.stat().st_size for path in wheels)
-    tree_bytes = travelling_tree_bytes()
-    for path in wheels:
-        print(f"{path.stat().st_size / 2**20:7.2f} MiB  {path.name}")
-    total = wheel_bytes + tree_bytes
-    print(f"{len(wheels)} wheels, {wheel_bytes / 2**20:.1f} MiB + the working tree {tree_bytes / 2**20:.1f} MiB = "
-          f"{total / 2**20:.1f} MiB of the {CARRY_LIMIT_BYTES / 2**20:.0f} MiB carry limit")
-    if total > CARRY_LIMIT_BYTES:
-        shutil.rmtree(staging)
-        print(f"error: the carry would be {total / 2**20:.1f} MiB, over the {CARRY_LIMIT_BYTES / 2**20:.0f} MiB limit "
-              f"(largest: {', '.join(path.name for path in wheels[:3])})", file=sys.stderr)
-        return 1
-    shutil.rmtree(args.out, ignore_errors=True)
-    staging.rename(args.out)
+        wheels = sorted(staging.glob("*.whl"), key=lambda path: path.stat().st_size, reverse=True)
+        wheel_bytes = sum(path.stat().st_size for path in wheels)
+        tree_bytes = travelling_tree_bytes(staging)
+        for path in wheels:
+            print(f"{path.stat().st_size / 2**20:7.2f} MiB  {path.name}")
+        total = wheel_bytes + tree_bytes
+        print(f"{len(wheels)} wheels, {wheel_bytes / 2**20:.1f} MiB + the working tree {tree_bytes / 2**20:.1f} MiB = "
+              f"{total / 2**20:.1f} MiB of the {CARRY_LIMIT_BYTES / 2**20:.0f} MiB carry limit")
+        if total > CARRY_LIMIT_BYTES:
+            print(f"error: the carry would be {total / 2**20:.1f} MiB, over the {CARRY_LIMIT_BYTES / 2**20:.0f} MiB limit "
+                  f"(largest: {', '.join(path.name for path in wheels[:3])})", file=sys.stderr)
+            raise SystemExit(1)  # out of the with: the staging goes, --out stays as it was
     print(f"wrote {args.out} ({len(checked)} packages checked on the GPU machine, {len(carried)} carried); "
           f"run with carry [\"{args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}\"]")
     return 0

@@ -9,9 +9,10 @@ import argparse
 import time
 from pathlib import Path
 
-from data_ingest.sources.demo_lm import make_demo_lm
+from data_ingest.sources.demo_lm import WRITER, make_demo_lm
 from data_ingest.sources.synthetic import generate_demo_samples
 from launcher.paths import DEFAULT_CONFIG
+from vlpdist.atomic import refuse_foreign_output
 from vlpdist.config import load_config
 from vlpdist.errors import exit_on_user_error
 
@@ -19,10 +20,12 @@ from vlpdist.errors import exit_on_user_error
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="launcher.make_demo_lm", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder to write the LM and tokenizer into")
+    parser.add_argument("--out", required=True, help="folder to write the LM and tokenizer into: new, empty, or an earlier "
+                                                     "launcher.make_demo_lm output (replaced atomically); any other is refused")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="its demo section says which captions")
     parser.add_argument("--steps", type=int, default=200, help="pretraining steps on the captions")
     args = parser.parse_args(argv)
+    refuse_foreign_output(args.out, WRITER, "--out")  # before the captions are generated
     config = load_config(args.config)
     captions = [sample.caption for sample in generate_demo_samples(config.demo)]
     started = time.perf_counter()

@@ -8,6 +8,9 @@ No hub here, so the demo makes its own "gpt2": a byte-level BPE tokenizer traine
 briefly on the caption text (a frozen *random* LM cannot be steered by a prefix; this mirrors GPT-2
 being pretrained), both saved with `save_pretrained`. The captioner then loads the folder through
 the same `from_pretrained(local_dir)` path it uses for "gpt2".
+
+The folder is marked as this builder's output (`vlpdist.atomic`): a rebuild replaces its own earlier
+folder atomically and refuses any other non-empty folder, which it never overwrites.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from vlpdist.atomic import atomic_path
+from vlpdist.atomic import refuse_foreign_output, replace_output_dir
 from vlpdist.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+WRITER = "launcher.make_demo_lm"  # the marker's name for a folder this builder wrote, whoever called it
 
 
 def train_caption_tokenizer(captions: list[str], vocab_size: int):
@@ -79,12 +83,16 @@ def make_demo_lm(
     steps: int = 200,
     batch_size: int = 32,
     seed: int = 0,
+    option: str = "--out",
 ) -> Path:
-    """Train tokenizer + tiny GPT-2 on `captions` and save both into `out_dir` (replaced as a whole, never half-written)."""
+    """Train tokenizer + tiny GPT-2 on `captions` and save both into `out_dir`: new, empty, or this
+    builder's earlier output (replaced as a whole, never half-written); any other folder is refused
+    before the training. `option` names the setting that chose `out_dir`, for the message."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if not captions:
         raise UserError("make_demo_lm needs at least one caption")
+    refuse_foreign_output(out_dir, WRITER, option)  # before the training: a refusal costs nothing
     torch.manual_seed(seed)
     tokenizer = train_caption_tokenizer(captions, vocab_size)
     config = GPT2Config(
@@ -102,7 +110,7 @@ def make_demo_lm(
     )
     lm = GPT2LMHeadModel(config)
     pretrain_on_captions(lm, tokenizer, captions, steps, batch_size, seed)
-    with atomic_path(out_dir) as staging:
+    with replace_output_dir(out_dir, WRITER, option) as staging:
         lm.eval().save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return Path(out_dir)

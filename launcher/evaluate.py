@@ -20,7 +20,11 @@ kept caption as the target); retrieval R@1/5/10 both ways over all references of
 (`vlpdist.eval.retrieval`: the COCO 5-caption protocol, ties ranked pessimistically), in the
 model's aligned embeddings. The tables print x100, the scale of the published COCO numbers; the
 published ClipCap row only for COCO-format references over the full Karpathy test size (5,000
-images). `--out` gets everything as JSON, atomically.
+images). `--out` gets everything as JSON, atomically. `--report <file>.html` also writes the run
+report's held-out and retrieval sections for this evaluation (`vlpdist.report.page`): greedy and
+beam captions beside the references and the images, the scores against the baselines, R@K and a few
+images' top-5 retrieved captions; the images come from the `--images` files, or for feature shards
+from the raw shards ingestion left beside them (`<root>/raw` of `<root>/features`).
 """
 
 from __future__ import annotations
@@ -224,6 +228,30 @@ def evaluate_images(captioner, baseline_lm, clip_model, prepare, clip_tokenizer,
     return {**merge_shares([share]), "skipped_images": skipped}
 
 
+def report_thumbnails(keys: list[str], shards: list[Path] | None = None,
+                      image_files: dict[str, Path] | None = None) -> dict[str, str]:
+    """{key: inline thumbnail} for the report: from the image files the references name, or for feature
+    shards from the raw shards of the same data root (feature keys are img2dataset's keys); a key whose
+    image is not found has none (the page says so in its place)."""
+    from data_ingest.download import RAW_DIRNAME
+    from vlpdist.report.samples import thumbnail_uri, thumbnails_for_keys
+
+    found: dict[str, str] = {}
+    if image_files is not None:
+        for key in keys:
+            path = image_files.get(key)
+            uri = thumbnail_uri(path.read_bytes()) if path is not None and path.is_file() else None
+            if uri is not None:
+                found[key] = uri
+        return found
+    for raw in dict.fromkeys(shard.resolve().parent.parent / RAW_DIRNAME for shard in shards or []):
+        wanted = [key for key in keys if key not in found]
+        if not wanted:
+            break
+        found.update(thumbnails_for_keys(raw, wanted))
+    return found
+
+
 def print_tables(result: dict, published: bool) -> None:
     from vlpdist.eval.scoring import format_caption_table, format_retrieval_table
 
@@ -265,12 +293,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_caption_tokens")
     parser.add_argument("--no-spice", action="store_true", help="skip SPICE even when its jars are present (it takes minutes)")
     parser.add_argument("--out", default="eval.json", help="JSON file for every number, the captions and the references")
+    parser.add_argument("--report", default=None, help="also write the report's held-out and retrieval sections to this HTML file")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
     if (args.features is None) == (args.references is None):
         raise UserError("give either --features or --references with --images")
     if args.references is not None and args.images is None:
         raise UserError("--references needs --images, the folder its file names are in")
+    if args.report is not None:
+        from vlpdist.report.page import refuse_foreign_report
+
+        refuse_foreign_report(Path(args.report), "--report")  # before the evaluation: a refusal costs nothing
     for flag, value in (("--beams", args.beams), ("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
@@ -290,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vlpdist.atomic import write_output_json
     from vlpdist.eval.scoring import published_clipcap_applies, score_heldout
+    from vlpdist.report.retrieval import retrieval_examples
     from vlpdist.train.evaluate import most_frequent_training_caption, retrieval_source
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -335,10 +369,21 @@ def main(argv: list[str] | None = None) -> dict:
                       "greedy": heldout["predictions"][key],
                       **({"beam": heldout["beam_predictions"][key]} if heldout["beam_predictions"] else {})}
                      for key, refs in heldout["references"].items()],
+        # A few images' top-5 retrieved references, for the report's retrieval section (as training's eval.json).
+        "retrieval_examples": retrieval_examples(heldout["embeddings"], heldout["references"]),
     }
     write_output_json(Path(args.out), result, WRITER, "--out")
     print_tables(result, published_clipcap_applies(args.references is not None, scored["reference_samples"]))
     print(f"\nwritten to {args.out}", flush=True)
+    if args.report is not None:
+        from vlpdist.report.page import build_evaluation_report, evaluation_image_keys, write_report
+
+        keys = evaluation_image_keys(result)
+        images_for_keys = (report_thumbnails(keys, image_files={key: Path(args.images) / name for key, name in images})
+                           if args.references is not None else report_thumbnails(keys, shards=shards))
+        write_report(build_evaluation_report(result, images_for_keys, f"vlpdist evaluation report: {described}"),
+                     Path(args.report), "--report")
+        print(f"report written to {args.report}", flush=True)
     return result
 
 

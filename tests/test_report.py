@@ -284,3 +284,38 @@ def test_thumbnails_read_the_members_asked_for_not_the_shard(tmp_path):
     found = thumbnails_for_keys(raw, ["000000007", "000000500", "000000999"])
     assert sorted(found) == ["000000007", "000000500", "000000999"]
     assert read_bytes() - before < size / 10  # headers: ~1.5 KB of each 66 KB member
+
+
+def test_evaluate_report_shows_an_exports_heldout_captions_and_retrievals(tmp_path, tiny_lm, tiny_clip, capsys):
+    """`launcher.evaluate --report` on an export over the held-out feature shard of a data root: the
+    page's two sections read the evaluation (greedy and beam captions beside references and the raw
+    shards' images, scores beside the most-frequent-caption baseline, top-5 retrievals), in Chromium."""
+    from export_fixtures import CLIP_DIM, trained_run
+
+    checkpoint, _ = trained_run(tmp_path / "run", tiny_lm, tiny_clip, tuned=False)
+    export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")])
+    root = tmp_path / "root"
+    write_feature_shards(root, write_raw_shards(root, 24, 12), random.Random(0), dim=CLIP_DIM)
+    page = tmp_path / "eval_report.html"
+    result = evaluate_main(["--model", str(tmp_path / "export"), "--features", str(root / "features" / "00001.tar"),
+                            "--train-features", str(root / "features" / "00000.tar"), "--beams", "2", "--no-spice",
+                            "--out", str(tmp_path / "eval.json"), "--report", str(page)])
+    assert f"report written to {page}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["retrieval_examples"] == result["retrieval_examples"]
+    assert len(result["retrieval_examples"]) == 4 and all(len(ex["top"]) == 5 for ex in result["retrieval_examples"])
+    text = page.read_text()
+    assert GENERATOR_META in text[:512] and "image not found" not in text
+    shown = result["captions"][:8]
+    for row in shown:
+        assert f"greedy: {row['greedy']}" in text and f"beam: {row['beam']}" in text and f"ref: {row['references'][0]}" in text
+    assert "<td>most-frequent caption</td>" in text and "<td>beam 2</td>" in text and "R@10" in text
+    driver = assert_renders_cleanly(page, ["heldout", "retrieval"], len(shown) + 4)
+    driver.quit()
+
+    # Its own earlier page is replaced; any other file at --report is refused before the model is loaded.
+    (tmp_path / "mine.html").write_text("mine")
+    with pytest.raises(SystemExit) as exited:
+        evaluate_main(["--model", str(tmp_path / "missing"), "--features", str(root / "features"), "--report", str(tmp_path / "mine.html")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"error: --report {tmp_path / 'mine.html'} is a file that is not a report")
+    assert (tmp_path / "mine.html").read_text() == "mine"

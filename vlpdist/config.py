@@ -141,6 +141,16 @@ class ProcessConfig:
     """Longest synthetic caption, in tokens."""
     caption_policy: str = "web_and_synthetic"
     """Which passing captions are kept: web, synthetic, web_and_synthetic, web_else_synthetic."""
+    paraphraser: str = ""
+    """Paraphrases of every kept caption and question, written beside them (issue 18 item 6): "" = off,
+    "synthetic" (the demo world's own phrasings, parsed from the text), or a Hugging Face seq2seq
+    paraphrase model by name or local folder (e.g. tuner007/pegasus_paraphrase)."""
+    num_paraphrases: int = 3
+    """k: paraphrases written per kept caption and per question (fewer when the backend finds fewer distinct ones)."""
+    paraphrase_beams: int = 10
+    """Beam width of a seq2seq paraphraser (>= num_paraphrases): its first k distinct beams are kept."""
+    paraphrase_max_tokens: int = 60
+    """Longest text a seq2seq paraphraser reads and longest paraphrase it writes, in tokens."""
     vocab: str = "coco80"
     """Object vocabulary: a shipped name (coco80, demo_shapes) or a file, one category per line."""
     demo_truth: str = ""
@@ -285,6 +295,10 @@ class TrainConfig:
     answer_target: str = "sample"
     """The answer a question is taught each time it is read: sample (drawn by the human answers'
     frequency) or most_common (the most frequent, ties by first occurrence)."""
+    paraphrase_prob: float = 0.0
+    """Probability that a caption (or question) is trained as one of its paraphrases (written by
+    process.paraphraser) instead of itself; a sample without paraphrases trains its original.
+    The alignment text and held-out evaluation always use the originals."""
 
 
 @dataclass
@@ -580,6 +594,8 @@ def _check_values(config: Config) -> None:
         raise UserError("config key 'model.max_answer_tokens' must be >= 1")
     if not 0.0 <= config.train.question_fraction <= 1.0:
         raise UserError("config key 'train.question_fraction' must be in [0, 1]")
+    if not 0.0 <= config.train.paraphrase_prob <= 1.0:
+        raise UserError("config key 'train.paraphrase_prob' must be in [0, 1]")
     if config.train.answer_target not in ("sample", "most_common"):
         raise UserError(f"config key 'train.answer_target' is {config.train.answer_target!r}; expected one of ['most_common', 'sample']")
     # numpy's generators (shard order, shuffling) refuse a negative seed: here, not in a loader worker hours in.

@@ -3,7 +3,8 @@
 `run_process(config)` starts Ray in-process (`process.ray_address: ""`) or joins a cluster
 ("auto" / an address), starts one `ShardProcessor` actor per `cpus_per_task`/`gpus_per_task`
 slot the cluster has (on GPUs, one per GPU: each holds its models on the device Ray gave it),
-hands every raw shard without a finished feature shard to the next idle actor, retries a shard
+hands every raw shard without a finished feature shard (finished with this run's paraphrase settings,
+`shard_is_done`) to the next idle actor, retries a shard
 whose actor died or whose read hit a transient `OSError` (`max_retries`) while the other shards
 go on, and aggregates the per-shard stats: samples in/out, failures by reason, decisions,
 throughput and, given ground truth, the filter's precision and recall in catching mismatched
@@ -32,12 +33,14 @@ from vlpdist.data.provenance import write_provenance
 from vlpdist.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SUMMED_STATS = ("raw_samples", "written", "dropped_by_filter", "captions_kept", "synthetic_captions_kept", "questions_written")
+SUMMED_STATS = ("raw_samples", "written", "dropped_by_filter", "captions_kept", "synthetic_captions_kept", "questions_written",
+                "paraphrases_written")
 """Per-shard stats that the stage summary adds up over shards."""
 
 
 def check_process_config(settings: ProcessConfig) -> None:
     from data_ingest.process.capfilt import FILTERS, POLICIES
+    from data_ingest.process.paraphrase import check_paraphraser_settings
 
     choices = {
         "process.filter": (settings.filter, FILTERS),
@@ -58,6 +61,7 @@ def check_process_config(settings: ProcessConfig) -> None:
         raise UserError("config key 'process.caption_policy' is 'synthetic' but no process.captioner is set")
     if settings.demo_truth and not Path(settings.demo_truth).is_file():
         raise UserError(f"config key 'process.demo_truth': file {settings.demo_truth} does not exist")
+    check_paraphraser_settings(settings)
 
 
 def _check_inputs_exist(settings: ProcessConfig) -> None:
@@ -70,6 +74,16 @@ def _check_inputs_exist(settings: ProcessConfig) -> None:
     for key, blip in (("process.captioner", settings.captioner),
                       ("process.itm_model", settings.itm_model if settings.filter == "itm" else "")):
         check_blip_folder(key, blip)
+
+
+def shard_is_done(features_dir: Path, shard_name: str, settings: ProcessConfig) -> bool:
+    """Whether a shard's features are finished for these settings: its stats file exists and records
+    the run's paraphrase settings (a stats file from before paraphrasing existed records none, as
+    does a run with paraphrasing off). A shard made with other paraphrase settings is done again."""
+    from data_ingest.process.paraphrase import paraphrase_signature
+
+    path = stats_path(features_dir, shard_name)
+    return path.is_file() and json.loads(path.read_text()).get("paraphrase") == paraphrase_signature(settings)
 
 
 def _record_label_vocabulary(features_dir: Path, settings: ProcessConfig) -> None:
@@ -344,7 +358,9 @@ def run_process(config: Config) -> dict:
     refuse_other_provenance(features_dir, provenance)
     features_dir.mkdir(parents=True, exist_ok=True)
     _record_label_vocabulary(features_dir, settings)
-    pending = [raw for raw in raw_shards if not stats_path(features_dir, raw.stem).is_file()]
+    pending = [raw for raw in raw_shards if not shard_is_done(features_dir, raw.stem, settings)]
+    for raw in pending:  # a stats file made with other settings: the shard is not done until its new one is written
+        stats_path(features_dir, raw.stem).unlink(missing_ok=True)
     started = time.time()
     finished_stats: list[dict] = []
     errors: dict[str, str] = {}
@@ -385,7 +401,8 @@ def print_summary(summary: dict) -> None:
         f"+ dropped by filter {summary.get('dropped_by_filter', 0)} + failed {sum(summary['failed'].values())} "
         f"{summary['failed']}",
         f"[process] decisions {summary['decisions']}; captions kept {summary.get('captions_kept', 0)} "
-        f"(synthetic {summary.get('synthetic_captions_kept', 0)}); question samples written {summary.get('questions_written', 0)}",
+        f"(synthetic {summary.get('synthetic_captions_kept', 0)}); question samples written {summary.get('questions_written', 0)}; "
+        f"paraphrases written {summary.get('paraphrases_written', 0)}",
     ]
     if summary["samples_per_second"] is not None:
         lines.append(f"[process] throughput {summary['samples_per_second']} samples/s ({summary['wall_seconds']} s wall)")

@@ -4,7 +4,7 @@ A task streams its shard. A first pass over `raw/NNNNN.tar` (a plain tar, as img
 it) notes where each member's bytes lie and where the archive ends early, if it does. Then a torch
 `DataLoader` reads the samples in key order, a chunk of `batch_size` at a time, and its worker
 processes decode the images and run every model's image preprocessing (the clip-retrieval habit),
-while the task's own thread runs CLIP, the captioner and the filter on batches. So a task holds a
+while the task's own thread runs CLIP, the captioner, the filter and the paraphraser on batches. So a task holds a
 few chunks of images, never the whole shard, and a GPU is fed while the next chunks decode. The
 loader gets `process.loader_workers` workers (default `floor(process.cpus_per_task) - 1`): one CPU drives the models, the others
 decode (with one CPU the loader runs in the task's thread). The workers are started once per task
@@ -384,15 +384,17 @@ def _as_is(chunk: DecodedChunk) -> DecodedChunk:
 
 
 def load_models(settings: ProcessConfig, device: str) -> dict:
-    """CLIP, captioner and ITM models on `device`, and the label vocabulary."""
+    """CLIP, captioner, ITM and paraphrase models on `device`, and the label vocabulary."""
     from data_ingest.process.capfilt import load_captioner, load_itm
     from data_ingest.process.clip_model import load_clip
     from data_ingest.process.labels import load_vocabulary
+    from data_ingest.process.paraphrase import load_paraphraser
 
     return {
         "clip": load_clip(settings.clip_model, settings.clip_pretrained, device),
         "captioner": load_captioner(settings.captioner, device) if settings.captioner else None,
         "itm": load_itm(settings.itm_model, device) if settings.filter == "itm" else None,
+        "paraphraser": load_paraphraser(settings.paraphraser, device) if settings.paraphraser else None,
         "vocab": load_vocabulary(settings.vocab),
     }
 
@@ -465,8 +467,25 @@ def _score_candidates(batch: list[DecodedSample], image_BD: np.ndarray, owners: 
     return text_ND, clip_N, itm_N, passes_N
 
 
+def _add_paraphrases(results: list[dict], settings: ProcessConfig, models, device: str) -> None:
+    """Each result's `caption_paraphrases` (one list per kept caption) and `question_paraphrases`
+    (None: not a question sample), from one paraphraser call over the batch's texts; nothing when paraphrasing is off."""
+    from data_ingest.process.paraphrase import paraphrase_texts
+    from vlpdist.data.question_answer import QUESTION
+
+    if models.get("paraphraser") is None:
+        return
+    texts = [text for result in results for text in result["kept_captions"]]
+    texts += [result["sample"].qa[QUESTION] for result in results if result["sample"].qa]
+    found = iter(paraphrase_texts(models["paraphraser"], texts, settings, device))
+    by_caption = [[next(found) for _ in result["kept_captions"]] for result in results]
+    for result, caption_paraphrases in zip(results, by_caption):
+        result["caption_paraphrases"] = caption_paraphrases
+        result["question_paraphrases"] = next(found) if result["sample"].qa else None
+
+
 def _process_batch(batch: list[DecodedSample], settings: ProcessConfig, models, device: str) -> list[dict]:
-    """CLIP + CapFilt + labels for a batch of decoded samples -> one result dict per sample."""
+    """CLIP + CapFilt + labels (+ paraphrases) for a batch of decoded samples -> one result dict per sample."""
     from data_ingest.process.capfilt import apply_caption_policy
     from data_ingest.process.clip_model import encode_images
     from data_ingest.process.clip_model import encode_texts
@@ -516,7 +535,9 @@ def _process_batch(batch: list[DecodedSample], settings: ProcessConfig, models, 
             "kept_text_CD": alignment_ND[asked.index(index)][None] if question_only else text_ND[kept_rows],
             "question_only": question_only,
             "labels": labels, "label_names": [models["vocab"].names[label] for label in labels],
+            "caption_paraphrases": None, "question_paraphrases": None,
         })
+    _add_paraphrases(results, settings, models, device)
     return results
 
 
@@ -550,6 +571,8 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
     (None: workers of its own, stopped at the end); returns (and writes) the shard's stats."""
     import webdataset as wds
 
+    from data_ingest.process.paraphrase import paraphrase_signature
+
     started = time.time()
     raw_path, out_dir = Path(raw_tar), Path(features_dir)
     shard_name = raw_path.name.split(".")[0]
@@ -571,7 +594,7 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
             yield chunk
 
     processed_rows: list[dict] = []
-    decision_counts, captions_kept, synthetic_kept, questions_written = Counter(), 0, 0, 0
+    decision_counts, captions_kept, synthetic_kept, questions_written, paraphrases_written = Counter(), 0, 0, 0, 0
     with atomic_path(feature_tar) as staged_tar, wds.TarWriter(str(staged_tar)) as sink:
         for batch in _batches(counted(loader), settings.batch_size):
             for result in _process_batch(batch, settings, models, device):
@@ -587,7 +610,10 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
                         captions=result["kept_captions"], labels=result["labels"], label_names=result["label_names"],
                         scores=result["scores"], decision=decision, url=sample.url,
                         original_caption=sample.caption, qa=sample.qa,
+                        caption_paraphrases=result["caption_paraphrases"], question_paraphrases=result["question_paraphrases"],
                     ))
+                    paraphrases_written += sum(map(len, result["caption_paraphrases"] or []))
+                    paraphrases_written += len(result["question_paraphrases"] or [])
                     captions_kept += len(choice.kept)
                     synthetic_kept += len(choice.kept_synthetic)
                     sink.tarstream.members = []  # tarfile keeps every header it wrote; nothing reads them back
@@ -611,6 +637,8 @@ def _run_shard(raw_tar: str, features_dir: str, settings: ProcessConfig, models:
         "captions_kept": captions_kept,
         "synthetic_captions_kept": synthetic_kept,
         "questions_written": questions_written,
+        "paraphrases_written": paraphrases_written,
+        "paraphrase": paraphrase_signature(settings),  # a run with other paraphrase settings processes the shard again
         "tar_error": index.tar_error,
         "device": device,
         "seconds": round(time.time() - started, 3),
@@ -648,7 +676,7 @@ def process_shard(raw_tar: str, features_dir: str, settings: ProcessConfig) -> d
     loaded once per process and model settings."""
     device = pick_device(settings)
     cache_key = (settings.clip_model, settings.clip_pretrained, settings.captioner, settings.filter,
-                 settings.itm_model, settings.vocab, device)
+                 settings.itm_model, settings.paraphraser, settings.vocab, device)
     if cache_key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         _MODEL_CACHE[cache_key] = load_models(settings, device)

@@ -352,3 +352,106 @@ def demo_url_rows(samples: list[DemoSample], config: DemoDataConfig, base_url: s
         }
         rows.insert(rng.randrange(len(rows) + 1), row)
     return rows
+
+
+# -- Alternative phrasings (issue 18 item 6: the demo's paraphrase backend) ------------------------
+#
+# The processing stage sees a sample's text only, never the scene it came from (a web caption may
+# even describe another image), so these functions parse the text back through the grammar above
+# and say the same thing in other words: the same objects, colours and left-to-right order, or the
+# same question with the same answer. Text the grammar did not make gets no phrasings.
+
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five")
+
+
+def parse_scene_caption(text: str) -> tuple[tuple[str, str], ...] | None:
+    """The inverse of `scene_caption`: (colour, shape) of each object left to right, or None when
+    `text` is not a caption the grammar makes."""
+    text = " ".join(text.strip().lower().split())
+    if text.endswith(" from left to right"):
+        head, joined, last = text[: -len(" from left to right")].rpartition(" and ")
+        phrases = head.split(", ") + [last] if joined else []
+    elif " left of " in text:
+        phrases = text.split(" left of ")
+    else:
+        phrases = [text]
+    objects = []
+    for phrase in phrases:
+        words = phrase.split(" ")
+        if len(words) != 3 or words[1] not in COLORS or words[2] not in SHAPES or words[0] != _article(words[1]):
+            return None
+        objects.append((words[1], words[2]))
+    if not objects or scene_caption(tuple(objects)) != text:  # e.g. "a x left of a y left of a z" is no grammar caption
+        return None
+    return tuple(objects)
+
+
+def _listed(phrases: list[str]) -> str:
+    return f"{', '.join(phrases[:-1])} and {phrases[-1]}"
+
+
+def caption_phrasings(objects: tuple[tuple[str, str], ...]) -> list[str]:
+    """Other correct captions of the scene than `scene_caption` gives (at least five, in a fixed order):
+    each names every object with its colour and keeps (or explicitly reverses) the left-to-right order."""
+    phrases = [_phrase(color, shape) for color, shape in objects]
+    count = COUNT_WORDS[len(objects)] if len(objects) < len(COUNT_WORDS) else str(len(objects))
+    if len(objects) == 1:
+        (color, shape), = objects
+        return [f"one {color} {shape}", f"a single {color} {shape}", f"there is {phrases[0]}",
+                f"{phrases[0]} on its own", f"a picture of {phrases[0]}", f"an image showing {phrases[0]}"]
+    if len(objects) == 2:
+        first, second = phrases
+        return [f"{second} right of {first}", f"{first} to the left of {second}",
+                f"{first} and {second} from left to right", f"{second} and {first} from right to left",
+                f"{first} on the left and {second} on the right", f"two shapes: {first} left of {second}"]
+    return [f"from left to right: {_listed(phrases)}", f"{_listed(phrases[::-1])} from right to left",
+            ", then ".join(phrases), f"{count} shapes from left to right: {_listed(phrases)}",
+            f"{phrases[0]} on the left, then {', then '.join(phrases[1:-1])}, and {phrases[-1]} on the right",
+            f"{count} shapes in a row from left to right: {', '.join(phrases)}"]
+
+
+_QUESTION_PATTERNS = (
+    # (question grammar of `_ask`, its other phrasings); the groups are what the phrasings repeat.
+    (r"what color is the (\w+)\?", ("what colour is the {0}?", "which color is the {0}?", "what is the color of the {0}?",
+                                     "the {0} is what color?", "what color does the {0} have?")),
+    (r"how many shapes are there\?", ("how many shapes are in the picture?", "how many shapes can you see?",
+                                      "what is the number of shapes?", "how many objects are there?",
+                                      "count the shapes: how many are there?")),
+    (r"how many (\w+) shapes are there\?", ("how many {0} shapes are in the picture?", "how many {0} shapes can you see?",
+                                            "what is the number of {0} shapes?", "how many {0} objects are there?",
+                                            "how many shapes are {0}?")),
+    (r"what is (left|right) of the (\w+) (\w+)\?", ("what is to the {0} of the {1} {2}?", "what shape is {0} of the {1} {2}?",
+                                                    "which shape is to the {0} of the {1} {2}?",
+                                                    "what is just {0} of the {1} {2}?",
+                                                    "what does the {1} {2} have to its {0}?")),
+    (r"is there (?:a|an) (\w+)\?", ("is there any {0}?", "can you see {1} {0}?", "does the picture show {1} {0}?",
+                                    "is {1} {0} in the picture?", "does the image contain {1} {0}?")),
+)
+
+
+def question_phrasings(question: str) -> list[str]:
+    """Other phrasings of a question `make_question` asks, with the same answer (five, in a fixed
+    order); [] for a question it does not ask."""
+    import re
+
+    text = " ".join(question.strip().lower().split())
+    for pattern, phrasings in _QUESTION_PATTERNS:
+        match = re.fullmatch(pattern, text)
+        if match is None:
+            continue
+        words = match.groups()
+        if any(word not in COLORS and word not in SHAPES and word not in ("left", "right") for word in words):
+            return []
+        arguments = (*words, _article(words[-1])) if words else ()
+        return [phrasing.format(*arguments) for phrasing in phrasings]
+    return []
+
+
+def alternative_phrasings(text: str, count: int) -> list[str]:
+    """Up to `count` correct rephrasings of a demo caption or question, chosen from its phrasings by
+    a generator seeded with the text (so the same text always gets the same ones, in the same order)."""
+    import zlib
+
+    objects = parse_scene_caption(text)
+    phrasings = caption_phrasings(objects) if objects is not None else question_phrasings(text)
+    return random.Random(zlib.crc32(text.encode("utf-8"))).sample(phrasings, min(count, len(phrasings)))

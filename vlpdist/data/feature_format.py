@@ -12,6 +12,10 @@ Each sample, keyed by its raw sample key, holds:
   scores (every filter score), decision, source_key, url, original_caption; and for a question
   sample (issue 18) the `vlpdist.data.question_answer` keys: question, answers (list of str),
   question_type and answer_type when known. Absent keys mean a caption sample only.
+  With paraphrasing on (`process.paraphraser`, issue 18 item 6): `caption_paraphrases`, one list
+  of up to k paraphrases per kept caption (in the order of `captions`), and for a question sample
+  `question_paraphrases`, up to k paraphrases of its question. They are marked by their keys,
+  never mixed into `captions`; shards without them (paraphrasing off, older shards) read as none.
 
 A question sample may keep no caption (VQAv2 rows have none): `captions` is then empty and
 `txt.npy` holds ONE row, the CLIP text embedding of its alignment text
@@ -58,6 +62,8 @@ class FeatureSample:
     url: str = ""
     original_caption: str = ""
     qa: dict[str, Any] = field(default_factory=dict)  # question, answers, question_type, answer_type; {} for captions only
+    caption_paraphrases: list[list[str]] = field(default_factory=list)  # per kept caption; [] when none were written
+    question_paraphrases: list[str] = field(default_factory=list)  # of qa["question"]; [] when none were written
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -84,9 +90,12 @@ def encode_feature_sample(
     url: str,
     original_caption: str,
     qa: dict[str, Any] | None = None,
+    caption_paraphrases: list[list[str]] | None = None,
+    question_paraphrases: list[str] | None = None,
 ) -> dict[str, Any]:
     """A dict ready for `webdataset.TarWriter.write`. Checks shapes and the C >= 1 rule (a question
-    sample without captions has C = 1: its alignment text's embedding). `qa`: `question_answer.qa_fields`."""
+    sample without captions has C = 1: its alignment text's embedding). `qa`: `question_answer.qa_fields`.
+    Paraphrases (None: not written): one list per kept caption, and a list for the question."""
     image_D = np.asarray(image_embedding, dtype=np.float16)
     text_CD = np.atleast_2d(np.asarray(text_embeddings, dtype=np.float16))
     if image_D.ndim != 1:
@@ -99,6 +108,15 @@ def encode_feature_sample(
     expected = len(captions) if captions or not qa else 1
     if expected == 0 or expected != text_CD.shape[0]:
         raise ValueError(f"need one text embedding per kept caption (>= 1): {len(captions)} vs {text_CD.shape[0]}")
+    paraphrases = {}
+    if caption_paraphrases is not None:
+        if len(caption_paraphrases) != len(captions):
+            raise ValueError(f"need one list of paraphrases per kept caption: {len(captions)} vs {len(caption_paraphrases)}")
+        paraphrases["caption_paraphrases"] = [[str(text) for text in texts] for texts in caption_paraphrases]
+    if question_paraphrases is not None:
+        if not qa:
+            raise ValueError("question paraphrases need a question sample")
+        paraphrases["question_paraphrases"] = [str(text) for text in question_paraphrases]
     meta = {
         "captions": list(captions),
         "labels": sorted({int(label) for label in labels}),
@@ -109,6 +127,7 @@ def encode_feature_sample(
         "url": url,
         "original_caption": original_caption,
         **qa,
+        **paraphrases,
     }
     return {
         "__key__": key,
@@ -136,6 +155,8 @@ def decode_feature_sample(sample: dict[str, Any]) -> FeatureSample:
         url=meta.get("url", ""),
         original_caption=meta.get("original_caption", ""),
         qa=qa_fields(meta),
+        caption_paraphrases=[list(texts) for texts in meta.get("caption_paraphrases", [])],
+        question_paraphrases=list(meta.get("question_paraphrases", [])),
     )
 
 

@@ -316,15 +316,17 @@ def sample_id_of(key: str) -> int:
 
 @dataclass(frozen=True)
 class QuestionSampling:
-    """How the loader turns samples with a question into training rows (train.question_fraction,
-    train.answer_target): a question-only sample always trains as its question, a sample with a
+    """How the loader turns samples into training rows (train.question_fraction, train.answer_target,
+    train.paraphrase_prob): a question-only sample always trains as its question, a sample with a
     caption and a question as the question with probability `fraction`, the answer drawn by
-    `answer_target` ("sample" | "most_common"); both drawn from (seed, epoch, key), so a resumed run
-    and any rank or worker layout make the same choices."""
+    `answer_target` ("sample" | "most_common"); the caption or question is then swapped for one of
+    its paraphrases with probability `paraphrase_prob`. All drawn from (seed, epoch, key), so a
+    resumed run and any rank or worker layout make the same choices."""
 
     fraction: float = 0.5
     answer_target: str = "sample"
     seed: int = 0
+    paraphrase_prob: float = 0.0
 
 
 LmInputs = Callable[[list[str], list[str | None], list[str | None]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -349,6 +351,8 @@ def _decode(sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         "clip_text": feature.text_embeddings[choice],
         "clip_texts": feature.text_embeddings,
         "caption": captions[choice] if captions else alignment_text(qa[QUESTION], qa[ANSWERS]),
+        "caption_paraphrases": feature.caption_paraphrases[choice] if feature.caption_paraphrases else [],
+        "question_paraphrases": feature.question_paraphrases,
         "caption_index": choice,
         "captions": captions,
         "labels": feature.labels,
@@ -372,6 +376,29 @@ def choose_tasks(samples: list[dict[str, Any]], sampling: QuestionSampling, epoc
     return questions, answers
 
 
+_PARAPHRASE_STREAM = 1
+"""Extra seed word of the paraphrase draws, so they do not shift `choose_tasks`'s draws (same seed, epoch, key)."""
+
+
+def choose_paraphrases(samples: list[dict[str, Any]], questions: list[str | None], sampling: QuestionSampling,
+                       epoch: int) -> tuple[list[str], list[str | None], list[bool]]:
+    """(the caption each sample's LM is taught, its question, whether that text is a paraphrase):
+    a question row swaps its question, a caption row its caption, for one of its paraphrases with
+    probability `sampling.paraphrase_prob` (a text without paraphrases stays itself)."""
+    captions, asked, paraphrased = [], [], []
+    for sample, question in zip(samples, questions):
+        choices = sample.get("question_paraphrases", []) if question is not None else sample.get("caption_paraphrases", [])
+        swap, text = False, None
+        if choices and sampling.paraphrase_prob > 0:
+            rng = np.random.default_rng([sampling.seed, epoch, zlib.crc32(sample["key"].encode()), _PARAPHRASE_STREAM])
+            swap = bool(rng.random() < sampling.paraphrase_prob)
+            text = choices[int(rng.integers(len(choices)))] if swap else None
+        captions.append(text if swap and question is None else sample["caption"])
+        asked.append(text if swap and question is not None else question)
+        paraphrased.append(swap)
+    return captions, asked, paraphrased
+
+
 def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = None, lm_inputs: LmInputs | None = None,
                      sampling: QuestionSampling | None = None, epoch: int = 0) -> dict[str, Any]:
     """Decoded samples -> a batch: `clip` (B, D) float32, `clip_text` (B, D) the chosen captions' CLIP
@@ -382,7 +409,12 @@ def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = 
     With `lm_inputs` (questions in training): `is_question` (B,) bool, `question` / `answer` lists
     (None for caption rows), and `input_ids` / `attention_mask` / `target_mask` are the LM's input
     (`[prompt | answer]` for question rows), while `text_ids` / `text_mask` (from `tokenize`) are the
-    alignment text: the caption, or for a question-only sample its `alignment_text`."""
+    alignment text: the caption, or for a question-only sample its `alignment_text`.
+
+    With `sampling.paraphrase_prob` > 0, the LM's input may be a paraphrase (`choose_paraphrases`):
+    `question` is then the paraphrased question, `trained_caption` the caption the LM is taught and
+    `paraphrased` (B,) bool marks those rows. `caption` and the alignment text stay the originals:
+    their CLIP text embedding and cached LM features (keyed by sample and caption index) are the originals'."""
     longest = max(1, max(len(sample["labels"]) for sample in samples))
     label_ids = torch.full((len(samples), longest), -1, dtype=torch.long)
     for row, sample in enumerate(samples):
@@ -400,10 +432,14 @@ def collate_features(samples: list[dict[str, Any]], tokenize: Tokenize | None = 
         "qa": [sample.get("qa") or {} for sample in samples],
     }
     if lm_inputs is not None:
-        questions, answers = choose_tasks(samples, sampling or QuestionSampling(), epoch)
-        batch["question"], batch["answer"] = questions, answers
-        batch["is_question"] = torch.tensor([question is not None for question in questions], dtype=torch.bool)
-        batch["input_ids"], batch["attention_mask"], batch["target_mask"] = lm_inputs(batch["caption"], questions, answers)
+        sampling = sampling or QuestionSampling()
+        questions, answers = choose_tasks(samples, sampling, epoch)
+        is_question = [question is not None for question in questions]
+        trained_captions, questions, paraphrased = choose_paraphrases(samples, questions, sampling, epoch)
+        batch["question"], batch["answer"], batch["trained_caption"] = questions, answers, trained_captions
+        batch["is_question"] = torch.tensor(is_question, dtype=torch.bool)
+        batch["paraphrased"] = torch.tensor(paraphrased, dtype=torch.bool)
+        batch["input_ids"], batch["attention_mask"], batch["target_mask"] = lm_inputs(trained_captions, questions, answers)
         if tokenize is not None:
             batch["text_ids"], batch["text_mask"] = tokenize(batch["caption"])
     elif tokenize is not None:

@@ -46,7 +46,8 @@ def evaluate_heldout(
     batches = list(iterate_heldout(heldout_shards, batch_size, num_samples, rank, world_size))
     # The longest share (rank 0's) decides how many forwards every rank runs.
     rounds = math.ceil(math.ceil(num_samples / world_size) / batch_size)
-    filler = batches[0] if batches else next(iterate_heldout(heldout_shards, batch_size, 1))
+    # A question-only first sample is skipped by iterate_heldout: the filler is the first captioned one.
+    filler = batches[0] if batches else next(iterate_heldout(heldout_shards, batch_size, num_samples))
     for index in range(rounds):
         real = index < len(batches)
         batch = batches[index] if real else filler
@@ -202,4 +203,75 @@ def score_captions(heldout: dict, baseline_caption: str, *, meteor: bool | None 
                       "generated": heldout["predictions"][key]} for key in keys],
         # A few images' top-5 references for the run report (`launcher.report`).
         "retrieval_examples": retrieval_examples(heldout["embeddings"], heldout["references"]),
+    }
+
+
+def most_common_training_answers(train_shards: list[Path], max_samples: int = BASELINE_TRAINING_SAMPLES) -> dict | None:
+    """The prior baseline's table (`vlpdist.eval.vqa.most_common_answers`): per question type the most
+    common normalised human answer of the first `max_samples` training questions; None when the
+    training shards hold no question. The end of training and `launcher.evaluate --vqa
+    --train-features` both call this, so their baseline rows are the same (the questions'
+    analogue of `most_frequent_training_caption`)."""
+    from vlpdist.data.feature_shards import iterate_heldout_questions
+    from vlpdist.eval.vqa import most_common_answers
+
+    question_types: list[str] = []
+    answers: list[list[str]] = []
+    for batch in iterate_heldout_questions(train_shards, 256, max_samples):
+        question_types += batch["question_type"]
+        answers += batch["answers"]
+    return most_common_answers(question_types, answers) if question_types else None
+
+
+@torch.no_grad()
+def answer_questions(captioner, batches: list[dict], rounds: int, clip_dim: int, device: torch.device) -> dict:
+    """This rank's share of the held-out questions (`iterate_heldout_questions` batches) answered
+    greedily with the image and by the LM without it (the prompt after BOS alone), with their human
+    answers and types. Runs `rounds` mapper forwards (>= len(batches)): a rank out of batches still
+    runs the mapper on a row of zeros, because the expert all-to-all needs every rank in every forward."""
+    share: dict[str, list] = {"questions": [], "predictions": [], "blind": [], "answers": [], "answer_types": [],
+                              "question_types": []}
+    for index in range(rounds):
+        batch = batches[index] if index < len(batches) else None
+        clip_BC = batch["clip"].to(device) if batch is not None else torch.zeros(1, clip_dim, device=device)
+        questions = batch["question"] if batch is not None else ["?"]
+        answered = captioner.generate_answers(clip_BC, questions, captioner.max_answer_tokens)
+        if batch is None:
+            continue
+        share["questions"] += questions
+        share["predictions"] += answered
+        share["blind"] += captioner.generate_answers(None, questions, captioner.max_answer_tokens)
+        share["answers"] += batch["answers"]
+        share["answer_types"] += batch["answer_type"]
+        share["question_types"] += batch["question_type"]
+    return share
+
+
+def merge_question_shares(shares: list[dict]) -> dict:
+    """`answer_questions` shares of ranks 0..W-1 merged back into held-out order (question i came
+    from rank i % W), so the examples do not depend on the world size."""
+    world_size = len(shares)
+    total = sum(len(part["predictions"]) for part in shares)
+    return {key: [shares[index % world_size][key][index // world_size] for index in range(total)] for key in shares[0]}
+
+
+def score_questions(answered: dict, baseline_table: dict | None, question_template: str) -> dict:
+    """VQA accuracy (`vlpdist.eval.vqa.score_vqa`, x100, overall and per answer type) of the merged
+    answers (`merge_question_shares`), beside the LM without the image and, given the training
+    answers' table (`most_common_training_answers`), the most common answer per question type."""
+    from vlpdist.eval.vqa import answer_accuracy, baseline_answers, score_vqa
+
+    answers, answer_types = answered["answers"], answered["answer_types"]
+    prior = baseline_answers(baseline_table, answered["question_types"]) if baseline_table is not None else None
+    return {
+        "questions": len(answered["predictions"]),
+        "accuracy": score_vqa(answered["predictions"], answers, answer_types),
+        "lm_without_image": score_vqa(answered["blind"], answers, answer_types),
+        "most_common_answer": score_vqa(prior, answers, answer_types) if prior is not None else None,
+        "most_common_answer_table": baseline_table,
+        "question_template": question_template,
+        "examples": [{"question": question, "prediction": prediction, "without_image": blind, "answers": human,
+                      "accuracy": answer_accuracy(prediction, human)}
+                     for question, prediction, blind, human in list(zip(answered["questions"], answered["predictions"],
+                                                                         answered["blind"], answers))[:8]],
     }

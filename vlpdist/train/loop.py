@@ -387,12 +387,11 @@ def run_training(config: Config, stop_marker: Path | None = None) -> int:
         training["samples_per_s"] = training["samples"] / max(training["wall_s"], 1e-9)
         if train.eval_at_end:
             result = evaluate(engine.module, config, world, info)
-            if result is not None:
-                result["training"] = training  # this launch's steps (after a resume: only its own)
             vqa = evaluate_questions(engine.module, config, world, info)
-            if result is not None and vqa is not None:
-                result["vqa"] = vqa
-            if result is not None:
+            if result is not None or vqa is not None:  # rank 0 (held-out of questions only: no caption rows)
+                result = {**(result or {}), "training": training}  # this launch's steps (after a resume: only its own)
+                if vqa is not None:
+                    result["vqa"] = vqa
                 atomic_write_json(run_dir / "eval.json", result)
                 _print_eval(result)
     finally:
@@ -580,16 +579,20 @@ def export_consolidated(captioner, config: Config, export_dir: Path, info: DistI
 def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dict | None:
     """Collective: each data-parallel rank evaluates its share of the held-out samples; rank 0
     gathers, scores and returns the result (None elsewhere, and None everywhere without held-out shards)."""
+    from vlpdist.data.feature_shards import iterate_heldout
     from vlpdist.models.captioner import load_language_model
     from vlpdist.train.evaluate import evaluate_heldout, merge_heldout, most_frequent_training_caption, score_captions
 
     train = config.train
     heldout_shards = [Path(path) for path in world.plan.heldout]
     num_samples = min(train.eval_max_samples, world.heldout_samples)
-    if not heldout_shards or num_samples == 0:
+    # Every rank reads the same first samples, so all of them skip alike (no collective needed).
+    if not heldout_shards or num_samples == 0 or next(iterate_heldout(heldout_shards, 1, num_samples), None) is None:
         if info.is_main:
-            why = "no held-out shards (train.heldout_shards=0)" if not heldout_shards else "the held-out shards hold no samples"
-            print(f"{why}: evaluation skipped", flush=True)
+            why = "the held-out samples hold questions only"
+            if not heldout_shards or num_samples == 0:
+                why = "no held-out shards (train.heldout_shards=0)" if not heldout_shards else "the held-out shards hold no samples"
+            print(f"{why}: caption evaluation skipped", flush=True)
         return None
     # A tuned LM has learnt to expect the prefix: the baseline is then the LM as loaded, before training.
     baseline_lm = captioner.lm if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()
@@ -606,8 +609,11 @@ def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dic
 def evaluate_questions(captioner, config: Config, world: DataWorld, info: DistInfo) -> dict | None:
     """Collective: greedy answers to the held-out questions (each rank its share, every rank the same
     number of mapper forwards for the expert all-to-all) with and without the image; rank 0 scores
-    them with `vlpdist.eval.vqa.score_vqa` (None elsewhere, and when no held-out sample has a question)."""
+    them (`vlpdist.train.evaluate.score_questions`, the code `launcher.evaluate --vqa` scores with)
+    beside the most common training answer per question type (None elsewhere, and when no held-out
+    sample has a question)."""
     from vlpdist.data.feature_shards import iterate_heldout_questions
+    from vlpdist.train.evaluate import answer_questions, merge_question_shares, most_common_training_answers, score_questions
 
     train = config.train
     heldout_shards = [Path(path) for path in world.plan.heldout]
@@ -620,49 +626,28 @@ def evaluate_questions(captioner, config: Config, world: DataWorld, info: DistIn
     rounds = broadcast_from_main(max(counts) if info.is_main else None, device)
     if rounds == 0:
         return None
-    share: dict[str, list] = {"predictions": [], "blind": [], "answers": [], "answer_types": [], "question_types": []}
-    max_new_tokens = config.model.max_answer_tokens
-    for index in range(rounds):
-        batch = batches[index] if index < len(batches) else None
-        # A rank without a batch left still runs the mapper with a row of zeros: the others wait for it in the all-to-all.
-        clip_BC = batch["clip"].to(device) if batch is not None else torch.zeros(1, world.clip_dim, device=device)
-        questions = batch["question"] if batch is not None else ["?"]
-        answered = captioner.generate_answers(clip_BC, questions, max_new_tokens)
-        if batch is None:
-            continue
-        share["predictions"] += answered
-        share["blind"] += captioner.generate_answers(None, questions, max_new_tokens)
-        share["answers"] += batch["answers"]
-        share["answer_types"] += batch["answer_type"]
-        share["question_types"] += batch["question_type"]
-    shares = gather_to_main(share)
+    shares = gather_to_main(answer_questions(captioner, batches, rounds, world.clip_dim, device))
     if not info.is_main:
         return None
-    merged = {key: [item for part in shares for item in part[key]] for key in share}
-    try:
-        from vlpdist.eval.vqa import score_vqa
-    except ImportError:
-        # Hook for issue 18 item 3: vlpdist/eval/vqa.py (helper qa-eval) scores by the official rules.
-        print(f"held-out questions ({len(merged['predictions'])}): vlpdist.eval.vqa is not there yet; answers written unscored", flush=True)
-        return {"questions": len(merged["predictions"]), "predictions": merged["predictions"][:20]}
-    return {
-        "questions": len(merged["predictions"]),
-        "accuracy": score_vqa(merged["predictions"], merged["answers"], merged["answer_types"]),
-        "lm_without_image": score_vqa(merged["blind"], merged["answers"], merged["answer_types"]),
-        "question_template": config.model.question_template,
-        "examples": [{"prediction": p, "answers": a} for p, a in list(zip(merged["predictions"], merged["answers"]))[:5]],
-    }
+    baseline = most_common_training_answers([Path(path) for path in world.plan.shards])
+    return score_questions(merge_question_shares(shares), baseline, config.model.question_template)
 
 
 def _print_eval(result: dict) -> None:
-    print(
-        f"held-out ({result['samples']} samples): caption loss {result['caption_loss']:.4f} vs LM without image "
-        f"{result['lm_without_image_loss']:.4f}; metrics {json.dumps(result['metrics'])} vs most-frequent caption "
-        f"{json.dumps(result['most_frequent_caption_metrics'])} (against the web captions of "
-        f"{result.get('reference_samples', result['samples'])} samples; BLIP's synthetic ones apart in eval.json); "
-        f"retrieval {json.dumps(result['retrieval'])} ({result['retrieval_protocol']})",
-        flush=True,
-    )
+    if "caption_loss" in result:
+        print(
+            f"held-out ({result['samples']} samples): caption loss {result['caption_loss']:.4f} vs LM without image "
+            f"{result['lm_without_image_loss']:.4f}; metrics {json.dumps(result['metrics'])} vs most-frequent caption "
+            f"{json.dumps(result['most_frequent_caption_metrics'])} (against the web captions of "
+            f"{result.get('reference_samples', result['samples'])} samples; BLIP's synthetic ones apart in eval.json); "
+            f"retrieval {json.dumps(result['retrieval'])} ({result['retrieval_protocol']})",
+            flush=True,
+        )
+    if "vqa" in result:
+        from vlpdist.eval.vqa import format_vqa_rows
+
+        for measure, ours, against in format_vqa_rows(result["vqa"]):
+            print(f"held-out {measure}: {ours} vs {against}", flush=True)
 
 
 def run_export_evaluation(config: Config, export_dir: Path) -> int:

@@ -1,4 +1,4 @@
-"""Evaluate a trained model: `python -m launcher.evaluate --model <export or checkpoint> (--features <dir or shards> | --references <coco json> --images <dir>) [--beams N] [--max-samples M] [--out eval.json]`.
+"""Evaluate a trained model: `python -m launcher.evaluate --model <export or checkpoint> (--features <dir or shards> | --references <coco json> --images <dir>) [--beams N] [--max-samples M] [--vqa] [--out eval.json]`.
 
 `--model` is an export folder (`python -m launcher.export`), the consolidated fp32 folder training
 writes (`<run>/export`), or a DeepSpeed checkpoint folder (`<run>/checkpoints`, its newest usable
@@ -9,7 +9,11 @@ The samples are either feature shards (CLIP features computed at ingestion; a fo
 `NNNNN.tar` in it, so give a held-out folder or the held-out shards themselves) or images with
 references in the COCO caption format, `{"images": [{"id", "file_name"}], "annotations":
 [{"image_id", "caption"}]}` (Karpathy-split files are of this form); the images then go through
-the CLIP the model's features came from. Scores (the code the end of training scores with,
+the CLIP the model's features came from. `--vqa` also answers the questions feature shards carry
+(greedy, with and without the image) and scores VQA accuracy by the official VQAv2 rules, overall and
+per answer type, beside the most common training answer per question type (with `--train-features`):
+the code and numbers of the end of training (`vlpdist.train.evaluate.score_questions`).
+Caption scores (the code the end of training scores with,
 `vlpdist.eval.scoring`): BLEU-1..4, ROUGE-L, CIDEr with pycocoevalcap, METEOR when Java is
 present, SPICE when pycocoevalcap's Stanford jars are (otherwise it says why not), for the greedy
 captions, the beam-search ones (`--beams` > 1) and, with `--train-features` (the model's training
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -124,20 +129,52 @@ def feature_shards(arguments: list[str], flag: str = "--features") -> list[Path]
 
 
 def evaluate_features(captioner, baseline_lm, shards: list[Path], max_samples: int | None, beams: int,
-                      batch_size: int, max_new_tokens: int, device: str) -> dict:
-    """The held-out evaluation training runs (one process), on these shards."""
+                      batch_size: int, max_new_tokens: int, device: str) -> dict | None:
+    """The held-out evaluation training runs (one process), on these shards; None when they hold no caption."""
     import torch
 
-    from vlpdist.data.feature_shards import shard_sample_counts
+    from vlpdist.data.feature_shards import iterate_heldout, shard_sample_counts
     from vlpdist.train.evaluate import evaluate_heldout, merge_shares
 
     counts, _ = shard_sample_counts(shards)
     num_samples = min(sum(counts), max_samples or sum(counts))
     if num_samples == 0:
         raise UserError("the feature shards hold no samples")
+    if next(iterate_heldout(shards, 1, num_samples), None) is None:
+        return None  # every sample is a question without a caption (VQAv2): `evaluate_feature_questions` has them
     share = evaluate_heldout(captioner, shards, batch_size, num_samples, max_new_tokens, torch.device(device),
                              baseline_lm, num_beams=beams)
     return merge_shares([share])
+
+
+def evaluate_feature_questions(captioner, shards: list[Path], max_samples: int | None, batch_size: int, device: str,
+                               train_shards: list[Path] | None) -> dict | None:
+    """`--vqa`: the held-out question evaluation the end of training runs (`vlpdist.train.evaluate`:
+    greedy answers with and without the image, VQA accuracy by the official rules, the most common
+    training answer per question type when `train_shards` are given), in one process, on the first
+    `max_samples` questions of these shards; None when they hold no question."""
+    import torch
+
+    from vlpdist.data.feature_shards import iterate_heldout_questions
+    from vlpdist.train.evaluate import answer_questions, merge_question_shares, most_common_training_answers, score_questions
+
+    batches = list(iterate_heldout_questions(shards, batch_size, max_samples or sys.maxsize))
+    if not batches:
+        return None
+    share = answer_questions(captioner, batches, len(batches), captioner.mapper.input_proj.in_features, torch.device(device))
+    baseline = most_common_training_answers(train_shards) if train_shards else None
+    return score_questions(merge_question_shares([share]), baseline, captioner.question_template)
+
+
+def print_vqa_table(vqa: dict) -> None:
+    """`--vqa`'s rows: VQA accuracy x100 overall and per answer type, beside the baselines."""
+    from vlpdist.eval.vqa import format_vqa_rows
+
+    print(f"\nVQA accuracy (official VQAv2 rules, x100) of {vqa['questions']} questions, template {vqa['question_template']!r}")
+    for measure, ours, against in format_vqa_rows(vqa):
+        print(f"  {measure}: {ours}   vs {against}")
+    if vqa["most_common_answer"] is None:
+        print("  most common answer per question type: not scored; --train-features (the model's training shards) gives it")
 
 
 def read_coco_references(path: Path) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
@@ -293,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_caption_tokens")
     parser.add_argument("--no-spice", action="store_true", help="skip SPICE even when its jars are present (it takes minutes)")
     parser.add_argument("--out", default="eval.json", help="JSON file for every number, the captions and the references")
+    parser.add_argument("--vqa", action="store_true",
+                        help="also answer the feature shards' questions and score VQA accuracy (official VQAv2 rules)")
     parser.add_argument("--report", default=None, help="also write the report's held-out and retrieval sections to this HTML file")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
@@ -300,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("give either --features or --references with --images")
     if args.references is not None and args.images is None:
         raise UserError("--references needs --images, the folder its file names are in")
+    if args.vqa and args.features is None:
+        raise UserError("--vqa scores the questions feature shards carry: give --features")
     if args.report is not None:
         from vlpdist.report.page import refuse_foreign_report
 
@@ -337,6 +378,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.features is not None:
             heldout = evaluate_features(captioner, baseline_lm, shards, args.max_samples, args.beams, args.batch_size,
                                         max_new_tokens, device)
+            vqa = evaluate_feature_questions(captioner, shards, args.max_samples, args.batch_size, device,
+                                             train_shards) if args.vqa else None
+            if args.vqa and vqa is None:
+                raise UserError("--vqa: the feature shards hold no question")
+            if heldout is None and vqa is None:
+                raise UserError("the feature shards hold questions only, no caption: --vqa scores them")
         else:
             from vlpdist.data.image_preparation import inference_preparation
             from vlpdist.models.clip_identity import build_clip_image_encoder
@@ -353,6 +400,16 @@ def main(argv: list[str] | None = None) -> dict:
             heldout = evaluate_images(captioner, baseline_lm, clip_model, prepare, clip_tokenizer,
                                       [(image_id, Path(args.images) / name) for image_id, name in images], references,
                                       args.beams, args.batch_size, max_new_tokens, device)
+            vqa = None
+    if heldout is None:  # --vqa on shards of questions only (VQAv2): nothing to caption, the questions scored
+        result = {"model": described, "vqa": vqa}
+        write_output_json(Path(args.out), result, WRITER, "--out")
+        print(f"\nmodel: {described}\ncaptioning: the feature shards hold questions only, no caption to score")
+        print_vqa_table(vqa)
+        print(f"\nwritten to {args.out}", flush=True)
+        if args.report is not None:
+            print(f"report not written to {args.report}: its sections show captions, and these shards hold none", flush=True)
+        return result
     # The trivial captioner: one constant caption, the most frequent of the training captions (as at the end of training).
     baseline_caption = most_frequent_training_caption(train_shards) if train_shards else None
     scored = score_heldout(heldout, baseline_caption, spice=False if args.no_spice else None)
@@ -371,9 +428,12 @@ def main(argv: list[str] | None = None) -> dict:
                      for key, refs in heldout["references"].items()],
         # A few images' top-5 retrieved references, for the report's retrieval section (as training's eval.json).
         "retrieval_examples": retrieval_examples(heldout["embeddings"], heldout["references"]),
+        **({"vqa": vqa} if vqa is not None else {}),
     }
     write_output_json(Path(args.out), result, WRITER, "--out")
     print_tables(result, published_clipcap_applies(args.references is not None, scored["reference_samples"]))
+    if vqa is not None:
+        print_vqa_table(vqa)
     print(f"\nwritten to {args.out}", flush=True)
     if args.report is not None:
         from vlpdist.report.page import build_evaluation_report, evaluation_image_keys, write_report

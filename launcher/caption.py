@@ -223,14 +223,14 @@ def load_input(item: tuple[str, str], limits: FetchLimits, prepare: Callable[[by
         return Loaded(source, status=err.status, error=str(err))
 
 
-def load_in_batches(items: list[tuple[str, str]], batch_size: int, workers: int, limits: FetchLimits,
-                    prepare: Callable[[bytes], object]) -> Iterator[list[Loaded]]:
-    """Batches of prepared inputs, in order; the next batch loads in `workers` threads while the caller runs the models.
+def load_chunks(chunks: list[list[tuple[str, str]]], workers: int, limits: FetchLimits,
+                prepare: Callable[[bytes], object]) -> Iterator[list[Loaded]]:
+    """Each chunk of inputs loaded and prepared, in order; the next chunk loads in `workers` threads while the caller
+    runs the models on this one (chunks may differ in size: the ask command loads each distinct image of a batch once).
 
     A worker holds one input's bytes and full-size decode at a time and returns only its prepared
-    tensor, so at most `workers` full-size images and two batches of tensors are alive at once."""
+    tensor, so at most `workers` full-size images and two chunks of tensors are alive at once."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        chunks = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
 
         def submit(index: int) -> list:
             return [pool.submit(load_input, item, limits, prepare) for item in chunks[index]] if index < len(chunks) else []
@@ -242,29 +242,74 @@ def load_in_batches(items: list[tuple[str, str]], batch_size: int, workers: int,
             yield current
 
 
-def caption_batch(batch: list[Loaded], clip_model, captioner, clip_dim: int, device: str,
-                  max_new_tokens: int, beams: int) -> list[dict]:
-    """Output rows for one batch: the prepared images captioned together, the others passed through."""
+def load_in_batches(items: list[tuple[str, str]], batch_size: int, workers: int, limits: FetchLimits,
+                    prepare: Callable[[bytes], object]) -> Iterator[list[Loaded]]:
+    """Batches of `batch_size` prepared inputs, in order, loaded as `load_chunks` does."""
+    return load_chunks([items[start : start + batch_size] for start in range(0, len(items), batch_size)], workers, limits, prepare)
+
+
+@dataclass
+class InferenceModels:
+    """What turns a prepared image into text: the export's CLIP image tower, its captioner, and the preparation
+    that makes an image what the features' images were at ingestion."""
+
+    manifest: dict
+    captioner: object
+    clip_model: object
+    prepare: object  # vlpdist.data.image_preparation.ImagePreparation
+    device: str
+
+
+def load_inference_models(export: str, device: str | None, beams: int) -> InferenceModels:
+    """The export's models on `device` (default cuda when available); a `UserError` when its CLIP is not the
+    features' or `beams` is more than its decoding allows."""
+    import torch
+
+    from vlpdist.data.image_preparation import inference_preparation
+    from vlpdist.models.captioner import load_exported_captioner
+    from vlpdist.models.clip_identity import build_clip_image_encoder
+    from vlpdist.models.export_bundle import read_export_manifest
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest = read_export_manifest(export)
+    provenance = manifest.get("features_provenance")
+    captioner = load_exported_captioner(export).to(device)
+    if captioner.bottleneck_only and beams != 1:
+        raise UserError("this export decodes through bottleneck tokens, which is greedy only: use --beams 1")
+    clip_model, clip_transform = build_clip_image_encoder(manifest["clip"], export, device)
+    prepare = inference_preparation(provenance, manifest["clip"], clip_transform, f"export {export}")
+    return InferenceModels(manifest, captioner, clip_model, prepare, device)
+
+
+def encode_prepared(good: list[Loaded], models: InferenceModels):
+    """(B, C) CLIP features of prepared inputs, unit vectors, as ingestion computed the training features."""
     import torch
 
     from data_ingest.process.clip_model import encode_images
 
+    images_B3HW = torch.stack([item.pixels for item in good])
+    features_BC = torch.from_numpy(encode_images(models.clip_model, images_B3HW, models.device)).to(models.device)
+    clip_dim = models.manifest["clip_dim"]
+    if features_BC.shape[1] != clip_dim:
+        raise UserError(f"the export's CLIP embeds into {features_BC.shape[1]} dims but its mapper reads {clip_dim}: "
+                        "the export names the wrong CLIP (re-export with the process.clip_* that made the features)")
+    return features_BC
+
+
+def caption_batch(batch: list[Loaded], models: InferenceModels, max_new_tokens: int, beams: int) -> list[dict]:
+    """Output rows for one batch: the prepared images captioned together, the others passed through."""
     good = [item for item in batch if item.status == "ok"]
     captions: dict[int, str] = {}
     if good:
-        images_B3HW = torch.stack([item.pixels for item in good])
-        # (B, C) unit vectors, as ingestion computed the training features (encode_image, normalised).
-        features_BC = torch.from_numpy(encode_images(clip_model, images_B3HW, device)).to(device)
-        if features_BC.shape[1] != clip_dim:
-            raise UserError(f"the export's CLIP embeds into {features_BC.shape[1]} dims but its mapper reads {clip_dim}: "
-                            "the export names the wrong CLIP (re-export with the process.clip_* that made the features)")
-        captions = {id(item): text for item, text in zip(good, captioner.generate_captions(features_BC, max_new_tokens, beams))}
+        features_BC = encode_prepared(good, models)
+        captions = {id(item): text for item, text in zip(good, models.captioner.generate_captions(features_BC, max_new_tokens, beams))}
     return [{"input": item.source, "status": item.status, "caption": captions.get(id(item)), "error": item.error or None}
             for item in batch]
 
 
-def read_finished_rows(out: Path) -> list[dict]:
-    """The rows an earlier run left in `out`; a last line cut by a crash is removed from the file (it is this command's own output)."""
+def read_finished_rows(out: Path, columns: tuple[str, ...] = OUTPUT_COLUMNS, what: str = "caption") -> list[dict]:
+    """The rows an earlier run left in `out` (`columns` each, a `what` command's output); a last line cut by a crash is
+    removed from the file (it is this command's own output)."""
     text = out.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         cut = text.rfind("\n") + 1
@@ -273,8 +318,8 @@ def read_finished_rows(out: Path) -> list[dict]:
         text = text[:cut]
     if out.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        if text and tuple(reader.fieldnames or ()) != OUTPUT_COLUMNS:
-            raise UserError(f"--resume: {out} is not a caption output (its header is not {','.join(OUTPUT_COLUMNS)})")
+        if text and tuple(reader.fieldnames or ()) != columns:
+            raise UserError(f"--resume: {out} is not a {what} output (its header is not {','.join(columns)})")
         return list(reader)
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -282,8 +327,8 @@ def read_finished_rows(out: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if not isinstance(row, dict) or set(row) != set(OUTPUT_COLUMNS):
-            raise UserError(f"--resume: line {number} of {out} is not a caption row")
+        if not isinstance(row, dict) or set(row) != set(columns):
+            raise UserError(f"--resume: line {number} of {out} is not a {what} row")
         rows.append(row)
     return rows
 
@@ -294,12 +339,13 @@ class RowWriter:
     Appending (not a staged file renamed at the end) because at scale the point is what a crash at
     input 9,000 leaves: the rows done, which `--resume` reads back and skips."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, columns: tuple[str, ...] = OUTPUT_COLUMNS):
         self.out = out
+        self.columns = columns
         new = not out.exists() or out.stat().st_size == 0
         out.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(out, "a", encoding="utf-8", newline="")
-        self.csv = csv.DictWriter(self.handle, fieldnames=OUTPUT_COLUMNS) if out.suffix == ".csv" else None
+        self.csv = csv.DictWriter(self.handle, fieldnames=columns) if out.suffix == ".csv" else None
         if self.csv is not None and new:
             self.csv.writeheader()
             self.handle.flush()
@@ -307,7 +353,7 @@ class RowWriter:
     def write(self, rows: list[dict]) -> None:
         for row in rows:
             if self.csv is not None:
-                self.csv.writerow({key: "" if row[key] is None else row[key] for key in OUTPUT_COLUMNS})
+                self.csv.writerow({key: "" if row[key] is None else row[key] for key in self.columns})
             else:
                 self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.handle.flush()
@@ -316,21 +362,20 @@ class RowWriter:
         self.handle.close()
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="launcher.caption", description=__doc__.splitlines()[0])
-    parser.add_argument("--export", required=True, help="export folder written by python -m launcher.export")
-    parser.add_argument("inputs", nargs="+", help="image files, folders, URL-list files (one URL per line) or URLs")
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: str, what: str) -> None:
+    """The options the caption and ask commands share: decoding width, batching, output, device and fetching."""
     parser.add_argument("--beams", type=int, default=1, help="beam width; 1 = greedy")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_caption_tokens")
-    parser.add_argument("--out", default="captions.jsonl", help="output file, .jsonl or .csv (rows appended as they are done)")
-    parser.add_argument("--resume", action="store_true", help="add to an existing --out, skipping the inputs it already has")
+    parser.add_argument("--out", default=default_out, help="output file, .jsonl or .csv (rows appended as they are done)")
+    parser.add_argument("--resume", action="store_true", help=f"add to an existing --out, skipping the {what} it already has")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--download-timeout", type=float, default=10.0, help="seconds per socket operation of a URL fetch")
     parser.add_argument("--download-deadline", type=float, default=60.0, help="seconds for a whole URL fetch")
     parser.add_argument("--workers", type=int, default=8, help="threads fetching, decoding and preparing inputs")
-    args = parser.parse_args(argv)
+
+
+def check_run_arguments(args: argparse.Namespace) -> Path:
+    """The output path, once the shared options are valid and an existing output is resumed, never replaced."""
     out = Path(args.out)
     if out.suffix not in (".jsonl", ".csv"):
         raise UserError(f"--out {out}: the output is .jsonl or .csv")
@@ -342,45 +387,44 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"{flag} must be more than 0 seconds, not {seconds}")
     if out.exists() and out.stat().st_size and not args.resume:
         raise UserError(f"--out {out} exists: pass --resume to add the missing inputs to it, or choose another --out")
+    return out
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="launcher.caption", description=__doc__.splitlines()[0])
+    parser.add_argument("--export", required=True, help="export folder written by python -m launcher.export")
+    parser.add_argument("inputs", nargs="+", help="image files, folders, URL-list files (one URL per line) or URLs")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_caption_tokens")
+    add_run_arguments(parser, "captions.jsonl", "inputs")
+    args = parser.parse_args(argv)
+    out = check_run_arguments(args)
     finished = read_finished_rows(out) if args.resume and out.is_file() else []
     done = {row["input"] for row in finished}
     items = [item for item in expand_inputs(args.inputs) if item[1] not in done]
 
-    import torch
     from tqdm import tqdm
 
-    from vlpdist.data.image_preparation import inference_preparation
-    from vlpdist.models.captioner import load_exported_captioner
-    from vlpdist.models.clip_identity import build_clip_image_encoder
-    from vlpdist.models.export_bundle import read_export_manifest
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    manifest = read_export_manifest(args.export)
-    provenance = manifest.get("features_provenance")
-    captioner = load_exported_captioner(args.export).to(device)
-    if captioner.bottleneck_only and args.beams != 1:
-        raise UserError("this export decodes through bottleneck tokens, which is greedy only: use --beams 1")
-    clip_model, clip_transform = build_clip_image_encoder(manifest["clip"], args.export, device)
-    prepare = inference_preparation(provenance, manifest["clip"], clip_transform, f"export {args.export}")
-    max_new_tokens = args.max_new_tokens or manifest["model"]["max_caption_tokens"]
+    models = load_inference_models(args.export, args.device, args.beams)
+    max_new_tokens = args.max_new_tokens or models.manifest["model"]["max_caption_tokens"]
     limits = FetchLimits(args.download_timeout, args.download_deadline)
     if done:
         print(f"resuming {out}: {len(finished)} rows there, {len(items)} inputs to go", flush=True)
-    print(prepare.describe(), flush=True)
+    print(models.prepare.describe(), flush=True)
 
     counts = Counter(row["status"] for row in finished)
     writer = RowWriter(out)
     try:
         with tqdm(total=len(items), desc="caption", unit="image") as progress:
-            for batch in load_in_batches(items, args.batch_size, args.workers, limits, prepare):
-                rows = caption_batch(batch, clip_model, captioner, manifest["clip_dim"], device, max_new_tokens, args.beams)
+            for batch in load_in_batches(items, args.batch_size, args.workers, limits, models.prepare):
+                rows = caption_batch(batch, models, max_new_tokens, args.beams)
                 writer.write(rows)
                 counts.update(row["status"] for row in rows)
                 progress.update(len(batch))
     finally:
         writer.close()
     total = sum(counts.values())
-    print(f"captioned {counts['ok']} of {total} inputs on {device} "
+    print(f"captioned {counts['ok']} of {total} inputs on {models.device} "
           f"({', '.join(f'{status} {count}' for status, count in sorted(counts.items()))}) -> {out}", flush=True)
     exit_code = 0 if counts["ok"] else 1
     if exit_code:

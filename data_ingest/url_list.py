@@ -74,7 +74,9 @@ def _read_columns_and_rows(path: Path, input_format: str) -> tuple[list[str], in
     try:
         if input_format == "parquet":
             metadata = pq.read_metadata(path)
-            return list(metadata.schema.names), metadata.num_rows
+            # The Arrow schema's names are the columns; the Parquet schema's are its leaves (a list column
+            # `answers` is the leaf `element`).
+            return list(metadata.schema.to_arrow_schema().names), metadata.num_rows
         if input_format in ("csv", "tsv"):
             delimiter = "," if input_format == "csv" else "\t"
             table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))

@@ -27,9 +27,9 @@ def tiny_objective(tiny_lm, **align):
     config = Config()
     config.model = dataclasses.replace(config.model, lm_name=str(tiny_lm), mapper="mlp", prefix_length=2)
     config.train = dataclasses.replace(config.train, micro_batch_size=4)
-    config.align = dataclasses.replace(
-        config.align, itc_weight=1.0, supcon_weight=1.0, embed_dim=8, bank_size=64, momentum=0.0, geodesic_k=4,
-        geodesic_method="exact", geodesic_refresh_every=4, false_negatives="none", **align)
+    defaults = dict(itc_weight=1.0, supcon_weight=1.0, embed_dim=8, bank_size=64, momentum=0.0, geodesic_k=4,
+                    geodesic_method="exact", geodesic_refresh_every=4, false_negatives="none")
+    config.align = dataclasses.replace(config.align, **(defaults | align))
     return AlignmentObjective(config, build_captioner(config.model, 16, align=config.align), DataParallelContext(), num_labels=3)
 
 

@@ -39,28 +39,36 @@ def check_tokenizer(tokenizer, name: str) -> None:
         raise UserError(f"tokenizer {name!r} has no EOS token; captions need one to end")
 
 
-def load_tokenizer(name: str):
-    """A Hugging Face tokenizer by hub name or local folder, checked, with PAD falling back to EOS (GPT-2 has none)."""
+def at_revision(name: str, revision: str | None) -> str:
+    """`name`, and the revision when one is pinned, for messages."""
+    return f"{name!r} at revision {revision}" if revision else repr(name)
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    """A Hugging Face tokenizer by hub name or local folder, checked, with PAD falling back to EOS (GPT-2 has none).
+
+    `revision`: the hub commit to load (an export pins the one it was trained with); a local folder has none."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {at_revision(name, revision)}: {str(err).splitlines()[0]}") from None
     check_tokenizer(tokenizer, name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_language_model(name: str) -> nn.Module:
-    """A Hugging Face causal LM by hub name or local folder (saved with `save_pretrained`)."""
+def load_language_model(name: str, revision: str | None = None) -> nn.Module:
+    """A Hugging Face causal LM by hub name or local folder (saved with `save_pretrained`), at the hub
+    commit `revision` when given (None: the hub's, or offline the cache's, `main`)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name)
+        return AutoModelForCausalLM.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load language model {name!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load language model {at_revision(name, revision)}: {str(err).splitlines()[0]}") from None
 
 
 def tokenize_captions(tokenizer, max_caption_tokens: int, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,10 +577,12 @@ class PrefixCaptioner(nn.Module):
             )
 
 
-def load_language_model_and_tokenizer(model_cfg: ModelConfig) -> tuple[nn.Module, object]:
-    """The configured LM and its (checked) tokenizer, refusing a tokenizer larger than the LM's vocabulary."""
-    tokenizer = load_tokenizer(model_cfg.tokenizer_name or model_cfg.lm_name)
-    lm = load_language_model(model_cfg.lm_name)
+def load_language_model_and_tokenizer(model_cfg: ModelConfig, revision: str | None = None,
+                                      tokenizer_revision: str | None = None) -> tuple[nn.Module, object]:
+    """The configured LM and its (checked) tokenizer, at the given hub revisions (an export's pinned
+    ones), refusing a tokenizer larger than the LM's vocabulary."""
+    tokenizer = load_tokenizer(model_cfg.tokenizer_name or model_cfg.lm_name, tokenizer_revision)
+    lm = load_language_model(model_cfg.lm_name, revision)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         raise UserError(
             f"tokenizer has {len(tokenizer)} tokens but LM {model_cfg.lm_name!r} embeds only {lm.get_input_embeddings().num_embeddings}"
@@ -602,7 +612,8 @@ def build_captioner(
 def load_exported_captioner(export_dir: str | Path) -> PrefixCaptioner:
     """The inference captioner of a complete export (`launcher.export`), in one call: the folded
     mapper, the LM and tokenizer as trained (the bundled `lm/` when saved, else the frozen LM the
-    manifest names), the bottleneck tokens and alignment heads. A partial export is refused."""
+    manifest names, at the hub revisions it recorded), the bottleneck tokens and alignment heads.
+    A partial export is refused."""
     from safetensors.torch import load_file
 
     from vlpdist.models.export_manifest import read_export_manifest
@@ -612,11 +623,14 @@ def load_exported_captioner(export_dir: str | Path) -> PrefixCaptioner:
     manifest = read_export_manifest(export_dir)
     model_cfg, align = ModelConfig(**manifest["model"]), AlignConfig(**manifest["align"])
     lm_entry = manifest["lm"]
+    revisions = {}
     if lm_entry["source"] == "bundled":
         lm_cfg = dataclasses.replace(model_cfg, lm_name=str(export_dir / lm_entry["path"]), tokenizer_name="")
     else:
         lm_cfg = dataclasses.replace(model_cfg, lm_name=lm_entry["name"], tokenizer_name=lm_entry["tokenizer"])
-    lm, tokenizer = load_language_model_and_tokenizer(lm_cfg)
+        # The hub commits the model was trained against: the hub's `main` may have moved on since.
+        revisions = {"revision": lm_entry.get("revision"), "tokenizer_revision": lm_entry.get("tokenizer_revision")}
+    lm, tokenizer = load_language_model_and_tokenizer(lm_cfg, **revisions)
     captioner = PrefixCaptioner(load_folded_mapper(export_dir), lm, tokenizer, model_cfg, align=align, clip_dim=manifest["clip_dim"])
     extras = load_file(str(export_dir / manifest["extras"])) if manifest["extras"] else {}
     # The bottleneck and heads were created randomly above; every one of them must come from the export.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -119,9 +120,33 @@ def record_clip_identity(
     return identity
 
 
+def resolve_tag_weights(model_name: str, tag: str, revision: str | None) -> str:
+    """The weights file of open_clip tag `tag` at hub commit `revision`, or the tag itself when no revision
+    was recorded (or the tag's weights are not on the hub). `create_model` fetches a tag at the hub's
+    `main`; open_clip's own hub download takes a revision, and `create_model` loads the file it returns."""
+    import os
+
+    from open_clip import get_pretrained_cfg
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    hf_hub = (get_pretrained_cfg(model_name, tag) or {}).get("hf_hub", "")
+    if not revision or not hf_hub:
+        return tag
+    # As open_clip's download_pretrained splits it: 'org/repo/file' or 'org/repo/' (its default file name).
+    repo_id, filename = os.path.split(hf_hub)
+    try:
+        return download_pretrained_from_hf(repo_id, filename=filename or None, revision=revision)
+    except FileNotFoundError as err:
+        raise UserError(f"CLIP {model_name!r} tag {tag!r}: no weights at the export's hub revision {revision} of {repo_id} "
+                        f"(not in the hub cache, and offline?): {str(err).splitlines()[0]}") from None
+
+
 def resolve_clip_checkpoint(identity: dict, export_dir: Path) -> str:
-    """The `pretrained` argument for open_clip: the tag, or the checkpoint file, checked against its recorded size and hash."""
+    """The `pretrained` argument for open_clip: the tag (its weights file at the recorded hub revision,
+    when there is one), or the checkpoint file, checked against its recorded size and hash."""
     pretrained = identity["pretrained"]
+    if identity["pretrained_kind"] == "tag":
+        return resolve_tag_weights(identity["model_name"], pretrained, identity.get("revision"))
     if identity["pretrained_kind"] != "file":
         return pretrained
     checkpoint = export_dir / pretrained  # an absolute recorded path stays itself under `/`

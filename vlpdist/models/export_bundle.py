@@ -92,13 +92,15 @@ def write_language_model(out_dir: Path, config: Config, state: Mapping[str, torc
     lm_state = {key[len(LM_PREFIX):]: value for key, value in state.items() if key.startswith(LM_PREFIX)}
     if not config.model.freeze_lm and not lm_state:
         raise UserError("model.freeze_lm is false but the checkpoint holds no 'lm.*' weights: the tuned LM is missing from it")
+    # A hub name is pinned to the commit the cache holds (the one training loaded), for loading it later
+    # (`load_exported_captioner`) and, for a tuned LM, for the "without the image" baseline it started from.
     base = {"name": resolve_model_name(config.model.lm_name),
             "tokenizer": resolve_model_name(config.model.tokenizer_name or config.model.lm_name)}
+    base.update(revision=hub_revision(config.model.lm_name), tokenizer_revision=hub_revision(base["tokenizer"]))
     if copy_lm is None:
         copy_lm = Path(config.model.lm_name).is_dir() or Path(config.model.tokenizer_name or config.model.lm_name).is_dir()
     if not lm_state and not copy_lm:
-        return {"source": "reference", "tuned": False, **base,
-                "revision": hub_revision(config.model.lm_name), "tokenizer_revision": hub_revision(base["tokenizer"])}
+        return {"source": "reference", "tuned": False, **base}
     lm, tokenizer = load_language_model_and_tokenizer(config.model)
     if lm_state:
         load_trained_lm_weights(lm, lm_state, config.model.lm_name)

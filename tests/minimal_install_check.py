@@ -27,7 +27,7 @@ LIGHT_MODULES = (
     "vlpdist.models.experts",
 )
 # Entry points of the inference path; each is checked once it exists.
-LIGHT_COMMANDS = ("launcher.caption",)
+LIGHT_COMMANDS = ("launcher.caption", "launcher.ask")
 # Each behind an extra (ingest, process, train, faiss): none may load when a light module is imported.
 HEAVY = ("deepspeed", "ray", "faiss", "img2dataset", "open_clip")
 # The library's floors point down: importing it never loads a stage or an entry point.

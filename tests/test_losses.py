@@ -338,6 +338,32 @@ def run_rank(rank: int, port: int, case: dict, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def gather_with_and_without_all_gather_single(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS,
+                            timeout=timedelta(seconds=60))
+    try:
+        ctx = DataParallelContext.from_default_group(torch.device("cpu"))
+        rows_bD = torch.arange(6, dtype=torch.float32).reshape(3, 2) + 100 * rank
+        newer = all_gather_no_grad(rows_bD, ctx)
+        del dist.all_gather_single  # as in torch 2.11, the lent GPU machine's (this rank process only)
+        older = all_gather_no_grad(rows_bD, ctx)
+        torch.save({"newer": newer, "older": older}, os.path.join(out_dir, f"gather{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_the_gather_falls_back_where_torch_has_no_all_gather_single(tmp_path: Path):
+    mp.spawn(gather_with_and_without_all_gather_single, args=(free_port(), str(tmp_path)), nprocs=RANKS, join=True)
+    expected_BD = torch.cat([torch.arange(6, dtype=torch.float32).reshape(3, 2) + 100 * rank for rank in range(RANKS)])
+    for rank in range(RANKS):
+        result = torch.load(tmp_path / f"gather{rank}.pt")
+        assert torch.equal(result["newer"], expected_BD) and torch.equal(result["older"], expected_BD)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path: Path):

@@ -48,5 +48,8 @@ def all_gather_no_grad(tensor: torch.Tensor, ctx: DataParallelContext) -> torch.
     ctx.check_device(tensor)
     tensor = tensor.detach().contiguous()
     out = torch.empty((ctx.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_single(out, tensor, group=ctx.group)
+    # `all_gather_single` is the newer torch name of `all_gather_into_tensor`; the lent GPU machine's
+    # torch (2.11) has only the older one: the same collective either way.
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_into(out, tensor, group=ctx.group)
     return out

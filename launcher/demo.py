@@ -16,8 +16,11 @@ It makes its own world (no hub, no internet) and runs the real pipeline on it, s
 
 It ends with one summary table (on the terminal and as `<root>/summary.md`, numbers in
 `<root>/summary.json`): ingestion counts by reason, the caption filter against the known noise,
-caption metrics against the trivial baselines, retrieval R@K, the fold's error and the folded vs
-MoE mapper latency, each stage's wall time and throughput. Every stage reuses what a previous run
+caption metrics against the trivial baselines, VQA accuracy per answer type against the LM without the
+image and the most common training answer per question type, retrieval R@K, the fold's error and the folded vs
+MoE mapper latency, each stage's wall time and throughput. It then writes the run report, one
+self-contained HTML page (`<root>/report.html`, `python -m launcher.report`), and prints its path
+among the commands to try next. Every stage reuses what a previous run
 finished, and says so; `--fresh` removes the stage outputs under the root first. The root must be
 new, empty, or the demo's own (its marker, `vlpdist.atomic.claim_output_dir`): a folder holding
 anything else is refused, never written into or cleared.
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 from launcher.paths import DEFAULT_CONFIG, REPO, TRAIN_SCRIPT
+from launcher.report import write_run_report
 from vlpdist.atomic import claim_output_dir
 from vlpdist.config import Config, load_config, save_config
 from vlpdist.errors import UserError, exit_on_user_error
@@ -47,21 +51,23 @@ WRITER = "launcher.demo"
 # A fold error at this level is float32 rounding of the same sums in another order, not a difference of the models.
 FLOAT32_ROUNDING = 1e-6
 STAGE_OUTPUTS = ("source", "raw", "features", "clip", "lm", "train", "export", "sample_images", "ingest_state.json",
-                 "ingest_summary.json", "config.yaml", "summary.md", "summary.json", "sample_captions.jsonl")
+                 "ingest_summary.json", "config.yaml", "summary.md", "summary.json", "sample_captions.jsonl", "report.html",
+                 "report.png")
 
 
 def write_demo_url_list(config: Config, base_url: str, samples) -> Path:
-    """Write `<root>/source/urls.parquet` (what ingestion reads) and the ground truth beside it."""
+    """Write `<root>/source/urls.parquet` (what ingestion reads: url, caption and the question
+    columns, which img2dataset carries into the raw shards) and the ground truth beside it."""
     import pandas as pd
 
-    from data_ingest.sources.synthetic import demo_url_rows
+    from data_ingest.sources.synthetic import QUESTION_COLUMNS, demo_url_rows
     from vlpdist.atomic import atomic_write_bytes
 
     rows = pd.DataFrame(demo_url_rows(samples, config.demo, base_url))
     source = Path(config.root) / "source"
     source.mkdir(parents=True, exist_ok=True)
     url_list = source / "urls.parquet"
-    atomic_write_bytes(url_list, rows[["url", "caption"]].to_parquet(index=False))
+    atomic_write_bytes(url_list, rows[["url", "caption", *QUESTION_COLUMNS]].to_parquet(index=False))
     truth = rows.assign(url_path=rows["url"].str.replace(base_url + "/", "", regex=False)).drop(columns=["url"])
     atomic_write_bytes(source / "demo_truth.parquet", truth.to_parquet(index=False))
     return url_list
@@ -160,20 +166,26 @@ def stage_process(config: Config) -> tuple[dict, dict]:
 
 
 def stage_demo_lm(config: Config) -> Path:
-    """The demo's language model: a tokenizer and a tiny GPT-2 trained on the training shards' captions."""
+    """The demo's language model: a tokenizer and a tiny GPT-2 trained on the training shards' captions
+    and their questions (prompt and most common answer, as GPT-2 has read questions before it sees an image)."""
     from data_ingest.sources.demo_lm import make_demo_lm
     from vlpdist.data.feature_format import iterate_feature_shards
     from vlpdist.data.feature_shards import list_feature_shards, split_heldout
+    from vlpdist.data.question_answer import ANSWERS, QUESTION, choose_answer_target, format_question_prompt
 
     lm_dir = Path(config.model.lm_name)
     if (lm_dir / "config.json").is_file():
         print(f"[demo] language model: reused ({lm_dir})")
         return lm_dir
     train_shards, _ = split_heldout(list_feature_shards(Path(config.root) / "features"), config.train.heldout_shards)
-    captions = [c for sample in iterate_feature_shards([str(s) for s in train_shards]) for c in sample.captions]
+    samples = list(iterate_feature_shards([str(s) for s in train_shards]))
+    captions = [c for sample in samples for c in sample.captions]
+    questions = [f"{format_question_prompt(config.model.question_template, sample.qa[QUESTION])} "
+                 f"{choose_answer_target(sample.qa[ANSWERS], 'most_common', None)}" for sample in samples if sample.qa]
     started = time.perf_counter()
-    make_demo_lm(lm_dir, captions)
-    print(f"[demo] language model for the demo captions ({len(captions)} training captions) in {time.perf_counter() - started:.0f} s")
+    make_demo_lm(lm_dir, captions + questions)
+    print(f"[demo] language model for the demo captions and questions ({len(captions)} training captions, "
+          f"{len(questions)} questions) in {time.perf_counter() - started:.0f} s")
     return lm_dir
 
 
@@ -309,6 +321,10 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     baseline = evaluation["most_frequent_caption_metrics"]
     for metric, value in evaluation["metrics"].items():
         rows.append(("captions", f"{metric} (greedy, x100)", f"{100 * value:.2f}", f"most-frequent caption {100 * baseline[metric]:.2f}"))
+    if evaluation.get("vqa"):
+        from vlpdist.eval.vqa import format_vqa_rows
+
+        rows += [("questions", measure, ours, against) for measure, ours, against in format_vqa_rows(evaluation["vqa"])]
     retrieval = evaluation["retrieval"]
     for direction, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
         rows.append(("retrieval", f"{label} R@1 / R@5 / R@10 (%)",
@@ -341,7 +357,10 @@ def next_commands(config: Config) -> list[str]:
     if config.train.heldout_shards:
         # The training shards give the most-frequent-caption baseline, as at the end of training.
         commands.append(f"python -m launcher.evaluate --model {root / 'export'} --features {' '.join(map(str, shards[cut:]))} "
-                        f"--train-features {' '.join(map(str, shards[:cut]))} --beams 3 --out {root / 'eval_export.json'}")
+                        f"--train-features {' '.join(map(str, shards[:cut]))} --beams 3 --vqa --out {root / 'eval_export.json'} "
+                        f"--report {root / 'eval_export.html'}")
+    # The page the demo just wrote, rebuilt and rendered in headless Chromium (the README's screenshot).
+    commands.append(f"python -m launcher.report {root} --out {root / 'report.html'} --screenshot {root / 'report.png'}")
     return commands
 
 
@@ -404,7 +423,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_summary_table(summary_rows(results))
     commands = next_commands(config)
     write_summary(config, results, table, commands)
+    report = write_run_report(root, root / "report.html", "the demo's report")
     print(f"\n[demo] ===== summary ({root / 'summary.md'}) =====\n{table}\n")
+    print(f"[demo] run report (open it in a browser): {report}")
     print(f"[demo] done in {results['wall_s']:.0f} s; outputs under {root}; try next:")
     for command in commands:
         print(f"    {command}")

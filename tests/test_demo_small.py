@@ -1,6 +1,6 @@
 """`python -m launcher.demo` end to end at a small size, as a user runs it: the summary's numbers
-add up and lie in range, a rerun reuses every stage and says so, and the caption command it
-prints captions the sample images it wrote. Also `--fresh`'s removal, which touches only the
+add up and lie in range, a rerun reuses every stage and says so, the caption command it
+prints captions the sample images it wrote, and the run report it writes is named among them. Also `--fresh`'s removal, which touches only the
 demo's own outputs under the root."""
 
 from __future__ import annotations
@@ -74,6 +74,20 @@ def test_demo_small_end_to_end_rerun_and_caption_command(tmp_path):
         assert section in table
     assert "failed: http_404" in table and "most-frequent caption" in table and "LM without the image" in table
     assert "\n".join(line for line in table.splitlines() if line.startswith("|")) in first.stdout
+    # The URL list's questions went through download, processing and training: VQA accuracy per
+    # answer type and overall, beside the LM without the image and the most common training answer.
+    vqa = evaluation["vqa"]
+    assert vqa["questions"] > 0 and set(vqa["accuracy"]["per_answer_type"]) == {"yes/no", "number", "other"}
+    for scored in (vqa["accuracy"], vqa["lm_without_image"], vqa["most_common_answer"]):
+        assert 0.0 <= scored["accuracy"] <= 100.0 and sum(row["questions"] for row in scored["per_answer_type"].values()) == vqa["questions"]
+    assert "| questions" in table and "VQA accuracy: yes/no" in table and "most common answer per question type" in table
+    # The run report (launcher.report's page), written at the end and named in the output.
+    report = root / "report.html"
+    assert f"[demo] run report (open it in a browser): {report}" in first.stdout
+    assert any(str(report) in command for command in printed_commands(first.stdout))
+    page = report.read_text()
+    for section in ("ingestion", "filter", "labels", "training", "heldout", "retrieval"):
+        assert f'<section id="{section}" class="present"' in page, section
 
     second = run_demo(root)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -153,3 +153,29 @@ def test_a_flagged_refresh_warns_once_and_the_run_summary_says_so(tiny_lm, capsy
     scalars = objective.scalars()
     assert scalars["geodesic/trusted"] == 0.0 and scalars["geodesic/intrinsic_dimension"] > 5
     assert objective.summary_lines()[0].startswith("geodesics: 2 of 2 graph refreshes could not follow the bank")
+
+
+def test_geodesic_stretch_tool_reports_percentiles_per_range(tmp_path):
+    """launcher.geodesic_stretch at toy size (the README's table comes from it at 65,536 x 512): every row
+    has the stretch percentiles of each range, and with the exact balls (radius = limit, none capped)
+    every pair inside the limit is exact while the landmark bound alone is not."""
+    import json
+
+    from launcher.geodesic_stretch import main as stretch_main
+
+    out = tmp_path / "stretch.json"
+    stretch_main(["--nodes", "2000", "--dim", "32", "--ks", "5", "--landmarks", "16", "--anchors", "8",
+                  "--step-ms", "100", "--out", str(out)])
+    results = json.loads(out.read_text())
+    rows = {row["balls"]: row for row in results["rows"]}
+    assert len(results["rows"]) == 2 and set(rows) == {False, True}
+    for row in rows.values():
+        for name in ("radius", "limit", "pool"):
+            stats = row[name]
+            assert stats["pairs"] > 0 and 1.0 - 1e-6 <= stats["p10"] <= stats["p50"] <= stats["p90"], (name, stats)
+        assert row["refresh_share"] == pytest.approx(row["refresh_s"] / (50 * 0.1))
+    with_balls, bound_only = rows[True], rows[False]
+    assert with_balls["ball_capped_fraction"] == 0.0
+    assert all(with_balls[name]["p90"] == pytest.approx(1.0, abs=1e-5) for name in ("radius", "limit", "pool"))
+    assert with_balls["pool_falsely_beyond_limit"] == 0.0 and with_balls["hard_pick_overlap"] == 1.0
+    assert bound_only["limit"]["p50"] > 1.5  # the bound alone detours through landmarks

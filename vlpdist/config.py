@@ -341,8 +341,9 @@ class AlignConfig:
     distill_alpha: float = 0.0
     """ALBEF momentum distillation: ITC targets mix this much of the momentum model's soft targets."""
     metric: str = "cosine"
-    """SupCon's logit metric for bank keys: cosine, or geodesic (1 - graph shortest-path distance between
-    visual embeddings; ITC stays image-text cosine)."""
+    """SupCon's logit metric for bank keys: cosine, or geodesic (1 - d^2 / 2 of the graph shortest-path
+    distance d between visual embeddings, in chords: equal to the cosine on one hop, so graph-known and
+    other keys share one scale; keys the graph does not describe stay cosine; ITC stays image-text cosine)."""
     negatives: str = "all"
     """all, or geodesic_hard: of each anchor's hard_negative_pool cosine-nearest bank entries keep the
     hard_negatives whose manifold path is longest relative to their cosine distance."""

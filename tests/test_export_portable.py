@@ -70,6 +70,17 @@ def point_main_at(repo: Path, commit: str) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
+def use_hub_cache(monkeypatch, hub: Path) -> None:
+    """Make `hub` the hub cache for this test. Both libraries read HF_HUB_CACHE at import, so the
+    settings are changed where they are kept: huggingface_hub's (read at each call), and the copy
+    transformers 4.x keeps of it (TRANSFORMERS_CACHE; 5.x reads huggingface_hub's). HF_HUB_OFFLINE=1: conftest."""
+    import transformers.utils.hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(hub), raising=False)
+
+
 def save_later_upload(tiny_lm: Path, snapshot: Path) -> None:
     """What the repo's owner pushed after training: other weights and a tokenizer with one more token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +96,6 @@ def save_later_upload(tiny_lm: Path, snapshot: Path) -> None:
 
 
 def test_a_hub_named_lm_loads_at_the_revision_its_export_recorded(tmp_path, tiny_lm, tiny_clip, monkeypatch):
-    from huggingface_hub import constants
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vlpdist.models.captioner import load_exported_captioner
@@ -95,7 +105,7 @@ def test_a_hub_named_lm_loads_at_the_revision_its_export_recorded(tmp_path, tiny
     shutil.copytree(tiny_lm, repo / "snapshots" / TRAINED_COMMIT)
     save_later_upload(Path(tiny_lm), repo / "snapshots" / LATER_COMMIT)
     point_main_at(repo, TRAINED_COMMIT)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call (HF_HUB_OFFLINE=1: conftest)
+    use_hub_cache(monkeypatch, tmp_path / "hub")
 
     checkpoint, _ = trained_run(tmp_path / "run", Path(tiny_lm), Path(tiny_clip), tuned=False)
     export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "export"), f"model.lm_name={repo_id}"])
@@ -120,7 +130,6 @@ def test_a_clip_tag_resolves_to_its_weights_at_the_recorded_revision(tmp_path, m
     """open_clip's `create_model` fetches a tag at `main`; the export's CLIP is given the file at the recorded
     commit instead (which `create_model` loads as a checkpoint file). The files here are stand-ins: only
     which one is chosen is checked, building RN50 from them is open_clip's own file path."""
-    from huggingface_hub import constants
     from open_clip import get_pretrained_cfg
 
     from vlpdist.models.clip_identity import resolve_clip_checkpoint
@@ -131,7 +140,7 @@ def test_a_clip_tag_resolves_to_its_weights_at_the_recorded_revision(tmp_path, m
         (repo / "snapshots" / commit).mkdir(parents=True)
         (repo / "snapshots" / commit / "open_clip_model.safetensors").write_text(commit)
     point_main_at(repo, LATER_COMMIT)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    use_hub_cache(monkeypatch, tmp_path / "hub")
 
     identity = {"model_name": "RN50", "pretrained": "openai", "pretrained_kind": "tag", "revision": TRAINED_COMMIT}
     weights = Path(resolve_clip_checkpoint(identity, tmp_path))

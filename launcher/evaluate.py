@@ -61,7 +61,7 @@ def load_model_for_evaluation(path: Path, clip_dir: Path):
         captioner = load_exported_captioner(path)
         lm = manifest["lm"]
         # A tuned LM has learnt to expect a prefix: the fair "without the image" LM is the one it started from.
-        baseline_lm = captioner.lm if not lm["tuned"] else load_language_model(lm["trained_from"]["name"]).eval()
+        baseline_lm = captioner.lm if not lm["tuned"] else load_language_model(lm["trained_from"]["name"], revision=lm["trained_from"].get("revision")).eval()
         return captioner, manifest["clip"], path, baseline_lm, f"export {path}"
     return load_trained_state(path, clip_dir)
 

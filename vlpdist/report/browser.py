@@ -37,7 +37,7 @@ def headless_chromium():
 
     options = webdriver.ChromeOptions()
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={WINDOW_WIDTH},{WINDOW_HEIGHT}",
-                     "--disable-dev-shm-usage"):
+                     "--disable-dev-shm-usage", "--hide-scrollbars"):  # a screenshot of the page, not of a scrollbar
         options.add_argument(argument)
     options.binary_location = shutil.which("chromium")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})

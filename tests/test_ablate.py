@@ -87,3 +87,29 @@ def test_an_out_holding_other_files_is_refused_before_any_run(tmp_path, capsys):
         main(["--config", str(TINY_CONFIG), "--variants", "caption", "--out", str(out), "--no-prepare", f"root={tmp_path}"])
     assert exited.value.code == 2 and "not an earlier output of launcher.ablate" in capsys.readouterr().err
     assert [path.name for path in out.iterdir()] == ["paper_table.md"]
+
+
+@pytest.mark.parametrize("targets", ["captions", "questions", "both"])
+def test_paraphrase_targets_swap_only_the_named_kind(targets):
+    from vlpdist.config import load_config
+    from vlpdist.data.feature_shards import QuestionSampling, choose_paraphrases
+    from vlpdist.errors import UserError
+
+    samples = [{"key": f"{index:05d}", "caption": f"caption {index}", "caption_paraphrases": [f"caption {index} again"],
+                "question_paraphrases": [f"question {index} again"]} for index in range(8)]
+    questions = [f"question {index}" if index % 2 else None for index in range(8)]
+    sampling = QuestionSampling(0.5, "most_common", 0, paraphrase_prob=1.0, paraphrase_targets=targets)
+    captions, asked, paraphrased = choose_paraphrases(samples, questions, sampling, epoch=0)
+    for index in range(8):
+        is_question = index % 2 == 1
+        swapped = targets == "both" or targets == ("questions" if is_question else "captions")
+        assert paraphrased[index] == swapped
+        if is_question:
+            assert asked[index] == (f"question {index} again" if swapped else f"question {index}")
+            assert captions[index] == f"caption {index}"  # a question row's caption is not what its LM is taught
+        else:
+            assert asked[index] is None
+            assert captions[index] == (f"caption {index} again" if swapped else f"caption {index}")
+    assert load_config(None, [f"train.paraphrase_targets={targets}"]).train.paraphrase_targets == targets
+    with pytest.raises(UserError, match="train.paraphrase_targets"):
+        load_config(None, ["train.paraphrase_targets=answers"])

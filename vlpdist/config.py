@@ -216,6 +216,10 @@ class ModelConfig:
     max_caption_tokens)."""
 
 
+PARAPHRASE_TARGETS = ("captions", "questions", "both")
+"""train.paraphrase_targets: which texts a paraphrase may replace in training."""
+
+
 @dataclass
 class TrainConfig:
     """DeepSpeed training of the mapper: ZeRO, expert parallelism, schedule, checkpoints, logging."""
@@ -299,6 +303,9 @@ class TrainConfig:
     """Probability that a caption (or question) is trained as one of its paraphrases (written by
     process.paraphraser) instead of itself; a sample without paraphrases trains its original.
     The alignment text and held-out evaluation always use the originals."""
+    paraphrase_targets: str = "both"
+    """Which texts paraphrase_prob may swap: captions, questions or both (the ablation's
+    "+ paraphrase (captions)" and "+ paraphrase (questions)" rows train one kind each)."""
 
 
 @dataclass
@@ -597,6 +604,9 @@ def _check_values(config: Config) -> None:
         raise UserError("config key 'train.question_fraction' must be in [0, 1]")
     if not 0.0 <= config.train.paraphrase_prob <= 1.0:
         raise UserError("config key 'train.paraphrase_prob' must be in [0, 1]")
+    if config.train.paraphrase_targets not in PARAPHRASE_TARGETS:
+        raise UserError(f"config key 'train.paraphrase_targets' is {config.train.paraphrase_targets!r}; "
+                        f"expected one of {list(PARAPHRASE_TARGETS)}")
     if config.train.answer_target not in ("sample", "most_common"):
         raise UserError(f"config key 'train.answer_target' is {config.train.answer_target!r}; expected one of ['most_common', 'sample']")
     # numpy's generators (shard order, shuffling) refuse a negative seed: here, not in a loader worker hours in.

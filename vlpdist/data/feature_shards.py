@@ -320,13 +320,15 @@ class QuestionSampling:
     train.paraphrase_prob): a question-only sample always trains as its question, a sample with a
     caption and a question as the question with probability `fraction`, the answer drawn by
     `answer_target` ("sample" | "most_common"); the caption or question is then swapped for one of
-    its paraphrases with probability `paraphrase_prob`. All drawn from (seed, epoch, key), so a
-    resumed run and any rank or worker layout make the same choices."""
+    its paraphrases with probability `paraphrase_prob` when `paraphrase_targets` ("captions" |
+    "questions" | "both") names its kind. All drawn from (seed, epoch, key), so a resumed run and
+    any rank or worker layout make the same choices."""
 
     fraction: float = 0.5
     answer_target: str = "sample"
     seed: int = 0
     paraphrase_prob: float = 0.0
+    paraphrase_targets: str = "both"
 
 
 LmInputs = Callable[[list[str], list[str | None], list[str | None]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -384,10 +386,13 @@ def choose_paraphrases(samples: list[dict[str, Any]], questions: list[str | None
                        epoch: int) -> tuple[list[str], list[str | None], list[bool]]:
     """(the caption each sample's LM is taught, its question, whether that text is a paraphrase):
     a question row swaps its question, a caption row its caption, for one of its paraphrases with
-    probability `sampling.paraphrase_prob` (a text without paraphrases stays itself)."""
+    probability `sampling.paraphrase_prob` when `sampling.paraphrase_targets` names its kind (a text
+    without paraphrases stays itself)."""
     captions, asked, paraphrased = [], [], []
     for sample, question in zip(samples, questions):
-        choices = sample.get("question_paraphrases", []) if question is not None else sample.get("caption_paraphrases", [])
+        kind = "questions" if question is not None else "captions"
+        targeted = sampling.paraphrase_targets in (kind, "both")
+        choices = sample.get("question_paraphrases" if question is not None else "caption_paraphrases", []) if targeted else []
         swap, text = False, None
         if choices and sampling.paraphrase_prob > 0:
             rng = np.random.default_rng([sampling.seed, epoch, zlib.crc32(sample["key"].encode()), _PARAPHRASE_STREAM])

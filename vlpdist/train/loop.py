@@ -355,7 +355,8 @@ def run_training(config: Config, stop_marker: Path | None = None) -> int:
     tokenize = partial(tokenize_captions, engine.module.tokenizer, config.model.max_caption_tokens)
     lm_inputs = partial(tokenize_lm_inputs, engine.module.tokenizer, config.model.max_caption_tokens,
                         config.model.max_answer_tokens, config.model.question_template)
-    sampling = QuestionSampling(train.question_fraction, train.answer_target, train.seed, train.paraphrase_prob)
+    sampling = QuestionSampling(train.question_fraction, train.answer_target, train.seed, train.paraphrase_prob,
+                                train.paraphrase_targets)
     loader = iter(build_train_loader(plan, info.rank, state.data_position, tokenize, pin_memory=info.on_gpu,
                                      lm_inputs=lm_inputs, sampling=sampling))
     preemption.tolerate_stopped_loader_workers()

@@ -265,3 +265,29 @@ def test_gpu_wheels_replaces_its_own_folder_whole_and_keeps_it_when_a_build_fail
     code, err = run_cli(gpu_wheels_main, ["--from-installed", "--only", "rpds-py", "--out", str(out)], capsys)
     assert code == 2 and "not a pure-Python package" in err
     assert tree_snapshot(out) == before and siblings(out) == [".whl"]  # the old folder as it was, no staging left
+
+
+def test_ingest_never_replaces_a_config_yaml_it_did_not_write(tmp_path, capsys):
+    """`data_ingest.run --config <root>/config.yaml root=<root>` used to overwrite the user's own file with
+    the resolved config (comments and all gone); it is refused before any stage, and a config.yaml that
+    save_config wrote is replaced on the next run."""
+    import shutil
+
+    from data_ingest.run import main as ingest_main
+    from vlpdist.config import SAVED_CONFIG_HEADER, load_config, save_config
+
+    root = tmp_path / "my data"
+    root.mkdir()
+    user_config = root / "config.yaml"
+    shutil.copy(Path(__file__).resolve().parent.parent / "configs" / "cc3m_download.yaml", user_config)
+    before = tree_snapshot(tmp_path)
+    code, err = run_cli(ingest_main, ["--config", str(user_config), f"root={root}", "--stage", "process"], capsys)
+    assert code == 2 and "was not written by vlpdist" in err and err.count("\n") == 1, err
+    assert tree_snapshot(tmp_path) == before
+    own = tmp_path / "own"
+    own.mkdir()
+    config = load_config(str(user_config), [f"root={own}"])
+    save_config(config, own)
+    save_config(config, own)  # its own earlier file: replaced
+    text = (own / "config.yaml").read_text()
+    assert text.startswith(SAVED_CONFIG_HEADER) and load_config(str(own / "config.yaml"), []).root == str(own)

@@ -616,14 +616,24 @@ def _check_values(config: Config) -> None:
         raise UserError("config key 'demo.mismatch_fraction' must be in [0, 1)")
 
 
+SAVED_CONFIG_HEADER = "# vlpdist: the resolved config of this folder's run (save_config); replaced on every run\n"
+"""The first line of every config.yaml `save_config` writes: a config.yaml without it (the user's own,
+e.g. `data_ingest.run --config <root>/config.yaml`) is never replaced."""
+
+
 def save_config(config: Config, folder: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML into `folder` (atomically) and return its path."""
+    """Write the resolved config as YAML into `folder` (atomically) and return its path. A config.yaml
+    already there that this function did not write (no `SAVED_CONFIG_HEADER`) is refused, untouched."""
     from vlpdist.atomic import atomic_write_text
 
+    path = Path(folder) / "config.yaml"
+    if path.is_symlink() or path.is_dir() or path.is_file() and not path.read_text(errors="replace").startswith(SAVED_CONFIG_HEADER):
+        raise UserError(f"{path} exists and was not written by vlpdist (a run's resolved config starts with "
+                        f"{SAVED_CONFIG_HEADER.strip()!r}); keep your own config outside the output folder, or remove it")
     # Every value is resolved: a `${` left in a string is text, and must read back as text.
     resolved = _literal(dataclasses.asdict(config))
     resolved["base_dir"] = resolved["base_dir"] or os.getcwd()  # where the relative paths it holds were valid
-    return atomic_write_text(Path(folder) / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    return atomic_write_text(path, SAVED_CONFIG_HEADER + yaml.safe_dump(resolved, sort_keys=False))
 
 
 # Fields that always name a path, and fields that name either a path or a hub / open_clip / shipped name.

@@ -179,3 +179,24 @@ def test_geodesic_stretch_tool_reports_percentiles_per_range(tmp_path):
     assert all(with_balls[name]["p90"] == pytest.approx(1.0, abs=1e-5) for name in ("radius", "limit", "pool"))
     assert with_balls["pool_falsely_beyond_limit"] == 0.0 and with_balls["hard_pick_overlap"] == 1.0
     assert bound_only["limit"]["p50"] > 1.5  # the bound alone detours through landmarks
+
+
+def test_the_run_reports_bank_section_shows_the_trust_statistics_and_the_flagged_count(tmp_path):
+    """The report's bank section charts the per-refresh trust scalars and says how many refreshes eval.json counts as flagged."""
+    import json
+
+    from vlpdist.monitor.tensorboard import TensorBoardLogger
+    from vlpdist.report.page import RunFiles, section_bank
+
+    run_dir = tmp_path / "run"
+    tb = TensorBoardLogger(run_dir / "tb", True)
+    for step in (50, 100):
+        tb.scalars({"align/bank_fill": 512.0, "geodesic/snapshot_step": float(step), "geodesic/intrinsic_dimension": 13.2,
+                    "geodesic/short_range_stretch": 1.8, "geodesic/rank_agreement": 0.68, "geodesic/trusted": 0.0}, step)
+    tb.close()
+    (run_dir / "eval.json").write_text(json.dumps({"geodesics": {
+        "refreshes": 2, "untrusted_refreshes": 2, "last_intrinsic_dimension": 13.2, "last_short_range_stretch": 1.8,
+        "last_rank_agreement": 0.68}}))
+    page = section_bank(RunFiles(root=None, run_dir=run_dir))
+    assert "2 of 2 graph refreshes could not follow the bank" in page and "short-range stretch 1.80" in page
+    assert "intrinsic dimension of the bank (TwoNN)" in page and "rank agreement of graph and cosine" in page

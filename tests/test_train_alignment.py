@@ -62,6 +62,40 @@ def test_alignment_terms_are_trained_and_logged(aligned_run):
     assert accumulator.Scalars("geodesic/false_negatives_removed")[-1].value > 0
 
 
+def test_geodesic_trust_reaches_tensorboard_the_summary_line_and_eval_json(aligned_run):
+    """Issue 17 item 4: each refresh's trust statistics are logged, and the end of training says, in one line
+    and in eval.json, how many of its refreshes were flagged."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, result = aligned_run
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    trust = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in
+             ("geodesic/intrinsic_dimension", "geodesic/short_range_stretch", "geodesic/rank_agreement", "geodesic/trusted")}
+    # Refreshes at steps 4, 8 and 12, logged every 2 steps from step 4 on.
+    assert all(len(values) >= 3 for values in trust.values()), {tag: len(values) for tag, values in trust.items()}
+    assert set(trust["geodesic/trusted"]) <= {0.0, 1.0}
+    assert all(0.0 < value < 64.0 for value in trust["geodesic/intrinsic_dimension"])
+    assert all(value >= 1.0 for value in trust["geodesic/short_range_stretch"])  # a graph path is never shorter than the chord
+    assert all(-1.0 <= value <= 1.0 for value in trust["geodesic/rank_agreement"])
+
+    summary = json.loads((run_dir / "eval.json").read_text())["geodesics"]
+    assert summary["refreshes"] == 3 and 0 <= summary["untrusted_refreshes"] <= 3
+    # The last refresh (step 12) is what the last logged scalars (step 12) show.
+    assert summary["last_intrinsic_dimension"] == pytest.approx(trust["geodesic/intrinsic_dimension"][-1], rel=1e-6)
+    assert summary["last_short_range_stretch"] == pytest.approx(trust["geodesic/short_range_stretch"][-1], rel=1e-6)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("geodesics: ")]
+    if summary["untrusted_refreshes"]:
+        assert re.match(rf"geodesics: {summary['untrusted_refreshes']} of 3 graph refreshes could not follow the bank", line)
+    else:
+        assert line.startswith("geodesics: all 3 graph refreshes followed the bank "
+                               f"(last: short-range stretch {summary['last_short_range_stretch']:.2f}")
+    flagged_steps = [int(m) for m in re.findall(r"warning: geodesic graph at step (\d+)", result.stdout)]
+    assert len(flagged_steps) == summary["untrusted_refreshes"]
+
+
 def test_checkpoint_holds_bank_momentum_and_snapshot_as_safetensors(aligned_run):
     from safetensors.torch import load_file
 

@@ -13,7 +13,7 @@ and why, never an exception):
   `<run>/tb` (samples/s, expert load, the start step of every launch = resumes) through
   TensorBoard's own EventAccumulator;
 - held-out and retrieval: `<run>/eval.json` (examples, scores against baselines, R@K, top-5);
-- bank: the `align/*` and `geodesic/*` TensorBoard scalars (when alignment is on);
+- bank: the `align/*` and `geodesic/*` TensorBoard scalars (when alignment is on), with eval.json's geodesic trust count;
 - ablation: `ablation.json` under the root.
 
 A page carries `GENERATOR_META` in its head: `write_report` replaces a file only when it is such a
@@ -427,12 +427,36 @@ def section_bank(run: RunFiles) -> str:
         parts.append(svg.line_chart({"turnover": [(s, 1 - v) for s, v in bank["geodesic/known_fraction"]]},
                                     "turnover: fraction of graph nodes the bank has replaced", refreshes, "refresh"))
     for tag, title in (("geodesic/connected_components", "graph components"), ("geodesic/mean_degree", "mean degree"),
-                       ("geodesic/largest_component_fraction", "largest component fraction"), ("geodesic/nodes", "graph nodes")):
+                       ("geodesic/largest_component_fraction", "largest component fraction"), ("geodesic/nodes", "graph nodes"),
+                       ("geodesic/intrinsic_dimension", "intrinsic dimension of the bank (TwoNN)"),
+                       ("geodesic/short_range_stretch", "short-range stretch: graph path / chord (flagged above 1.25)"),
+                       ("geodesic/rank_agreement", "rank agreement of graph and cosine at short range")):
         if tag in bank:
             parts.append(svg.line_chart({title: bank[tag]}, title, refreshes, "refresh"))
+    trust = _geodesic_trust(run)
+    if trust:
+        parts.insert(0, f"<p>{_text(trust)}</p>")
     if not any(tag.startswith("geodesic/") for tag in bank):
         parts.append("<p>No geodesic graph in this run (cosine negatives and metric).</p>")
     return "".join(parts)
+
+
+def _geodesic_trust(run: RunFiles) -> str | None:
+    """The end of training's count of graph refreshes the trust check flagged (eval.json's `geodesics`), as a sentence."""
+    path = run.run_dir / "eval.json" if run.run_dir else None
+    try:
+        trust = json.loads(path.read_text()).get("geodesics") if path and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not trust:
+        return None
+    flagged = trust["untrusted_refreshes"]
+    verdict = (f"{flagged} of {trust['refreshes']} graph refreshes could not follow the bank: geodesic negatives there were no "
+               "better than cosine ones" if flagged else f"all {trust['refreshes']} graph refreshes followed the bank")
+    last = ", ".join(f"{label} {trust[key]:.2f}" for key, label in (("last_short_range_stretch", "short-range stretch"),
+                                                                     ("last_intrinsic_dimension", "intrinsic dimension"))
+                     if key in trust)
+    return f"Geodesic trust (this launch): {verdict}" + (f" (last refresh: {last})." if last else ".")
 
 
 def section_ablation(run: RunFiles) -> str:

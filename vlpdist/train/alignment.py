@@ -84,7 +84,7 @@ class AlignmentObjective:
         self.snapshot = None  # the geodesic graph over the bank as it was at the last refresh
         self.snapshot_slots_n = None  # (n,) bank slot of each graph node
         self.snapshot_step = -1
-        self.refreshes = self.untrusted_refreshes = 0  # graph builds, and those `geodesic.trust` flagged
+        self.refreshes = self.untrusted_refreshes = 0  # this launch's graph builds, and those `geodesic.trust` flagged
         self.last_untrusted_stats: dict = {}
         self.pending_rows = None  # the gathered rows of the current micro-batch, enqueued after its losses
 
@@ -183,10 +183,25 @@ class AlignmentObjective:
             if self.ctx.rank == 0:
                 print(warning_line(self.snapshot.stats, step), flush=True)
 
+    def trust_summary(self) -> dict | None:
+        """This launch's graph refreshes and how many `geodesic.trust` flagged, with the last graph's trust
+        statistics (for eval.json and the run report); None before any refresh."""
+        if not self.refreshes:
+            return None
+        last = self.snapshot.stats
+        return {"refreshes": self.refreshes, "untrusted_refreshes": self.untrusted_refreshes,
+                **{f"last_{name}": float(last[name]) for name in ("intrinsic_dimension", "short_range_stretch", "rank_agreement")
+                   if name in last}}
+
     def summary_lines(self) -> list[str]:
-        """Lines for the end-of-run summary: how many refreshes built a graph that cannot follow the bank."""
-        if not self.untrusted_refreshes:
+        """The end-of-run summary's line on the geodesic graph: how many refreshes built one that cannot follow the bank."""
+        summary = self.trust_summary()
+        if summary is None:
             return []
+        if not self.untrusted_refreshes:
+            return [f"geodesics: all {self.refreshes} graph refreshes followed the bank (last: short-range stretch "
+                    f"{summary.get('last_short_range_stretch', float('nan')):.2f}, intrinsic dimension "
+                    f"{summary.get('last_intrinsic_dimension', float('nan')):.1f})"]
         stats = self.last_untrusted_stats
         return [f"geodesics: {self.untrusted_refreshes} of {self.refreshes} graph refreshes could not follow the bank "
                 f"(last: short-range stretch {stats['short_range_stretch']:.2f}, intrinsic dimension "

@@ -391,6 +391,8 @@ def run_training(config: Config, stop_marker: Path | None = None) -> int:
             vqa = evaluate_questions(engine.module, config, world, info)
             if result is not None or vqa is not None:  # rank 0 (held-out of questions only: no caption rows)
                 result = {**(result or {}), "training": training}  # this launch's steps (after a resume: only its own)
+                if objective is not None and objective.trust_summary() is not None:
+                    result["geodesics"] = objective.trust_summary()  # this launch's refreshes, as the summary line says
                 if vqa is not None:
                     result["vqa"] = vqa
                 atomic_write_json(run_dir / "eval.json", result)

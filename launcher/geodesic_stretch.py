@@ -18,7 +18,9 @@ geodesic_limit; `pool`: each anchor's hard_negative_pool cosine-nearest bank ent
 negatives are picked). For the pool, also: the share of entries within the limit that the estimate
 puts beyond it, and the overlap of the hard picks (top hard_negatives by stretch) with the exact picks.
 
-Costs are time.perf_counter on this machine: the k-NN search is measured once at the largest k
+Costs are time.perf_counter on this machine, with the process's CPU seconds beside them (`*_cpu_s`, all
+threads: on a machine shared with other work the wall time grows with the load, the CPU time much less;
+Dijkstra is one thread, so its CPU seconds are its wall time on an idle core): the k-NN search is measured once at the largest k
 (a smaller k costs about the same: the search is brute force); landmark picking is measured at the
 largest count (farthest-point sampling is one full Dijkstra per landmark, so L landmarks cost L / max
 of it); balls once per k. `--step-ms` (an aligned training step, e.g. from `launcher.bench.train`'s
@@ -126,30 +128,31 @@ def run(nodes: int, dim: int, ks: list[int], landmark_counts: list[int], anchors
     chord_BP = np.sqrt(np.clip(2.0 - 2.0 * np.take_along_axis(cosine_BN, pool_BP, axis=1), 1e-12, None))
     random_cos = float(np.median(cosine_BN))
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     index = build_knn_index(nodes_ND, "faiss_flat")
     neighbor_NK, _ = search_knn(index, nodes_ND, max(ks), exclude_self=True)
-    knn_s = time.perf_counter() - started
+    knn_s, knn_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     results = {"settings": {"nodes": nodes, "dim": dim, "anchors": anchors, "seed": seed, "ks": ks,
                             "landmarks": landmark_counts, "radius": align.false_negative_radius,
                             "limit": align.geodesic_limit, "pool": align.hard_negative_pool,
                             "hard_negatives": align.hard_negatives, "median_anchor_cosine": random_cos,
                             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                            "generate_s": generate_s, "knn_search_s_at_max_k": knn_s, "step_ms": step_ms},
+                            "generate_s": generate_s, "knn_search_s_at_max_k": knn_s, "knn_search_cpu_s_at_max_k": knn_cpu_s,
+                            "load_average_1min": os.getloadavg()[0], "step_ms": step_ms},
                "rows": []}
     print(f"bank {nodes:,} x {dim} generated in {generate_s:.0f} s; k-NN (faiss_flat, k={max(ks)}) {knn_s:.0f} s", flush=True)
     for k in ks:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         base = GeodesicSnapshot.from_neighbors(nodes_ND, torch.arange(nodes), index, neighbor_NK[:, :k].contiguous(),
                                                method="exact")
-        graph_s = time.perf_counter() - started
+        graph_s, graph_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
         exact_BN = base.distances(anchors_BD, method="exact")[0].numpy().astype(np.float64)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         landmark_L, landmark_LN = pick_landmarks(base.graph, max(landmark_counts), base.stats["connected_components"], seed)
-        landmarks_s = time.perf_counter() - started
-        started = time.perf_counter()
+        landmarks_s, landmarks_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
+        started, started_cpu = time.perf_counter(), time.process_time()
         ball_index, ball_distance, ball_stats = local_balls(base.graph, align.geodesic_limit, align.geodesic_local_nodes)
-        balls_s = time.perf_counter() - started
+        balls_s, balls_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
         first_hop = {"k": k, "components": base.stats["connected_components"],
                      "largest_component_fraction": base.stats["largest_component_fraction"]}
         for count in landmark_counts:
@@ -169,11 +172,15 @@ def run(nodes: int, dim: int, ks: list[int], landmark_counts: list[int], anchors
                 estimate_BN = variant.distances(anchors_BD, method="landmarks")[0].numpy().astype(np.float64)
                 step_s = time.perf_counter() - started
                 refresh_s = knn_s + graph_s + landmarks_s * count / max(landmark_counts) + (balls_s if with_balls else 0.0)
+                refresh_cpu_s = (knn_cpu_s + graph_cpu_s + landmarks_cpu_s * count / max(landmark_counts)
+                                 + (balls_cpu_s if with_balls else 0.0))
                 row = {**first_hop, "landmarks": count, "balls": with_balls, **(ball_stats if with_balls else {}),
                        **stretch_in_ranges(estimate_BN, exact_BN, pool_BP, chord_BP, align),
                        "refresh_s": refresh_s, "knn_s": knn_s, "graph_s": graph_s,
                        "landmarks_s": landmarks_s * count / max(landmark_counts), "balls_s": balls_s if with_balls else 0.0,
-                       "distances_s_per_anchor": step_s / anchors}
+                       "distances_s_per_anchor": step_s / anchors, "refresh_cpu_s": refresh_cpu_s, "knn_cpu_s": knn_cpu_s,
+                       "graph_cpu_s": graph_cpu_s, "landmarks_cpu_s": landmarks_cpu_s * count / max(landmark_counts),
+                       "balls_cpu_s": balls_cpu_s if with_balls else 0.0}
                 if step_ms:
                     row["refresh_share"] = refresh_s / (align.geodesic_refresh_every * step_ms / 1e3)
                 results["rows"].append(row)
@@ -193,15 +200,15 @@ def markdown(results: dict) -> str:
         f"Stretch (estimate / exact) p10 / p50 / p90; bank {settings['nodes']:,} x {settings['dim']}, "
         f"{settings['anchors']} anchors; radius {settings['radius']}, limit {settings['limit']}, pool {settings['pool']}.",
         "",
-        "| k | landmarks | balls | d < radius | radius..limit | hard pool | pool falsely beyond limit | hard-pick overlap | refresh s | share of refresh interval |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| k | landmarks | balls | d < radius | radius..limit | hard pool | pool falsely beyond limit | hard-pick overlap | refresh s | refresh CPU s | share of refresh interval |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         share = f"{row['refresh_share']:.2f}" if "refresh_share" in row else "-"
         lines.append(
             f"| {row['k']} | {row['landmarks']} | {'yes' if row['balls'] else 'no'} | {fmt(row['radius'])} | {fmt(row['limit'])} | "
             f"{fmt(row['pool'])} | {row['pool_falsely_beyond_limit']:.2f} | {row['hard_pick_overlap']:.2f} | "
-            f"{row['refresh_s']:.1f} | {share} |"
+            f"{row['refresh_s']:.1f} | {row['refresh_cpu_s']:.1f} | {share} |"
         )
     return "\n".join(lines)
 

@@ -173,7 +173,7 @@ def test_geodesic_stretch_tool_reports_percentiles_per_range(tmp_path):
         for name in ("radius", "limit", "pool"):
             stats = row[name]
             assert stats["pairs"] > 0 and 1.0 - 1e-6 <= stats["p10"] <= stats["p50"] <= stats["p90"], (name, stats)
-        assert row["refresh_share"] == pytest.approx(row["refresh_s"] / (50 * 0.1))
+        assert row["refresh_share"] == pytest.approx(row["refresh_s"] / (50 * 0.1)) and row["refresh_cpu_s"] > 0
     with_balls, bound_only = rows[True], rows[False]
     assert with_balls["ball_capped_fraction"] == 0.0
     assert all(with_balls[name]["p90"] == pytest.approx(1.0, abs=1e-5) for name in ("radius", "limit", "pool"))

@@ -89,6 +89,117 @@ def test_an_out_holding_other_files_is_refused_before_any_run(tmp_path, capsys):
     assert [path.name for path in out.iterdir()] == ["paper_table.md"]
 
 
+def write_question_features(folder, num_shards: int = 3, per_shard: int = 40, dim: int = 32):
+    """Demo-like tiny features processed with the synthetic paraphraser: every sample a scene with a
+    question (10 answers; colour questions "other", existence questions "yes/no"), every fourth a
+    question only (its caption dropped by the filter), captions and questions with their paraphrases,
+    stats recording the paraphrase settings of process.paraphraser=synthetic."""
+    import numpy as np
+    import webdataset as wds
+
+    from data_ingest.process.paraphrase import paraphrase_signature
+    from data_ingest.sources.synthetic import COLORS, SHAPES, alternative_phrasings, scene_caption
+    from vlpdist.atomic import atomic_write_json
+    from vlpdist.config import load_config
+    from vlpdist.data.feature_format import encode_feature_sample, write_label_vocabulary
+
+    signature = paraphrase_signature(load_config(TINY_CONFIG, ["process.paraphraser=synthetic"]).process)
+    rng = np.random.default_rng(0)
+    colours, shapes = list(COLORS), list(SHAPES)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_label_vocabulary(folder, shapes)
+    question_only = 0
+    for shard in range(num_shards):
+        with wds.TarWriter(str(folder / f"{shard:05d}.tar")) as writer:
+            for index in range(per_shard):
+                colour, shape = colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))]
+                caption = scene_caption(((colour, shape),))
+                if index % 3:
+                    qa = {"question": f"what color is the {shape}?", "answers": [colour] * 9 + ["red"],
+                          "question_type": "what color is the", "answer_type": "other"}
+                else:
+                    qa = {"question": f"is there a {shape}?", "answers": ["yes"] * 10,
+                          "question_type": "is there a", "answer_type": "yes/no"}
+                only = index % 4 == 0 and shard < num_shards - 1  # the held-out shard keeps its captions
+                question_only += only
+                unit_D = rng.standard_normal(dim)
+                unit_D /= np.linalg.norm(unit_D)
+                writer.write(encode_feature_sample(
+                    f"{shard:05d}{index:04d}", unit_D, unit_D[None], [] if only else [caption], [shapes.index(shape)], [shape],
+                    {}, "question_only" if only else "keep_web", "", caption, qa,
+                    caption_paraphrases=None if only else [alternative_phrasings(caption, 3)],
+                    question_paraphrases=alternative_phrasings(qa["question"], 3)))
+        atomic_write_json(folder / f"{shard:05d}_stats.json", {"shard": f"{shard:05d}", "written": per_shard, "paraphrase": signature})
+    return folder, question_only
+
+
+def test_captions_only_row_trains_no_question_and_the_table_shows_vqa(tmp_path, tiny_lm):
+    """One seed of captions_only (a real one-rank run) on paraphrased question features: it trains on
+    the training shards without their question-only samples and answers no question in training, yet
+    answers the held-out questions, and the table carries VQA columns."""
+    from launcher.ablate import CAPTIONS_ONLY_FEATURES, VARIANTS, VQA, main
+    from vlpdist.data.feature_format import iterate_feature_shards
+
+    features, question_only = write_question_features(tmp_path / "features")
+    common = [f"root={tmp_path}", f"train.features_dir={features}", f"model.lm_name={tiny_lm}", "train.max_steps=3",
+              "train.checkpoint_every=3", "train.log_every=1", "train.eval_max_samples=16", "align.bank_size=32",
+              "train.ep_size=1", "train.question_fraction=0.5"]
+    out = tmp_path / "ablation"
+    result = main(["--config", str(TINY_CONFIG), "--variants", "captions_only", "--seeds", "0",
+                   "--ranks", "1", "--out", str(out), "--no-prepare", *common])
+    (captions_only,) = result["rows"]
+    copy = out / CAPTIONS_ONLY_FEATURES
+    # The copy: training shards without question-only samples (stats counting what is left), held-out unchanged.
+    kept = {shard: [sample.key for sample in iterate_feature_shards(str(copy / f"{shard}.tar"))] for shard in ("00000", "00001", "00002")}
+    assert question_only == 20 and len(kept["00000"]) + len(kept["00001"]) == 80 - question_only
+    assert all(json.loads((copy / f"{shard}_stats.json").read_text())["written"] == len(keys) for shard, keys in kept.items())
+    assert all(sample.captions for shard in ("00000", "00001") for sample in iterate_feature_shards(str(copy / f"{shard}.tar")))
+    assert (copy / "00002.tar").read_bytes() == (features / "00002.tar").read_bytes()
+    assert captions_only["overrides"] == [*VARIANTS["captions_only"][1], f"train.features_dir={copy}"]
+    resolved = yaml.safe_load(open(captions_only["configs"]["0"]))
+    assert resolved["train"]["features_dir"] == str(copy) and resolved["train"]["question_fraction"] == 0
+    # No question was trained: the answer loss is 0 at every step (a question-only sample in a batch, as
+    # 1 in 4 of the source's training samples is, would have trained as its question).
+    steps = [json.loads(line) for line in open(out / "captions_only" / "seed0" / "metrics.jsonl") if '"ans"' in line]
+    assert len(steps) == 3 and all(step["ans"] == 0 for step in steps)
+    assert {VQA, f"{VQA} other", f"{VQA} yes/no"} <= set(captions_only["mean"]) and 0 <= captions_only["mean"][VQA] <= 100
+    table = (out / "ablation.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| variant"))
+    assert f"| {VQA} | {VQA} yes/no | {VQA} other |" in header and f"| {VQA} vs caption |" in header
+    (body,) = [line for line in table if line.startswith("| captions_only")]
+    assert body.count("|") == header.count("|") and f"{captions_only['mean'][VQA]:.1f} ± 0.0" in body
+    assert any("question_fraction=0.5" in line for line in table)  # the note on reading the question rows
+
+
+def test_question_group_resolves_and_refuses_shards_without_paraphrases(tmp_path, capsys):
+    """The questions group names the caption row and the three question rows; their overrides resolve; a
+    paraphrase row on shards not processed with the paraphraser is refused before any run."""
+    from launcher.ablate import GROUPS, VARIANTS, check_processed_for, main, processing_overrides
+    from vlpdist.config import load_config
+
+    assert GROUPS["questions"] == ["caption", "captions_only", "paraphrase_captions", "paraphrase_questions"]
+    assert not set(GROUPS["questions"][1:]) & set(GROUPS["default"])  # the default ablation costs what it did
+    assert processing_overrides(GROUPS["questions"]) == ["process.paraphraser=synthetic"]
+    expected = {"captions_only": ("train", "question_fraction", 0.0), "paraphrase_captions": ("train", "paraphrase_targets", "captions"),
+                "paraphrase_questions": ("train", "paraphrase_targets", "questions")}
+    for name, (section, key, value) in expected.items():
+        config = load_config(TINY_CONFIG, VARIANTS[name][1])
+        assert getattr(getattr(config, section), key) == value
+        assert config.align.itc_weight == config.align.supcon_weight == 0  # against caption: one change each
+    features = tiny_features(tmp_path / "features", num_shards=2, samples_per_shard=8)
+    out = tmp_path / "ablation"
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(TINY_CONFIG), "--variants", "paraphrase_captions", "--seeds", "0", "--ranks", "1",
+              "--out", str(out), "--no-prepare", f"root={tmp_path}", f"train.features_dir={features}"])
+    message = capsys.readouterr().err
+    assert exited.value.code == 2 and "variant paraphrase_captions trains paraphrases, but 2 shards" in message
+    assert not (out / "paraphrase_captions").exists()
+    # Shards processed with the synthetic paraphraser pass (the paraphrase rows' real runs are the loader's tests).
+    paraphrased, _ = write_question_features(tmp_path / "paraphrased", num_shards=2, per_shard=8)
+    for name in ("paraphrase_captions", "paraphrase_questions"):
+        check_processed_for(name, load_config(TINY_CONFIG, [f"train.features_dir={paraphrased}", *VARIANTS[name][1]]))
+
+
 @pytest.mark.parametrize("targets", ["captions", "questions", "both"])
 def test_paraphrase_targets_swap_only_the_named_kind(targets):
     from vlpdist.config import load_config

@@ -191,7 +191,7 @@ def stage_demo_lm(config: Config) -> Path:
 
 def finished_training(config: Config) -> dict | None:
     """The eval.json of a run that reached train.max_steps and exported, or None."""
-    from vlpdist.train.loop import EXPORT_WEIGHTS
+    from vlpdist.parallel.consolidate import EXPORT_WEIGHTS
 
     out = Path(config.train.output_dir)
     export_meta = out / "export" / "export.json"
@@ -229,7 +229,7 @@ def stage_export(config: Config, train_reused: bool) -> tuple[dict, dict]:
     """The self-contained export (`launcher.export`) and the sample images to caption with it."""
     from launcher.export import main as export_main
     from vlpdist.models.export_bundle import EXPORT_FORMAT, MANIFEST_FILE
-    from vlpdist.train.loop import EXPORT_WEIGHTS
+    from vlpdist.parallel.consolidate import EXPORT_WEIGHTS
 
     started = time.perf_counter()
     checkpoint = Path(config.train.output_dir) / "export" / EXPORT_WEIGHTS
@@ -284,7 +284,7 @@ def measure_fold_latency(config: Config) -> list[dict]:
     from launcher.export import mapper_state
     from vlpdist.models.fold import load_folded_mapper
     from vlpdist.models.mapper import build_mapper
-    from vlpdist.train.loop import EXPORT_WEIGHTS
+    from vlpdist.parallel.consolidate import EXPORT_WEIGHTS
 
     state = mapper_state(load_file(str(Path(config.train.output_dir) / "export" / EXPORT_WEIGHTS)))
     clip_dim = state["input_proj.weight"].shape[1]

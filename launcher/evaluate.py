@@ -86,7 +86,7 @@ def load_trained_state(path: Path, clip_dir: Path):
     from vlpdist.models.captioner import build_captioner, load_language_model
     from vlpdist.models.clip_identity import record_clip_identity
     from vlpdist.models.fold import fold_mapper
-    from vlpdist.train.loop import EXPORT_WEIGHTS
+    from vlpdist.parallel.consolidate import EXPORT_WEIGHTS
 
     if (path / EXPORT_WEIGHTS).is_file():
         state = read_consolidated_state(path / EXPORT_WEIGHTS)

@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from vlpdist.parallel.engine import leave_process_group
-    from vlpdist.train.loop import StoppedBySignal, TrainingDiverged, run_export_evaluation, run_training
+    from vlpdist.train.loop import run_export_evaluation, run_training
+    from vlpdist.train.preemption import StoppedBySignal
+    from vlpdist.train.steps import TrainingDiverged
 
     args = parse_args(argv)
     overrides = shlex.split(os.environ.get("VLPDIST_OVERRIDES", "")) + list(args.overrides)

@@ -56,13 +56,14 @@ def export_and_run(tmp_path, tiny_lm, tiny_clip) -> tuple[Path, Path]:
 
 def end_of_training_evaluation(captioner, run_dir: Path, train_shard: Path, heldout_shard: Path, samples: int,
                                store: Path) -> dict:
-    """What training's last step scores (`vlpdist.train.loop.evaluate`), on one gloo rank."""
+    """What training's last step scores (`vlpdist.train.run_end.evaluate`), on one gloo rank."""
     import torch.distributed as dist
 
     from vlpdist.config import load_config
     from vlpdist.data.feature_shards import ShardPlan
     from vlpdist.parallel.engine import DistInfo
-    from vlpdist.train.loop import DataWorld, evaluate
+    from vlpdist.train.run_end import evaluate
+    from vlpdist.train.run_setup import DataWorld
 
     config = load_config(run_dir / "config.yaml", [f"train.eval_max_samples={samples}"])
     plan = ShardPlan(shards=[str(train_shard)], counts=[6], world_size=1, num_workers=0,

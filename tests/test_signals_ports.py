@@ -18,7 +18,7 @@ from train_fixtures import TINY_CONFIG
 from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
 from vlpdist.data.synthetic import write_synthetic_feature_shards
 from vlpdist.parallel.launch import ephemeral_port_range, free_server_ports
-from vlpdist.train.loop import PreemptionSignal, StoppedBySignal
+from vlpdist.train.preemption import PreemptionSignal, StoppedBySignal
 
 TRAIN_SCRIPT = REPO / "launcher" / "train.py"
 

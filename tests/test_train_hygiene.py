@@ -8,7 +8,7 @@ from vlpdist.config import ModelConfig, TrainConfig
 from vlpdist.models import build_mapper
 from vlpdist.parallel.deepspeed_config import build_deepspeed_config
 from vlpdist.parallel.engine import no_decay_parameter
-from vlpdist.train.loop import _truncate_metrics
+from vlpdist.train.run_setup import truncate_metrics
 
 
 def test_norms_biases_and_routers_take_no_weight_decay():
@@ -32,7 +32,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)]
     path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # killed mid-write
-    _truncate_metrics(path, 4)
+    truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 

@@ -15,7 +15,7 @@ from train_fixtures import TINY_CONFIG, tiny_features, tiny_overrides
 from vlpdist.config import load_config
 from vlpdist.data.feature_shards import count_shard_share, list_feature_shards, shard_sample_counts
 from vlpdist.errors import UserError
-from vlpdist.train.loop import _read_data_world
+from vlpdist.train.run_setup import read_data_world
 
 SAMPLES = 48  # per shard, as tiny_features writes them
 
@@ -37,7 +37,7 @@ def test_a_stats_count_that_disagrees_with_its_tar_is_refused_at_planning(tmp_pa
 
 def _data_world_of_two_ranks(features, tmp_path):
     config = load_config(TINY_CONFIG, tiny_overrides(features, tmp_path / "lm", tmp_path / "run"))
-    return _read_data_world(config, 2, features, [count_shard_share(features, rank, 2) for rank in range(2)])
+    return read_data_world(config, 2, features, [count_shard_share(features, rank, 2) for rank in range(2)])
 
 
 def test_two_ranks_share_the_counting_and_agreeing_stats_make_the_plan(tmp_path):

@@ -124,13 +124,14 @@ def test_summary_rows_set_each_type_beside_both_baselines():
 
 def end_of_training_questions(captioner, run_dir: Path, train_shards: list[Path], heldout_shard: Path, questions: int,
                               store: Path) -> dict:
-    """What training's last step scores for questions (`vlpdist.train.loop.evaluate_questions`), on one gloo rank."""
+    """What training's last step scores for questions (`vlpdist.train.run_end.evaluate_questions`), on one gloo rank."""
     import torch.distributed as dist
 
     from vlpdist.config import load_config
     from vlpdist.data.feature_shards import ShardPlan
     from vlpdist.parallel.engine import DistInfo
-    from vlpdist.train.loop import DataWorld, evaluate_questions
+    from vlpdist.train.run_end import evaluate_questions
+    from vlpdist.train.run_setup import DataWorld
 
     config = load_config(run_dir / "config.yaml", [f"train.eval_max_samples={questions}", "train.micro_batch_size=8"])
     plan = ShardPlan(shards=[str(path) for path in train_shards], counts=[48] * len(train_shards), world_size=1, num_workers=0,

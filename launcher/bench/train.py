@@ -3,7 +3,7 @@
 Rows, all on the same tokens (prefix P + T caption tokens, every caption exactly T tokens), timed
 in interleaved rounds (so load from other processes on a shared machine hits every row alike; the
 best round counts):
-- `full`: the training loop itself (`vlpdist.train.loop._train_steps`: loader with tokenising
+- `full`: the training loop itself (`vlpdist.train.steps.train_steps`: loader with tokenising
   workers, DeepSpeed engine forward/backward/step, the per-step collective), MoE mapper, LM frozen;
   with alignment off and on (ITC + SupCon over a 65,536-entry bank with the momentum mapper),
   text target lm, lm_cached (the cache filled during the warm-up, as after the first epoch) and clip;
@@ -138,7 +138,8 @@ class LoopRunner:
         from vlpdist.data.feature_shards import QuestionSampling, build_shard_plan, build_train_loader, list_feature_shards
         from vlpdist.models.captioner import tokenize_captions, tokenize_lm_inputs
         from vlpdist.monitor.tensorboard import TensorBoardLogger
-        from vlpdist.train.loop import DataWorld, PreemptionSignal, build_alignment_objective, build_model_and_engine
+        from vlpdist.train.preemption import PreemptionSignal
+        from vlpdist.train.run_setup import DataWorld, build_alignment_objective, build_model_and_engine
         from vlpdist.train.state import TrainState
         from functools import partial
 
@@ -164,12 +165,12 @@ class LoopRunner:
         import contextlib
         import io
 
-        from vlpdist.train.loop import _train_steps
+        from vlpdist.train.steps import train_steps
 
         self.config.train.max_steps = self.state.step + steps
         with contextlib.redirect_stdout(io.StringIO()):  # the loop's log line at its last step
-            _train_steps(self.config, self.info, self.engine, self.scheduler, self.loader, self.state, self.tb, self.preemption,
-                         self.run_dir, self.plan, self.state.step, self.objective)
+            train_steps(self.config, self.info, self.engine, self.scheduler, self.loader, self.state, self.tb, self.preemption,
+                        self.run_dir, self.plan, self.state.step, self.objective)
 
 
 def run_benchmark(
@@ -335,7 +336,7 @@ def piece_steps(runner: LoopRunner, batch: dict, device: torch.device, clip_dim:
     DeepSpeed, whose gradient hooks allow one backward per step) and an objective of its own (its
     bank and momentum model, so the loop's bank is left as it was)."""
     from vlpdist.models.captioner import build_captioner
-    from vlpdist.train.loop import DataWorld, build_alignment_objective
+    from vlpdist.train.run_setup import DataWorld, build_alignment_objective
 
     torch.manual_seed(runner.config.train.seed)
     dtype = runner.engine.module.lm.get_input_embeddings().weight.dtype

@@ -56,7 +56,7 @@ from vlpdist.parallel.checkpoint_files import TAG_PREFIX, checkpoint_problem, li
 if TYPE_CHECKING:
     from vlpdist.config import Config
 
-# The consolidated export's weights, written here and by the live export (`vlpdist.train.loop`).
+# The consolidated export's weights, written here and by the live export (`vlpdist.train.run_end`).
 EXPORT_WEIGHTS = "model_fp32.safetensors"
 MODULE_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
@@ -239,7 +239,7 @@ def consolidate_checkpoint(path: str | Path, fp32_source: str = "auto") -> Conso
 
 
 def write_consolidated_export(consolidated: ConsolidatedCheckpoint, config: Config, out_dir: str | Path) -> Path:
-    """Write what the live export writes (`loop.export_consolidated`) into `out_dir`: the weights
+    """Write what the live export writes (`run_end.export_consolidated`) into `out_dir`: the weights
     as `model_fp32.safetensors`, the run's config, and `export.json` (which also names the source
     checkpoint); each file atomically, so `--evaluate-export` and the fold read it alike."""
     from safetensors.torch import save

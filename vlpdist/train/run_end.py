@@ -99,10 +99,12 @@ def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dic
     # Every rank reads the same first samples, so all of them skip alike (no collective needed).
     if not heldout_shards or num_samples == 0 or next(iterate_heldout(heldout_shards, 1, num_samples), None) is None:
         if info.is_main:
-            why = "the held-out samples hold questions only"
+            # Questions-only held-out samples are still answered and scored (evaluate_questions).
+            why = "the held-out samples hold questions only: caption evaluation skipped"
             if not heldout_shards or num_samples == 0:
                 why = "no held-out shards (train.heldout_shards=0)" if not heldout_shards else "the held-out shards hold no samples"
-            print(f"{why}: caption evaluation skipped", flush=True)
+                why += ": evaluation skipped"
+            print(why, flush=True)
         return None
     # A tuned LM has learnt to expect the prefix: the baseline is then the LM as loaded, before training.
     baseline_lm = captioner.lm if config.model.freeze_lm else load_language_model(config.model.lm_name).to(device_of(info)).eval()

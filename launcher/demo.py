@@ -309,6 +309,11 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     rows += [("ingestion", f"failed: {reason}", str(count), "") for reason, count in download["failures_by_reason"].items()]
     rows += [("ingestion", "processed: written", str(process["written"]), f"of {process['raw_samples']} downloaded"),
              ("ingestion", "processed: dropped by the caption filter", str(process["dropped_by_filter"]), "")]
+    # A sample whose caption the filter drops but that holds a question is kept for its question alone.
+    question_only = process.get("decisions", {}).get("question_only", 0)
+    if question_only:
+        rows.append(("ingestion", "processed: caption dropped, question kept", str(question_only),
+                     f"captions kept {process.get('captions_kept', 0)}"))
     rows += [("ingestion", f"processed: failed {reason}", str(count), "") for reason, count in process["failed"].items()]
     truth = process.get("filter_vs_truth") or {}
     if truth:

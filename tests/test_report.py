@@ -319,3 +319,21 @@ def test_evaluate_report_shows_an_exports_heldout_captions_and_retrievals(tmp_pa
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith(f"error: --report {tmp_path / 'mine.html'} is a file that is not a report")
     assert (tmp_path / "mine.html").read_text() == "mine"
+
+
+def test_a_sample_written_for_its_question_alone_counts_as_dropped_by_the_filter(tmp_path):
+    """With questions, a sample whose web caption the filter drops is still written (decision question_only,
+    status written, web_kept false): the histogram and the grid count it as dropped, not kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlpdist.report.page import RunFiles, _decision_rows
+
+    (tmp_path / "features").mkdir()
+    rows = [{"key": "0", "status": "written", "decision": "keep_web", "web_clip": 0.9, "web_kept": True},
+            {"key": "1", "status": "written", "decision": "question_only", "web_clip": 0.1, "web_kept": False},
+            {"key": "2", "status": "dropped", "decision": "drop", "web_clip": 0.2, "web_kept": False},
+            {"key": "3", "status": "failed", "decision": "", "web_clip": None, "web_kept": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "features" / "00000_decisions.parquet")
+    verdicts = {row["key"]: row["verdict"] for row in _decision_rows(RunFiles(tmp_path, None))[0]}
+    assert verdicts == {"0": "kept", "1": "dropped", "2": "dropped", "3": "failed"}

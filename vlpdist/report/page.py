@@ -149,6 +149,9 @@ def section_ingestion(run: RunFiles) -> str:
         labels += ["processed: written", "dropped by the filter"]
         values += [process.get("written", 0), process.get("dropped_by_filter", 0)]
         colours += ["#2ca02c", "#ff7f0e"]
+        question_only = process.get("decisions", {}).get("question_only", 0)
+        if question_only:  # written for their question alone: the filter dropped their caption
+            labels.append("caption dropped, question kept"), values.append(question_only), colours.append("#ff7f0e")
         for reason, count in process.get("failed", {}).items():
             labels.append(f"processing failed: {reason}"), values.append(count), colours.append("#d62728")
     else:
@@ -157,7 +160,9 @@ def section_ingestion(run: RunFiles) -> str:
 
 
 def _decision_rows(run: RunFiles) -> tuple[list[dict], int, int]:
-    """(rows {shard, key, status, web_clip} of the sampled decision files, files read, files in all)."""
+    """(rows {shard, key, status, web_clip, verdict} of the sampled decision files, files read, files in all).
+    verdict is the filter's on the web caption: "dropped" also for a sample written for its question
+    alone (status written, web_kept false), "kept" for a written sample whose web caption was kept."""
     import pyarrow.parquet as pq
 
     files = sorted(run.features.glob("*_decisions.parquet")) if run.features and run.features.is_dir() else []
@@ -166,17 +171,20 @@ def _decision_rows(run: RunFiles) -> tuple[list[dict], int, int]:
     chosen = files if len(files) <= MAX_DECISION_FILES else sorted(random.Random(SEED).sample(files, MAX_DECISION_FILES))
     rows = []
     for path in chosen:
-        table = pq.read_table(path, columns=["key", "status", "web_clip"]).to_pylist()
+        columns = ["key", "status", "web_clip"] + (["web_kept"] if "web_kept" in pq.read_schema(path).names else [])
         shard = path.name.split("_", 1)[0]
-        rows += [{**row, "shard": shard} for row in table]
+        for row in pq.read_table(path, columns=columns).to_pylist():
+            web_dropped = row["status"] == "dropped" or row["status"] == "written" and row.get("web_kept") is False
+            verdict = "dropped" if web_dropped else "kept" if row["status"] == "written" else row["status"]
+            rows.append({**row, "shard": shard, "verdict": verdict})
     return rows, len(chosen), len(files)
 
 
 def section_filter(run: RunFiles) -> str:
     rows, read, total = _decision_rows(run)
     scored = [row for row in rows if row["web_clip"] is not None]
-    groups = {"kept": [r["web_clip"] for r in scored if r["status"] == "written"],
-              "dropped": [r["web_clip"] for r in scored if r["status"] == "dropped"]}
+    groups = {"kept": [r["web_clip"] for r in scored if r["verdict"] == "kept"],
+              "dropped": [r["web_clip"] for r in scored if r["verdict"] == "dropped"]}
     process = getattr(run.config, "process", None)
     threshold = process.clip_threshold if process is not None and process.filter == "clip" else None
     why = "" if threshold is not None else "<p>Threshold not marked: the filter was not the CLIP score (or no config).</p>"
@@ -184,14 +192,14 @@ def section_filter(run: RunFiles) -> str:
              f"<p>{len(scored)} scored samples from {read} of {total} shards' decision files.</p>"]
     rng = random.Random(SEED)
     picks = {}
-    for status in ("dropped", "written"):
-        candidates = [r for r in scored if r["status"] == status]
-        picks[status] = sorted(rng.sample(candidates, min(GRID_EXAMPLES, len(candidates))), key=lambda r: r["web_clip"])
-    chosen = picks["dropped"] + picks["written"]
+    for verdict in ("dropped", "kept"):
+        candidates = [r for r in scored if r["verdict"] == verdict]
+        picks[verdict] = sorted(rng.sample(candidates, min(GRID_EXAMPLES, len(candidates))), key=lambda r: r["web_clip"])
+    chosen = picks["dropped"] + picks["kept"]
     images = thumbnails_for_keys(run.raw, [r["key"] for r in chosen])
-    meta = _feature_meta(run, picks["written"])
+    meta = _feature_meta(run, picks["kept"])
     captions = _raw_captions(run, chosen)
-    for status, label in (("dropped", "Dropped"), ("written", "Kept")):
+    for status, label in (("dropped", "Dropped"), ("kept", "Kept")):
         cells = []
         for row in picks[status]:
             info = meta.get(row["key"], {})

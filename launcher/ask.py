@@ -33,7 +33,7 @@ from pathlib import Path
 
 from launcher.caption import (FetchLimits, InferenceModels, Loaded, RowWriter, add_run_arguments, check_run_arguments,
                               encode_prepared, expand_inputs, is_url, load_chunks, load_inference_models,
-                              read_finished_rows)
+                              read_finished_rows, report_counts)
 from vlpdist.data.question_answer import QUESTION
 from vlpdist.errors import UserError, exit_on_user_error
 
@@ -233,13 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.update(len(batch))
     finally:
         writer.close()
-    total = sum(counts.values())
-    print(f"answered {counts['ok']} of {total} questions on {models.device} "
-          f"({', '.join(f'{status} {count}' for status, count in sorted(counts.items()))}) -> {out}", flush=True)
-    exit_code = 0 if counts["ok"] else 1
-    if exit_code:
-        print(f"error: no question was answered (see the error column of {out})", file=sys.stderr, flush=True)
-    return {"rows": total, "counts": dict(counts), "out": str(out), "exit_code": exit_code}
+    return report_counts(counts, out, models.device, "answered", "question")
 
 
 if __name__ == "__main__":

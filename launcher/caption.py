@@ -423,12 +423,17 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.update(len(batch))
     finally:
         writer.close()
+    return report_counts(counts, out, models.device, "captioned", "input")
+
+
+def report_counts(counts: Counter, out: Path, device: object, done: str, noun: str) -> dict:
+    """Print the rows' statuses (and, when none is ok, the one-line error of exit code 1); the run's result."""
     total = sum(counts.values())
-    print(f"captioned {counts['ok']} of {total} inputs on {models.device} "
+    print(f"{done} {counts['ok']} of {total} {noun}s on {device} "
           f"({', '.join(f'{status} {count}' for status, count in sorted(counts.items()))}) -> {out}", flush=True)
     exit_code = 0 if counts["ok"] else 1
     if exit_code:
-        print(f"error: no input was captioned (see the error column of {out})", file=sys.stderr, flush=True)
+        print(f"error: no {noun} was {done} (see the error column of {out})", file=sys.stderr, flush=True)
     return {"rows": total, "counts": dict(counts), "out": str(out), "exit_code": exit_code}
 
 

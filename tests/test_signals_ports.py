@@ -18,7 +18,7 @@ from train_fixtures import TINY_CONFIG
 from vlpdist.data.feature_shards import build_shard_plan, build_train_loader, list_feature_shards
 from vlpdist.data.synthetic import write_synthetic_feature_shards
 from vlpdist.parallel.launch import ephemeral_port_range, free_server_ports
-from vlpdist.train.preemption import PreemptionSignal, StoppedBySignal
+from vlpdist.train.preemption import PreemptionSignal, StopTolerantLoader, StoppedBySignal
 
 TRAIN_SCRIPT = REPO / "launcher" / "train.py"
 
@@ -104,6 +104,42 @@ def test_loader_workers_end_on_sigterm_even_in_a_stopping_trainer(tmp_path, own_
     assert worker.exitcode == -signal.SIGTERM
     wait_for(lambda: preemption.received == "SIGTERM", 10, "the trainer's handler")
     del loader
+
+
+def test_a_loader_whose_worker_died_of_the_stop_signal_starts_again_at_its_position(tmp_path, own_signal_handlers, capsys):
+    """scancel signals the loader workers too: the step being finished (and checkpointed) still gets its
+    batches, the same ones in the same order (seen in CI: a worker dead of scancel's SIGTERM failed the
+    step, exit 1, no checkpoint). Without a stop signal a dead worker is still an error."""
+    import itertools
+
+    write_synthetic_feature_shards(tmp_path, num_shards=2, samples_per_shard=16, dim=8, seed=0)
+    plan = build_shard_plan(list_feature_shards(tmp_path), world_size=1, num_workers=1, micro_batch_size=4, seed=0)
+    straight = [batch["keys"] for batch in itertools.islice(iter(build_train_loader(plan, 0, 0)), 8)]
+    preemption = PreemptionSignal()
+    consumed: list[dict] = []
+    loader = StopTolerantLoader(lambda: iter(build_train_loader(plan, 0, len(consumed))), preemption)
+    preemption.tolerate_stopped_loader_workers()
+    consumed.append(next(loader))
+    (worker,) = loader._loader._workers
+    os.kill(os.getpid(), signal.SIGTERM)
+    wait_for(lambda: preemption.received == "SIGTERM", 10, "the trainer's handler")
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(60)
+    while len(consumed) < 8:  # the dead worker's prefetched batches first, then a new loader's
+        consumed.append(next(loader))
+    assert [batch["position"] for batch in consumed] == list(range(8))
+    assert [batch["keys"] for batch in consumed] == straight
+    assert "after SIGTERM the loader failed" in capsys.readouterr().out
+
+    quiet = PreemptionSignal()
+    loader = StopTolerantLoader(lambda: iter(build_train_loader(plan, 0, 0)), quiet)
+    next(loader)
+    (worker,) = loader._loader._workers
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(60)
+        for _ in range(8):
+            next(loader)
 
 
 def test_signal_after_the_training_steps_stops_with_its_exit_code(own_signal_handlers):

@@ -21,7 +21,7 @@ from vlpdist.parallel.consolidate import EXPORT_WEIGHTS
 from vlpdist.parallel.deepspeed_config import check_train_config
 from vlpdist.parallel.engine import device_of, init_distributed
 from vlpdist.train.checkpoint import check_checkpoint_dir, save_checkpoint
-from vlpdist.train.preemption import PreemptionSignal
+from vlpdist.train.preemption import PreemptionSignal, StopTolerantLoader
 from vlpdist.train.run_end import (
     evaluate,
     evaluate_at_end,
@@ -67,7 +67,7 @@ def run_training(config: Config, stop_marker: Path | None = None) -> int:
     state = resume_or_start(config, info, engine, run_dir, plan, extras)
     tb = open_tensorboard(run_dir, info, state, plan)
     preemption = PreemptionSignal()
-    loader = build_step_loader(config, engine.module, plan, info, state)
+    loader = StopTolerantLoader(lambda: build_step_loader(config, engine.module, plan, info, state), preemption)
     preemption.tolerate_stopped_loader_workers()
     last_saved_step = state.step  # what is on disk, known from this loop's memory (not from a shared file system)
     steps_before, samples_before, started = state.step, state.samples_seen, time.perf_counter()

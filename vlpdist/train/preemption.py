@@ -62,3 +62,31 @@ class PreemptionSignal:
 
 def _raise_stopped(signum, frame) -> None:
     raise StoppedBySignal(signum)
+
+
+class StopTolerantLoader:
+    """The step loop's batch iterator, started by `start_loader()` at the run state's data position.
+    Slurm's scancel sends SIGTERM to every process of the step, loader workers included, and they
+    die of it: if the loop still needs a batch of the step it is finishing (to checkpoint it, on every
+    rank alike), the dead worker's loader raises. Once a stop signal has come, such a failure starts
+    the loader again at the position of the batch asked for (new workers, after the signal), so the
+    step completes; without a stop signal a failure is raised as it is."""
+
+    def __init__(self, start_loader, preemption: PreemptionSignal):
+        self._start_loader = start_loader  # () -> an iterator over batches from the state's data_position
+        self._preemption = preemption
+        self._loader = start_loader()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._loader)
+        except RuntimeError as err:
+            if self._preemption.received is None:
+                raise
+            print(f"after {self._preemption.received} the loader failed ({str(err).splitlines()[0]}): "
+                  "started again at its position to finish the step", flush=True)
+            self._loader = self._start_loader()
+            return next(self._loader)

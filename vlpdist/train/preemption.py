@@ -83,10 +83,11 @@ class StopTolerantLoader:
     def __next__(self):
         try:
             return next(self._loader)
-        except RuntimeError as err:
+        except Exception as err:  # "worker exited unexpectedly", or the batch's shared memory gone with it (OSError)
             if self._preemption.received is None:
                 raise
-            print(f"after {self._preemption.received} the loader failed ({str(err).splitlines()[0]}): "
+            first_line = (str(err).splitlines() or [""])[0]
+            print(f"after {self._preemption.received} the loader failed ({type(err).__name__}: {first_line}): "
                   "started again at its position to finish the step", flush=True)
             self._loader = self._start_loader()
             return next(self._loader)

@@ -123,14 +123,20 @@ def test_scancel_checkpoints_and_the_job_ends_cancelled_without_requeue(slurm, t
 
 # A stand-in for a rank, for what the script does with a run's outcome: it announces itself, then on
 # SIGUSR2 either fails (exit 1) or makes a planned stop as launcher/train.py does (rank 0's marker, exit 0).
+# The traps are set before the announcement: a USR2 in between would kill the rank by the signal
+# (status 140). A failing rank also fails on SIGTERM: the first rank to exit 1 makes srun
+# (--kill-on-bad-exit) send SIGTERM to the other, which may still be in `sleep` with its USR2 trap
+# pending (bash runs a trap once the foreground command ends); killed by it, that rank made srun's
+# status 143 in about one run in six.
 STAND_IN_RANK = """#!/bin/bash
-touch "$STARTED_DIR/rank$RANK"
 on_usr2() {
     if [[ "$OUTCOME" == fail ]]; then exit 1; fi
     if [[ "$RANK" == 0 ]]; then echo "5 SIGUSR2" > "$VLPDIST_STOP_MARKER"; fi
     exit 0
 }
 trap on_usr2 USR2
+if [[ "$OUTCOME" == fail ]]; then trap 'exit 1' TERM; fi
+touch "$STARTED_DIR/rank$RANK"
 while true; do sleep 0.2; done
 """
 

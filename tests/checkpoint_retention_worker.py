@@ -27,8 +27,10 @@ def main(checkpoint_dir: Path) -> None:
     from vlpdist.train.checkpoint import LATEST, list_checkpoints, load_latest_checkpoint, save_checkpoint
     from vlpdist.train.state import TrainState
 
+    from vlpdist.parallel.engine import init_distributed
+
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(120)  # not deepspeed.init_distributed: ours skips the CPU shm op's minute-long JIT build
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={

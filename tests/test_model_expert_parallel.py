@@ -23,9 +23,9 @@ def model_config(top_k: int) -> ModelConfig:
 
 def run_rank(rank: int, port: int, top_k: int, consolidated: dict, inputs: list, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(EP_SIZE), LOCAL_RANK=str(rank))
-    import deepspeed
+    from vlpdist.parallel.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(120)  # not deepspeed.init_distributed: ours skips the CPU shm op's minute-long JIT build
     mapper = build_mapper(model_config(top_k), CLIP_DIM, WIDTH, ep_size=EP_SIZE)
     for block in mapper.blocks:
         # What DeepSpeed's engine does when it wraps the model: create and attach the expert-parallel group.

@@ -286,6 +286,9 @@ class TrainConfig:
     """Optimizer steps with a non-finite loss are skipped (by DeepSpeed, on every rank) and counted; this many in a row abort the run."""
     eval_at_end: bool = True
     """Evaluate on the held-out shards after training and write eval.json."""
+    eval_meteor: bool = True
+    """Score METEOR at the end of training when Java is there (false: skip it). Its scorer loads
+    paraphrase tables for about 10 s per evaluation; the tiny test recipe skips it."""
     eval_max_samples: int = 512
     """At most this many held-out samples are evaluated."""
     eval_max_new_tokens: int = 20

@@ -115,7 +115,8 @@ def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dic
     heldout = merge_heldout(share)
     if heldout is None:
         return None
-    return score_captions(heldout, most_frequent_training_caption([Path(path) for path in world.plan.shards]))
+    return score_captions(heldout, most_frequent_training_caption([Path(path) for path in world.plan.shards]),
+                          meteor=None if train.eval_meteor else False)
 
 
 def evaluate_questions(captioner, config: Config, world: DataWorld, info: DistInfo) -> dict | None:

@@ -183,9 +183,9 @@ def stage_demo_lm(config: Config) -> Path:
     questions = [f"{format_question_prompt(config.model.question_template, sample.qa[QUESTION])} "
                  f"{choose_answer_target(sample.qa[ANSWERS], 'most_common', None)}" for sample in samples if sample.qa]
     started = time.perf_counter()
-    make_demo_lm(lm_dir, captions + questions)
+    make_demo_lm(lm_dir, captions + questions, steps=config.demo.lm_steps)
     print(f"[demo] language model for the demo captions and questions ({len(captions)} training captions, "
-          f"{len(questions)} questions) in {time.perf_counter() - started:.0f} s")
+          f"{len(questions)} questions, {config.demo.lm_steps} steps) in {time.perf_counter() - started:.0f} s")
     return lm_dir
 
 

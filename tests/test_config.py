@@ -159,6 +159,7 @@ BAD_OVERRIDES = [
     ("train.seed", "is not of the form key.sub=value"),
     ("train.seed=-1", "config key 'train.seed' is -1; it must be in [0, 2**32)"),
     ("train.seed=4294967296", "config key 'train.seed' is 4294967296"),
+    ("demo.lm_steps=0", "config key 'demo.lm_steps' must be >= 1, not 0"),
 ]
 
 

@@ -43,6 +43,8 @@ class DemoDataConfig:
     """URLs of each broken kind (404, 500, html, truncated, empty, slow) added to the list."""
     slow_response_s: float = 4.0
     """How long the 'slow' URLs stall; must exceed download.timeout_s to count as a timeout."""
+    lm_steps: int = 200
+    """Pretraining steps of the demo's tiny GPT-2 (launcher.make_demo_lm) on the training captions and questions."""
 
 
 @dataclass
@@ -572,6 +574,8 @@ def _check_values(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"config key '{key}' is {value!r}; expected one of {sorted(allowed)}")
+    if config.demo.lm_steps < 1:
+        raise UserError(f"config key 'demo.lm_steps' must be >= 1, not {config.demo.lm_steps}")
     align = config.align
     align_choices = {
         "align.text_target": (align.text_target, {"lm", "lm_cached", "clip"}),

@@ -21,7 +21,7 @@ from launcher.caption import main as caption_main
 from launcher.evaluate import main as evaluate_main
 from launcher.export import main as export_main
 from vlpdist.data.feature_shards import iterate_heldout
-from vlpdist.eval.captioning import caption_metrics
+from vlpdist.eval.captioning import caption_metrics, start_meteor
 from vlpdist.eval.scoring import score_caption_systems
 from vlpdist.models import load_exported_captioner
 
@@ -44,6 +44,16 @@ def test_bleu_matches_the_formula_worked_by_hand():
     assert scores["skipped_metrics"] == {"METEOR": "not requested", "SPICE": "not requested"}
     # A perfect corpus scores BLEU-1 = 1 (no brevity penalty when every hypothesis is as long as a reference).
     assert caption_metrics(references, {"x": references["x"][0], "y": references["y"][1]})["BLEU-1"] == pytest.approx(1.0)
+
+
+def test_one_meteor_scorer_serves_the_process_and_an_ended_one_is_replaced():
+    """Each METEOR start loads its tables for about 10 s: every evaluation in a process shares one."""
+    first = start_meteor()
+    assert start_meteor() is first and first.meteor_p.poll() is None
+    first.meteor_p.kill()
+    first.meteor_p.wait()
+    second = start_meteor()
+    assert second is not first and second.meteor_p.poll() is None and start_meteor() is second
 
 
 @pytest.fixture

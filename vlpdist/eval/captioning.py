@@ -88,13 +88,20 @@ def optional_metric_problems() -> dict[str, str | None]:
     return {"METEOR": None, "SPICE": spice}
 
 
+_shared_meteor = None
+
+
 def start_meteor():
-    """pycocoevalcap's METEOR scorer: a Java process that loads its paraphrase tables first (seconds),
-    so one scorer serves every caption set of an evaluation; its `compute_score` keeps no state
-    between calls (its `__del__` stops the process)."""
+    """pycocoevalcap's METEOR scorer, one per process: a Java process that loads its paraphrase tables
+    at its first score (about 10 s), so every caption set of every evaluation in this process shares
+    it; its `compute_score` keeps no state between calls (its `__del__` stops the process). A scorer
+    whose process ended, or left holding its lock by a failed call, is replaced."""
     from pycocoevalcap.meteor.meteor import Meteor
 
-    return Meteor()
+    global _shared_meteor
+    if _shared_meteor is None or _shared_meteor.meteor_p.poll() is not None or _shared_meteor.lock.locked():
+        _shared_meteor = Meteor()
+    return _shared_meteor
 
 
 def caption_metrics(

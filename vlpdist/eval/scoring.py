@@ -53,7 +53,8 @@ def score_caption_systems(
 ) -> dict:
     """{"captioning": {system: scores}, "skipped_metrics": {metric: why}} for each system's captions
     of the same ids, all against `references`. METEOR runs in one scorer for all systems
-    (`meteor_scorer`, else one started here): each start costs seconds of Java loading tables."""
+    (`meteor_scorer`, else the process's shared one, `start_meteor`): each start costs about 10 s of
+    Java loading tables."""
     run_meteor, run_spice, skipped = resolve_optional_metrics(meteor, spice)
     if run_meteor and meteor_scorer is None:
         meteor_scorer = start_meteor()

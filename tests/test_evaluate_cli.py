@@ -5,6 +5,7 @@ JPEG files, and a bad reference file refused with one line and exit 2."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
@@ -54,6 +55,12 @@ def test_one_meteor_scorer_serves_the_process_and_an_ended_one_is_replaced():
     first.meteor_p.wait()
     second = start_meteor()
     assert second is not first and second.meteor_p.poll() is None and start_meteor() is second
+    second.lock.acquire()  # as a call that failed half-way leaves it
+    third = start_meteor()
+    assert third is not second and third.meteor_p.poll() is None and not second.lock.locked()
+    del first, second  # pycocoevalcap's __del__ takes each one's lock: it must not wait
+    gc.collect()
+    assert start_meteor() is third
 
 
 @pytest.fixture

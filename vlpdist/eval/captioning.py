@@ -95,11 +95,17 @@ def start_meteor():
     """pycocoevalcap's METEOR scorer, one per process: a Java process that loads its paraphrase tables
     at its first score (about 10 s), so every caption set of every evaluation in this process shares
     it; its `compute_score` keeps no state between calls (its `__del__` stops the process). A scorer
-    whose process ended, or left holding its lock by a failed call, is replaced."""
+    whose process ended, or that a failed call left holding its lock, is replaced (call this from one
+    thread at a time: a score under way in another thread would look like such a failure)."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     global _shared_meteor
-    if _shared_meteor is None or _shared_meteor.meteor_p.poll() is not None or _shared_meteor.lock.locked():
+    old = _shared_meteor
+    if old is None or old.meteor_p.poll() is not None or old.lock.locked():
+        if old is not None:
+            old.meteor_p.kill()
+            if old.lock.locked():
+                old.lock.release()  # its __del__ takes the lock: held, it would wait forever
         _shared_meteor = Meteor()
     return _shared_meteor
 

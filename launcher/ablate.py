@@ -169,8 +169,11 @@ def run_static_fold(config_path: Path, common: list[str], caption_run: Path, out
             report = export_main(["--checkpoint", str(consolidated), "--out", str(export_dir),
                                   *extra, *common])
             atomic_write_json(out_dir / f"export_{name}.json", report)
+            # The samples and caption length of the caption run's own end-of-training evaluation: the
+            # exact fold then scores as that run did, and the static fold beside it.
             evaluate_main(["--model", str(export_dir), "--features", *map(str, heldout), "--no-spice",
-                           "--max-samples", str(config.train.eval_max_samples), "--out", str(eval_path)])
+                           "--max-samples", str(config.train.eval_max_samples),
+                           "--max-new-tokens", str(config.train.eval_max_new_tokens), "--out", str(eval_path)])
         evaluation = json.loads(eval_path.read_text())
         report = json.loads((out_dir / f"export_{name}.json").read_text())
         figures[name] = {**{metric: evaluation["captioning"]["greedy"][metric] for metric in CAPTION_METRICS},

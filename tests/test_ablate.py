@@ -35,6 +35,12 @@ def test_ablation_runner_table_and_configs(tmp_path, tiny_lm, capsys):
         assert figures["mapper_params"] < figures["exact_fold"]["mapper_params"]
         assert 0 < figures["fold_relative_error"] and figures["exact_fold"]["fold_relative_error"] < 1e-4
         assert set(CAPTION_METRICS) <= set(figures) and set(RETRIEVAL_METRICS) <= set(figures)
+        # The exact fold, evaluated by launcher.evaluate, scores as the caption run's own end of training
+        # did (the same samples and caption length: launcher.evaluate's default length, the model's
+        # max_caption_tokens, is longer than the tiny recipe's train.eval_max_new_tokens).
+        trained = rows[0]["per_seed"][seed]
+        assert {name: figures["exact_fold"][name] for name in CAPTION_METRICS} == pytest.approx(
+            {name: trained[name] for name in CAPTION_METRICS}, rel=1e-6)
     for row in rows:
         assert row["seeds"] == [0, 1] and set(row["per_seed"]) == {"0", "1"}
         assert set(row["mean"]) == set(row["sd"]) == {*CAPTION_METRICS, *RETRIEVAL_METRICS, "caption_loss", "samples_per_s"}

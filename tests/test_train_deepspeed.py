@@ -235,3 +235,5 @@ def test_compiled_training_runs_with_expert_parallel_all_to_all(world, tmp_path)
     losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 3 and all(loss == loss for loss in losses)
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["samples"] == 16
+    # The tiny recipe evaluates 8 new tokens of captions trained at up to 16: the run says so.
+    assert "note: greedy captions are cut at train.eval_max_new_tokens=8 new tokens, fewer than the model.max_caption_tokens=16" in result.stdout

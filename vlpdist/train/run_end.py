@@ -115,6 +115,10 @@ def evaluate(captioner, config: Config, world: DataWorld, info: DistInfo) -> dic
     heldout = merge_heldout(share)
     if heldout is None:
         return None
+    if train.eval_max_new_tokens < config.model.max_caption_tokens:
+        print(f"note: greedy captions are cut at train.eval_max_new_tokens={train.eval_max_new_tokens} new tokens, fewer "
+              f"than the model.max_caption_tokens={config.model.max_caption_tokens} captions train with: a caption "
+              "longer than that scores lower than the model would make it", flush=True)
     return score_captions(heldout, most_frequent_training_caption([Path(path) for path in world.plan.shards]),
                           meteor=None if train.eval_meteor else False)
 

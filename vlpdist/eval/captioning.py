@@ -112,10 +112,9 @@ def start_meteor():
 
 def caption_metrics(
     references: dict[Hashable, list[str]], predictions: dict[Hashable, str], *, meteor: bool = False, spice: bool = False,
-    meteor_scorer=None,
 ) -> dict[str, float]:
     """Corpus scores {"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr"[, "METEOR"][, "SPICE"]} of `predictions` against `references`.
-    With `meteor`, `meteor_scorer` (from `start_meteor`) is reused; None starts one for this call."""
+    METEOR scores with the process's shared scorer (`start_meteor`)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -138,8 +137,7 @@ def caption_metrics(
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if meteor:
-        scorer = meteor_scorer if meteor_scorer is not None else start_meteor()
-        scores["METEOR"] = float(scorer.compute_score(gts, res)[0])
+        scores["METEOR"] = float(start_meteor().compute_score(gts, res)[0])
     if spice:
         from pycocoevalcap.spice.spice import Spice
 

@@ -14,7 +14,7 @@ from typing import Hashable, Mapping
 
 import torch
 
-from vlpdist.eval.captioning import caption_metrics, optional_metric_problems, start_meteor
+from vlpdist.eval.captioning import caption_metrics, optional_metric_problems
 from vlpdist.eval.retrieval import retrieval_protocol, retrieval_recall
 
 CAPTION_COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
@@ -49,17 +49,13 @@ def resolve_optional_metrics(meteor: bool | None, spice: bool | None) -> tuple[b
 
 def score_caption_systems(
     references: Mapping[Hashable, list[str]], systems: Mapping[str, Mapping[Hashable, str]], *,
-    meteor: bool | None = None, spice: bool | None = None, meteor_scorer=None,
+    meteor: bool | None = None, spice: bool | None = None,
 ) -> dict:
     """{"captioning": {system: scores}, "skipped_metrics": {metric: why}} for each system's captions
-    of the same ids, all against `references`. METEOR runs in one scorer for all systems
-    (`meteor_scorer`, else the process's shared one, `start_meteor`): each start costs about 10 s of
-    Java loading tables."""
+    of the same ids, all against `references`. METEOR runs in the process's one scorer
+    (`start_meteor`): each start costs about 10 s of Java loading tables."""
     run_meteor, run_spice, skipped = resolve_optional_metrics(meteor, spice)
-    if run_meteor and meteor_scorer is None:
-        meteor_scorer = start_meteor()
-    scores = {name: caption_metrics(dict(references), dict(predictions), meteor=run_meteor, spice=run_spice,
-                                    meteor_scorer=meteor_scorer)
+    scores = {name: caption_metrics(dict(references), dict(predictions), meteor=run_meteor, spice=run_spice)
               for name, predictions in systems.items()}
     return {"captioning": scores, "skipped_metrics": skipped}
 
@@ -95,12 +91,10 @@ def score_heldout(heldout: Mapping, baseline_caption: str | None, *, meteor: boo
     references = {key: refs for key, refs in heldout["references"].items() if refs}
     synthetic = {key: refs for key, refs in heldout.get("synthetic_references", {}).items() if refs}
     against: dict[str, dict] = {}
-    run_meteor, _, skipped = resolve_optional_metrics(meteor, spice)
-    meteor_scorer = start_meteor() if run_meteor and (references or synthetic) else None
+    _, _, skipped = resolve_optional_metrics(meteor, spice)
     for name, refs in (("references", references), ("synthetic", synthetic)):
         if refs:
-            scored = score_caption_systems(refs, captioning_systems(heldout, refs, baseline_caption), meteor=meteor, spice=spice,
-                                           meteor_scorer=meteor_scorer)
+            scored = score_caption_systems(refs, captioning_systems(heldout, refs, baseline_caption), meteor=meteor, spice=spice)
             against[name], skipped = scored["captioning"], scored["skipped_metrics"]
     return {
         "captioning": against.get("references", {}),

@@ -83,6 +83,8 @@ class StopTolerantLoader:
     def __next__(self):
         try:
             return next(self._loader)
+        except StopIteration:  # the stream's end is not a failure (the step loader is endless)
+            raise
         except Exception as err:  # "worker exited unexpectedly", or the batch's shared memory gone with it (OSError)
             if self._preemption.received is None:
                 raise

@@ -50,7 +50,8 @@ NOT_ON_GPU_MACHINE = ("deepspeed", "open-clip-torch", "webdataset", "faiss-cpu",
                       "rpds-py", "attrs", "jsonschema-specifications", "pycocoevalcap")
 """Named absent by the note, although this environment's copies of ON_GPU_MACHINE may depend on some."""
 NOT_CARRIED = {"pycocoevalcap": "about 100 MB installed with its METEOR and SPICE jars, over the carry limit: GPU runs skip caption metrics",
-               "selenium": "the run report's browser test only, which is not gpu-marked (with trio and its kin, several MB of the carry)"}
+               "selenium": "the run report's browser test only, which is not gpu-marked (with trio and its kin, several MB of the carry)",
+               "pytest-xdist": "the CPU suite's parallel workers only: the GPU checks run in one pytest process"}
 PYTHON_VERSION = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 CARRY_LIMIT_BYTES = 64 * 2**20

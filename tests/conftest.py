@@ -17,16 +17,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The files whose tests take longest on 2 cores (`--durations`, summed per file), longest first. The
-# suite's command runs files on three workers (`-n 3 --dist loadfile`: a file's tests, and so its
-# module fixtures, stay on one worker); starting the long ones first keeps one worker from running
-# a long file alone at the end. Order only: a file missing here runs after these, in its own order.
+# The files whose tests take longest on 2 cores under the suite's command (`--durations=0`, setup,
+# call and teardown summed per file), longest first. That command runs files on three workers
+# (`-n 3 --dist loadfile`: a file's tests, and so its module fixtures, stay on one worker); starting
+# the long ones first keeps one worker from running a long file alone at the end. Order only: a file
+# missing here runs after these, in its own order.
 LONGEST_FILES_FIRST = (
-    "test_train_deepspeed.py", "test_ray_cluster.py", "test_consolidate.py", "test_demo_small.py",
-    "test_train_alignment.py", "test_train_four_ranks.py", "test_train_ep_parity.py", "test_ablate.py",
-    "test_slurm.py", "test_train_failures.py", "test_process_pipeline.py", "test_download.py",
-    "test_bench.py", "test_gpu_run.py", "test_process_streaming.py", "test_process_scheduling.py",
-    "test_process_ray_nodes.py", "test_report.py", "test_qa_train.py", "test_alignment_mechanics.py",
+    "test_process_pipeline.py", "test_train_deepspeed.py", "test_demo_small.py", "test_consolidate.py",
+    "test_train_alignment.py", "test_ray_cluster.py", "test_train_four_ranks.py", "test_train_ep_parity.py",
+    "test_slurm.py", "test_train_failures.py", "test_download.py", "test_ablate.py",
+    "test_process_streaming.py", "test_bench.py", "test_caption_cli.py", "test_process_ray_nodes.py",
+    "test_alignment_mechanics.py", "test_gpu_run.py", "test_qa_train.py", "test_model_metrics.py",
 )
 
 
